@@ -1,0 +1,1 @@
+// placeholder: the browser library lands with issue 3

@@ -1,0 +1,1 @@
+"""Incoming!!: takes large browser file uploads off web applications."""

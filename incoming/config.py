@@ -1,0 +1,140 @@
+"""Server settings: defaults, the 2014 YAML file, and `twistd incoming` options.
+
+Precedence is defaults < YAML file (`--config`) < command-line options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from twisted.python import usage
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the service needs to know, already validated."""
+
+    listen: str = "tcp:4000:interface=0.0.0.0"
+    storage_dir: Path = Path("incoming-storage")
+    chunk_size_kb: int = 512
+    send_ahead: int = 4
+    max_idle: float = 43200.0
+    ws_timeout: float = 58.0
+    handover_timeout: float = 55.0
+    handover_confirm_timeout: float = 600.0
+    max_body_bytes: int = 64 * 1024
+
+    @property
+    def chunk_size(self) -> int:
+        return self.chunk_size_kb * 1024
+
+
+def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
+    def parse(name: str, value: Any) -> int:
+        try:
+            number = int(str(value), 10)
+        except ValueError:
+            raise usage.UsageError(f"{name}: {value!r} is not an integer") from None
+        if not low <= number <= high:
+            raise usage.UsageError(f"{name}: {number} is not between {low} and {high}")
+        return number
+
+    return parse
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise usage.UsageError(f"{name}: {value!r} is not a number of seconds") from None
+    if not 0 < number < 10**8:
+        raise usage.UsageError(f"{name}: {number} must be a positive number of seconds")
+    return number
+
+
+def _text(name: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise usage.UsageError(f"{name}: must not be empty")
+    return text
+
+
+# field name -> (command-line option, YAML key, parser)
+_SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
+    "listen": ("listen", None, _text),
+    "storage_dir": ("storage-dir", "StorageDir", lambda n, v: Path(_text(n, v))),
+    "chunk_size_kb": ("chunk-size-kb", "UploadChunkSizeKB", _int_in(1, 16 * 1024)),
+    "send_ahead": ("send-ahead", "UploadSendAhead", _int_in(1, 1024)),
+    "max_idle": ("max-idle", "UploadMaxIdleDurationS", _seconds),
+    "ws_timeout": ("ws-timeout", "WebsocketConnectionTimeoutS", _seconds),
+    "handover_timeout": ("handover-timeout", "HandoverTimeoutS", _seconds),
+    "handover_confirm_timeout": (
+        "handover-confirm-timeout",
+        "HandoverConfirmTimeoutS",
+        _seconds,
+    ),
+}
+
+
+def _listen_from_yaml(document: Mapping[str, Any]) -> str | None:
+    """The 2014 file names an IP and a port; we speak endpoint strings."""
+    if "IncomingIP" not in document and "IncomingPort" not in document:
+        return None
+    ip = str(document.get("IncomingIP", "0.0.0.0"))
+    port = _int_in(1, 65535)("IncomingPort", document.get("IncomingPort", 4000))
+    if ":" in ip:  # an IPv6 address must be escaped inside an endpoint string
+        ip = ip.replace(":", "\\:")
+    return f"tcp:{port}:interface={ip}"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read the old server's YAML file into Config field values."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise usage.UsageError(f"config: cannot read {path}: {e}") from None
+    if not isinstance(document, dict):
+        raise usage.UsageError(f"config: {path} does not hold a mapping of settings")
+    values: dict[str, Any] = {}
+    listen = _listen_from_yaml(document)
+    if listen is not None:
+        values["listen"] = listen
+    for field, (_option, key, parse) in _SETTINGS.items():
+        if key is not None and key in document:
+            values[field] = parse(key, document[key])
+    return values
+
+
+class Options(usage.Options):
+    """`twistd incoming` command line."""
+
+    synopsis = "[options]"
+    longdesc = "Incoming!! upload server. Options override the YAML file given by --config."
+    optParameters = [
+        ["config", "c", None, "YAML settings file of the 2014 server (IncomingPort, ...)"],
+        ["listen", "l", None, "Endpoint for browsers and backends [tcp:4000:interface=0.0.0.0]"],
+        ["storage-dir", "s", None, "Directory for uploads, created if missing [incoming-storage]"],
+        ["chunk-size-kb", None, None, "Chunk size announced to uploaders, KiB [512]"],
+        ["send-ahead", None, None, "Chunks a client may send before an ack [4]"],
+        ["max-idle", None, None, "Seconds after which an idle upload expires [43200]"],
+        ["ws-timeout", None, None, "Seconds before a silent WebSocket is dropped [58]"],
+        ["handover-timeout", None, None, "Seconds for the handover POST, retries included [55]"],
+        [
+            "handover-confirm-timeout",
+            None,
+            None,
+            "Seconds to wait for finish_upload after a 'wait' [600]",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        values = load_yaml(self["config"]) if self["config"] else {}
+        for field, (option, _key, parse) in _SETTINGS.items():
+            if self[option] is not None:
+                values[field] = parse(f"--{option}", self[option])
+        self.config = Config(**values)
+

@@ -1,0 +1,145 @@
+"""The POST to the backend's `signalFinishURL`: handovers and cancel notices."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import treq
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.iweb import IResponse
+
+from .uploads import Upload
+
+log = Logger()
+
+MAX_ANSWER_BYTES = 4096
+FIRST_RETRY_DELAY = 0.25
+MAX_RETRY_DELAY = 8.0
+_RETRYABLE = (ConnectError, DNSLookupError, ConnectionLost, ResponseNeverReceived)
+
+
+class HandoverFailed(Exception):
+    """The backend did not take the file; the message says why."""
+
+
+class _Retry(Exception):
+    """This attempt failed in a way worth trying again."""
+
+
+class _EnoughRead(Exception):
+    """The answer is longer than we care to read."""
+
+
+def form_fields(upload: Upload, filename: str, cancel_reason: str | None) -> dict[str, str]:
+    """The six fields of SPEC, plus the byte size."""
+    return {
+        "id": upload.id,
+        "filename": filename,
+        "filenameFromBrowser": upload.browser_name,
+        "backendSecret": upload.backend_secret,
+        "cancelled": "no" if cancel_reason is None else "yes",
+        "cancelReason": cancel_reason or "",
+        "size": str(upload.stored),
+    }
+
+
+class Backend:
+    """Talks to backends on behalf of uploads."""
+
+    def __init__(self, http: Any, clock: IReactorTime, timeout: float) -> None:
+        self._http = http
+        self._clock = clock
+        self.timeout = timeout
+
+    async def hand_over(self, upload: Upload, filename: str) -> str:
+        """POST until the backend answers `done` or `wait` (returned), or raise."""
+        deadline = self._clock.seconds() + self.timeout
+        delay = FIRST_RETRY_DELAY
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - self._clock.seconds()
+            try:
+                return await self._attempt(upload, filename, remaining)
+            except _Retry as e:
+                if self._clock.seconds() + delay >= deadline:
+                    raise HandoverFailed(f"{e} (after {attempt} attempts)") from None
+                log.info(
+                    "upload {id}: handover attempt {n} failed: {why}; retrying",
+                    id=upload.id,
+                    n=attempt,
+                    why=str(e),
+                )
+                await deferLater(self._clock, delay, lambda: None)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+
+    async def _attempt(self, upload: Upload, filename: str, timeout: float) -> str:
+        try:
+            response = await self._post(upload, filename, None, timeout)
+            if response.code >= 500:
+                raise _Retry(f"backend answered HTTP {response.code}")
+            if response.code != 200:
+                raise HandoverFailed(f"backend answered HTTP {response.code}")
+            body = await self._read_answer(response, timeout)
+        except _RETRYABLE as e:
+            raise _Retry(f"cannot reach backend: {e.__class__.__name__}") from None
+        except (TimeoutError, CancelledError):
+            raise HandoverFailed(f"backend gave no answer within {self.timeout:g} s") from None
+        except (HandoverFailed, _Retry):
+            raise
+        # Anything else the backend can make happen (bad chunking, a short body,
+        # a broken connection mid-body) fails the handover, never the server.
+        except Exception as e:
+            raise HandoverFailed(f"backend answer unreadable: {e.__class__.__name__}") from None
+        for answer in ("done", "wait"):
+            if body.startswith(answer.encode()):
+                return answer
+        raise HandoverFailed(f"backend answered {body[:40]!r}, not done or wait")
+
+    async def notify_cancelled(self, upload: Upload, reason: str) -> None:
+        """One best-effort POST telling the backend the upload was cancelled."""
+        try:
+            response = await self._post(upload, "", reason, self.timeout)
+            await self._read_answer(response, self.timeout)
+        except Exception as e:
+            log.info(
+                "upload {id}: backend not told of cancellation: {why}",
+                id=upload.id,
+                why=e.__class__.__name__,
+            )
+
+    async def _read_answer(self, response: IResponse, timeout: float) -> bytes:
+        """The body's first MAX_ANSWER_BYTES; the rest is not read."""
+        parts: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            parts.append(data)
+            size += len(data)
+            if size >= MAX_ANSWER_BYTES:
+                raise _EnoughRead()
+
+        with contextlib.suppress(_EnoughRead):
+            await _timed(treq.collect(response, collect), timeout, self._clock)
+        return b"".join(parts)[:MAX_ANSWER_BYTES]
+
+    def _post(
+        self, upload: Upload, filename: str, cancel_reason: str | None, timeout: float
+    ) -> Deferred[IResponse]:
+        d = self._http.post(
+            upload.signal_finish_url,
+            data=form_fields(upload, filename, cancel_reason),
+            headers={"User-Agent": ["Incoming!!"]},
+        )
+        return _timed(d, timeout, self._clock)
+
+
+def _timed(d: Deferred[Any], timeout: float, clock: IReactorTime) -> Deferred[Any]:
+    return d.addTimeout(max(timeout, 0.001), clock)

@@ -1,0 +1,268 @@
+"""What happens to uploads over time: chunks stored, handover, cancellation, expiry.
+
+The one place that combines the pure rules (`uploads`) with disk (`storage`),
+the backend (`handover`) and the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from .config import Config
+from .handover import Backend, HandoverFailed
+from .storage import Buffer, Storage
+from .uploads import ErrorCode, Phase, Registry, Session, Upload, UploadError
+
+log = Logger()
+
+
+class UploadManager:
+    """Drives every upload from ticket to handover or cancellation."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        storage: Storage,
+        backend: Backend,
+        clock: IReactorTime,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.storage = storage
+        self.backend = backend
+        self.clock = clock
+        self._idle: dict[str, IDelayedCall] = {}
+        self._confirm: dict[str, IDelayedCall] = {}
+        self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> Deferred[Any]:
+        d = ensureDeferred(work)
+        self.running.add(d)
+
+        def done(result: object) -> object:
+            self.running.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("background upload work failed", f))
+        return d
+
+    # Tickets
+
+    def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
+        upload = self.registry.create(signal_finish_url, backend_secret, remove)
+        self._touch(upload)
+        log.info("upload {id} created; handover to {url}", id=upload.id, url=signal_finish_url)
+        return upload
+
+    def lookup(self, upload_id: str) -> Upload:
+        upload = self.registry.get(upload_id)
+        if upload is None:
+            raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
+        return upload
+
+    def _touch(self, upload: Upload) -> None:
+        """Restart the idle clock: it expires live uploads and forgets ended ones."""
+        timer = self._idle.get(upload.id)
+        if timer is not None and timer.active():
+            timer.reset(self.config.max_idle)
+        else:
+            self._idle[upload.id] = self.clock.callLater(
+                self.config.max_idle, self._idle_timeout, upload
+            )
+
+    def _idle_timeout(self, upload: Upload) -> None:
+        del self._idle[upload.id]
+        if upload.phase.final:
+            self.registry.forget(upload)
+            self.storage.forget(upload.id)
+        elif upload.phase is Phase.RECEIVING:
+            log.info("upload {id} expired after {s:g} s idle", id=upload.id, s=self.config.max_idle)
+            self._spawn(self._cancel(upload, f"upload idle for {self.config.max_idle:g} s"))
+        else:  # the handover has its own timeouts
+            self._touch(upload)
+
+    # Browser connections
+
+    def connect(self, upload_id: str, session: Session, length: int, browser_name: str) -> Upload:
+        """Attach a browser connection to its upload, or raise UploadError."""
+        upload = self.lookup(upload_id)
+        upload.check_connect(length)
+        if upload.length is None and length > self.storage.free_bytes():
+            raise UploadError(
+                ErrorCode.INSUFFICIENT_STORAGE,
+                f"{length} bytes do not fit in the free storage space",
+            )
+        resumed = upload.length is not None
+        upload.connect(session, length, browser_name)
+        self._touch(upload)
+        log.info(
+            "upload {id} {how}: {name!r}, {n} bytes",
+            id=upload.id,
+            how="resumed" if resumed else "connected",
+            name=browser_name,
+            n=length,
+        )
+        return upload
+
+    async def resume_position(self, upload: Upload) -> int:
+        """Bytes already stored, once every write still in flight has landed."""
+        await self.storage.drain(upload.id)
+        if upload.phase is Phase.RECEIVING:
+            return upload.stored
+        assert upload.length is not None
+        return upload.length
+
+    def start_if_complete(self, upload: Upload) -> None:
+        """A connection found nothing left to send (a zero-byte or finished file)."""
+        if upload.phase is Phase.RECEIVING and upload.complete:
+            self._spawn(self._complete(upload))
+
+    def disconnect(self, upload: Upload, session: Session, paused: bool) -> None:
+        upload.disconnect(session)
+        if not upload.phase.final:
+            log.info(
+                "upload {id} {how} at {n} bytes",
+                id=upload.id,
+                how="paused" if paused else "disconnected",
+                n=upload.received,
+            )
+
+    # Bytes
+
+    def receive_chunk(self, upload: Upload, data: Buffer) -> Deferred[None]:
+        """Queue a chunk for writing; fires once it is on disk."""
+        offset = upload.received
+        try:
+            upload.accept_chunk(len(data))
+        except UploadError as e:
+            if e.cancels:
+                self._spawn(self._fail(upload, e.code, e.message))
+            raise
+        self._touch(upload)
+        d = self.storage.write(upload.id, offset, data)
+
+        def stored(_: None) -> None:
+            upload.chunk_stored(len(data))
+            if upload.phase is Phase.RECEIVING and upload.complete:
+                self._spawn(self._complete(upload))
+
+        def failed(failure: Any) -> Any:
+            if upload.phase is Phase.RECEIVING:
+                log.error("upload {id}: storage failed: {e}", id=upload.id, e=failure.value)
+                self._spawn(self._fail(upload, ErrorCode.STORAGE_FAILED, "storage failed"))
+            return failure
+
+        return d.addCallbacks(stored, failed)
+
+    # Handover
+
+    async def _complete(self, upload: Upload) -> None:
+        upload.start_handover()
+        log.info("upload {id} complete: {n} bytes stored", id=upload.id, n=upload.stored)
+        try:
+            path = await self.storage.complete(upload.id)
+        except OSError as e:
+            log.error("upload {id}: cannot complete file: {e}", id=upload.id, e=e)
+            await self._fail(upload, ErrorCode.STORAGE_FAILED, "storage failed")
+            return
+        try:
+            answer = await self.backend.hand_over(upload, str(path))
+        except HandoverFailed as e:
+            log.info("upload {id}: handover failed: {why}", id=upload.id, why=str(e))
+            await self._fail(upload, ErrorCode.HANDOVER_FAILED, f"handover failed: {e}")
+            return
+        if upload.phase is not Phase.HANDOVER:  # a failure elsewhere ended it meanwhile
+            return
+        if answer == "done":
+            await self._finish(upload)
+        else:
+            upload.await_finish()
+            log.info("upload {id} handed over; backend asked to wait", id=upload.id)
+            self._confirm[upload.id] = self.clock.callLater(
+                self.config.handover_confirm_timeout, self._confirm_timeout, upload
+            )
+
+    def _confirm_timeout(self, upload: Upload) -> None:
+        self._confirm.pop(upload.id, None)
+        message = (
+            f"backend did not call finish_upload within "
+            f"{self.config.handover_confirm_timeout:g} s"
+        )
+        self._spawn(self._fail(upload, ErrorCode.HANDOVER_FAILED, message))
+
+    async def finish_upload(self, upload: Upload) -> None:
+        """The backend's `finish_upload` after it answered `wait`."""
+        upload.check_finish_upload()
+        timer = self._confirm.pop(upload.id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        await self._finish(upload)
+
+    async def _finish(self, upload: Upload) -> None:
+        upload.finish()
+        self._touch(upload)
+        if upload.remove_file_when_finished:
+            await self._remove_file(upload)
+        log.info("upload {id} handed over and finished", id=upload.id)
+        if upload.session is not None:
+            upload.session.upload_done()
+
+    # Cancellation
+
+    async def cancel_by_backend(self, upload: Upload) -> None:
+        upload.check_cancel()
+        await self._cancel(upload, "cancelled by the backend", tell_backend=False)
+
+    async def cancel_by_frontend(self, upload: Upload, reason: str) -> None:
+        """The connected browser's own `MsgCancel`: it gets `MsgCancelAck`, not a notice."""
+        upload.check_cancel()
+        await self._cancel(upload, reason or "cancelled by the user", tell_frontend=False)
+
+    async def _cancel(
+        self, upload: Upload, reason: str, tell_backend: bool = True, tell_frontend: bool = True
+    ) -> None:
+        self._end(upload, reason)
+        await self._remove_file(upload)
+        if tell_frontend and upload.session is not None:
+            upload.session.upload_cancelled(reason)
+        if tell_backend:
+            await self.backend.notify_cancelled(upload, reason)
+
+    async def _fail(self, upload: Upload, code: ErrorCode, message: str) -> None:
+        """An error ends the upload: the browser gets `MsgError`, the backend a notice."""
+        if upload.phase.final:
+            return
+        self._end(upload, message)
+        await self._remove_file(upload)
+        if upload.session is not None:
+            upload.session.upload_failed(code, message)
+        await self.backend.notify_cancelled(upload, message)
+
+    def _end(self, upload: Upload, reason: str) -> None:
+        upload.cancel(reason)
+        timer = self._confirm.pop(upload.id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._touch(upload)
+        log.info("upload {id} cancelled: {reason}", id=upload.id, reason=reason)
+
+    async def _remove_file(self, upload: Upload) -> None:
+        try:
+            await self.storage.remove(upload.id)
+        except OSError as e:
+            log.error("upload {id}: cannot remove file: {e}", id=upload.id, e=e)
+
+    def stop(self) -> None:
+        """Cancel timers at shutdown; state on disk is left as it is."""
+        for timer in [*self._idle.values(), *self._confirm.values()]:
+            if timer.active():
+                timer.cancel()
+        self._idle.clear()
+        self._confirm.clear()

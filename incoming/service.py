@@ -1,0 +1,77 @@
+"""`makeService`: composes the Incoming!! daemon from small builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import reactor as global_reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.python.threadpool import ThreadPool
+from twisted.web import static
+from twisted.web.resource import IResource
+
+from .api import IncomingApi, IncomingSite
+from .config import Config
+from .handover import Backend
+from .manager import UploadManager
+from .storage import Storage
+from .uploads import Registry
+from .websocket import WebSocketResource
+from .ws import UploadSession
+
+
+def frontend_dir() -> Path:
+    """`incoming/frontend` once installed, `frontend/` in a source checkout."""
+    here = Path(__file__).parent
+    installed = here / "frontend"
+    return installed if installed.is_dir() else here.parent / "frontend"
+
+
+class ThreadPoolService(Service):
+    """Runs the disk-writing thread pool for as long as the service runs."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+def build_manager(
+    config: Config, reactor: Any, pool: ThreadPool, http: Any = None
+) -> UploadManager:
+    storage = Storage(config.storage_dir, reactor, pool)
+    storage.prepare()
+    backend = Backend(http or treq, reactor, config.handover_timeout)
+    return UploadManager(config, Registry(), storage, backend, reactor)
+
+
+def build_site(manager: UploadManager, reactor: Any) -> IncomingSite:
+    config = manager.config
+    upload_ws = WebSocketResource(
+        lambda request: UploadSession(manager), reactor, config.ws_timeout, config.chunk_size
+    )
+    frontend: IResource = static.File(str(frontend_dir() / "incoming.js"))
+    api = IncomingApi(manager, frontend, upload_ws)
+    return IncomingSite(api.app.resource(), config.max_body_bytes, timeout=config.ws_timeout)
+
+
+def make_service(config: Config, reactor: Any = global_reactor) -> IService:
+    pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
+    manager = build_manager(config, reactor, pool)
+    top = MultiService()
+    ThreadPoolService(pool).setServiceParent(top)
+    site = build_site(manager, reactor)
+    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(
+        top
+    )
+    return top

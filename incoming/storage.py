@@ -1,0 +1,129 @@
+"""Upload files on disk. Every disk call runs in a thread pool, in order per upload.
+
+A file is `<StorageDir>/<ticket>.part` while bytes arrive and `<StorageDir>/<ticket>`
+once complete and fsynced. Names come from the server's own ticket ids only.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
+
+
+class Storage:
+    """Writes, completes and removes upload files under one directory."""
+
+    def __init__(self, root: Path, reactor: IReactorFromThreads, pool: ThreadPool) -> None:
+        self.root = root.absolute()
+        self._reactor = reactor
+        self._pool = pool
+        self._locks: dict[str, DeferredLock] = {}
+        self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
+
+    def prepare(self) -> None:
+        """Create the storage directory (at start-up, before the reactor runs)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def part_path(self, upload_id: str) -> Path:
+        return self.root / f"{_checked(upload_id)}.part"
+
+    def final_path(self, upload_id: str) -> Path:
+        return self.root / _checked(upload_id)
+
+    def _run(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
+        """Run `call(*args)` in the pool after every earlier call for this upload."""
+        lock = self._locks.setdefault(upload_id, DeferredLock())
+        return lock.run(deferToThreadPool, self._reactor, self._pool, call, *args)
+
+    def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]:
+        return self._run(upload_id, self._write, upload_id, offset, data)
+
+    def drain(self, upload_id: str) -> Deferred[None]:
+        """Fires once every call queued so far for this upload has finished."""
+        return self._run(upload_id, _nothing)
+
+    def complete(self, upload_id: str) -> Deferred[Path]:
+        """Make the file durable and give it its final name; returns that path."""
+        return self._run(upload_id, self._complete, upload_id)
+
+    def remove(self, upload_id: str) -> Deferred[None]:
+        """Delete the upload's file, partial or complete, after queued writes."""
+        return self._run(upload_id, self._remove, upload_id)
+
+    def forget(self, upload_id: str) -> None:
+        """Drop bookkeeping for an upload that will see no more calls."""
+        lock = self._locks.get(upload_id)
+        if lock is not None and not lock.locked and not lock.waiting:
+            del self._locks[upload_id]
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+    # The methods below run in pool threads.
+
+    def _fd(self, upload_id: str) -> int:
+        fd = self._fds.get(upload_id)
+        if fd is None:
+            fd = os.open(self.part_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._fds[upload_id] = fd
+        return fd
+
+    def _close(self, upload_id: str) -> None:
+        fd = self._fds.pop(upload_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _write(self, upload_id: str, offset: int, data: Buffer) -> None:
+        fd = self._fd(upload_id)
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+            view = view[written:]
+
+    def _complete(self, upload_id: str) -> Path:
+        fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
+        try:
+            os.fsync(fd)
+        finally:
+            self._close(upload_id)
+        final = self.final_path(upload_id)
+        os.replace(self.part_path(upload_id), final)
+        _fsync_dir(self.root)
+        return final
+
+    def _remove(self, upload_id: str) -> None:
+        self._close(upload_id)
+        for path in (self.part_path(upload_id), self.final_path(upload_id)):
+            path.unlink(missing_ok=True)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _checked(upload_id: str) -> str:
+    """Refuse anything but a canonical UUID as a file name."""
+    if str(uuid.UUID(upload_id)) != upload_id:
+        raise ValueError(f"not a canonical ticket id: {upload_id!r}")
+    return upload_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

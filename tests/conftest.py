@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from incoming.config import Config
+
+from .harness import Backend, Server, start_backend, start_server
+
+CHUNK_KB = 4
+SEND_AHEAD = 3
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(
+        listen="tcp:0:interface=127.0.0.1",
+        storage_dir=tmp_path / "storage",
+        chunk_size_kb=CHUNK_KB,
+        send_ahead=SEND_AHEAD,
+        handover_timeout=5,
+    )
+
+
+@pytest_twisted.async_yield_fixture
+async def backend() -> AsyncIterator[Backend]:
+    b = Backend()
+    port = await start_backend(b)
+    yield b
+    await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def server(config: Config) -> AsyncIterator[Server]:
+    s, port, pool = await start_server(config)
+    yield s
+    await port.stopListening()
+    for d in list(s.manager.running):
+        await d
+    s.manager.stop()
+    pool.stop()

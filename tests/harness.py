@@ -1,0 +1,196 @@
+"""Real servers on 127.0.0.1 for tests: Incoming!!, a Klein backend, a WebSocket client."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import treq
+from klein import Klein
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+from twisted.web.websocket import WebSocketClientEndpoint, WebSocketTransport
+
+from incoming.config import Config
+from incoming.manager import UploadManager
+from incoming.service import build_manager, build_site
+
+
+@dataclass
+class Backend:
+    """A web app's backend: records every handover POST and answers as told."""
+
+    status: int = 200
+    answer: bytes = b"done"
+    posts: DeferredQueue[dict[str, str]] = field(default_factory=DeferredQueue)
+    port: int = 0
+    app: Klein = field(default_factory=Klein)
+    answers: list[tuple[int, bytes]] = field(default_factory=list)  # used first, in order
+
+    def __post_init__(self) -> None:
+        @self.app.route("/handover", methods=["POST"])
+        def handover(request: Any) -> bytes:
+            body = request.content.read().decode()
+            fields = {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
+            fields["_query"] = request.uri.decode().partition("?")[2]
+            self.posts.put(fields)
+            status, answer = self.answers.pop(0) if self.answers else (self.status, self.answer)
+            request.setResponseCode(status)
+            return answer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/handover"
+
+
+async def start_backend(backend: Backend) -> Any:
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await endpoint.listen(Site(backend.app.resource()))
+    backend.port = port.getHost().port
+    return port
+
+
+@dataclass
+class Server:
+    """A running Incoming!! site on a loopback port."""
+
+    manager: UploadManager
+    port: int
+    storage_dir: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/incoming"
+
+    def ws_url(self, prefix: str = "/incoming") -> str:
+        return f"ws://127.0.0.1:{self.port}{prefix}/frontend/upload_ws"
+
+    async def new_upload(self, backend_url: str, **params: str) -> str:
+        params = {"signalFinishURL": backend_url, **params}
+        response = await treq.post(f"{self.base}/backend/new_upload", data=params)
+        body = (await response.text()).strip()
+        assert response.code == 200, body
+        return body
+
+    def files(self) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in self.storage_dir.iterdir()}
+
+
+async def start_server(config: Config) -> tuple[Server, Any, ThreadPool]:
+    pool = ThreadPool(minthreads=1, maxthreads=4, name="test-storage")
+    pool.start()
+    manager = build_manager(config, reactor, pool)
+    site = build_site(manager, reactor)
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await endpoint.listen(site)
+    return Server(manager, port.getHost().port, config.storage_dir), port, pool
+
+
+class Client:
+    """A WebSocket client speaking the upload protocol, one message at a time."""
+
+    def __init__(self) -> None:
+        self.messages: DeferredQueue[Any] = DeferredQueue()
+        self.closed: Deferred[None] = Deferred()
+        self.transport: WebSocketTransport | None = None
+
+    # twisted.web.websocket.WebSocketProtocol
+
+    def negotiationStarted(self, transport: WebSocketTransport) -> None:
+        self.transport = transport
+
+    def negotiationFinished(self) -> None:
+        pass
+
+    def textMessageReceived(self, text: str) -> None:
+        self.messages.put(json.loads(text))
+
+    def bytesMessageReceived(self, data: bytes) -> None:
+        self.messages.put(data)
+
+    def pongReceived(self, payload: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        self.messages.put(None)
+        self.closed.callback(None)
+
+    # test helpers
+
+    def send(self, msg_type: str, **data: Any) -> None:
+        assert self.transport is not None
+        self.transport.sendTextMessage(json.dumps({"MsgType": msg_type, "MsgData": data}))
+
+    def send_raw(self, text: str) -> None:
+        assert self.transport is not None
+        self.transport.sendTextMessage(text)
+
+    def send_chunk(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.sendBytesMessage(data)
+
+    async def next(self) -> Any:
+        """The next message; None once the connection is closed."""
+        return await self.messages.get()
+
+    async def expect(self, msg_type: str) -> dict[str, Any]:
+        msg = await self.next()
+        assert msg is not None, f"connection closed, expected {msg_type}"
+        assert msg["MsgType"] == msg_type, msg
+        data: dict[str, Any] = msg["MsgData"]
+        return data
+
+    async def expect_error(self, code: int) -> dict[str, Any]:
+        data = await self.expect("MsgError")
+        assert data["ErrorCode"] == code, data
+        assert await self.next() is None  # the server hangs up after an error
+        return data
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _Factory:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def buildProtocol(self, url: str) -> Client:
+        return self.client
+
+
+async def connect(url: str) -> Client:
+    client = Client()
+    await WebSocketClientEndpoint.new(reactor, url).connect(_Factory(client))
+    return client
+
+
+async def upload_request(
+    server: Server, ticket: str, length: int, name: str = "f.bin", prefix: str = "/incoming"
+) -> tuple[Client, dict[str, Any]]:
+    """Connect and send MsgUploadReq; returns the client and its MsgUploadConf data."""
+    client = await connect(server.ws_url(prefix))
+    client.send("MsgUploadReq", Id=ticket, LengthBytes=length, Name=name)
+    conf = await client.expect("MsgUploadConf")
+    return client, conf
+
+
+async def send_all(client: Client, data: bytes, chunk_size: int, send_ahead: int) -> None:
+    """Send `data` in chunks within the send-ahead window, awaiting every ack."""
+    offsets = range(0, len(data), chunk_size)
+    unacked = 0
+    for offset in offsets:
+        if unacked == send_ahead:
+            ack = await client.expect("MsgChunkAck")
+            unacked -= 1
+            assert ack["ChunkSize"] > 0
+        client.send_chunk(data[offset : offset + chunk_size])
+        unacked += 1
+    for _ in range(unacked):
+        await client.expect("MsgChunkAck")
