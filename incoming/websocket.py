@@ -187,7 +187,16 @@ class WebSocketConnection(TwistedProtocol):
         if len(view) < 2:
             return 0
         first, second = view[0], view[1]
-        size, used = second & 0x7F, 2
+        fin, opcode, size, used = bool(first & 0x80), first & 0x0F, second & 0x7F, 2
+        if first & 0x70:
+            raise _Refused(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
+        if not second & 0x80:
+            raise _Refused(PROTOCOL_ERROR, "client frames must be masked")
+        if opcode in _CONTROL_OPCODES:
+            if not fin or size > 125:
+                raise _Refused(PROTOCOL_ERROR, "control frames must be whole and short")
+        elif opcode not in _DATA_OPCODES:
+            raise _Refused(PROTOCOL_ERROR, f"unknown opcode {opcode}")
         if size == 126:
             if len(view) < 4:
                 return 0
@@ -198,20 +207,10 @@ class WebSocketConnection(TwistedProtocol):
                 return 0
             (size,) = struct.unpack_from("!Q", view, 2)
             used = 10
+        if opcode in _DATA_OPCODES:
+            self._check_data_frame(opcode, size)
         if len(view) < used + 4:
             return 0
-        fin, opcode = bool(first & 0x80), first & 0x0F
-        if first & 0x70:
-            raise _Refused(PROTOCOL_ERROR, "reserved bits set; no extension was negotiated")
-        if not second & 0x80:
-            raise _Refused(PROTOCOL_ERROR, "client frames must be masked")
-        if opcode in _CONTROL_OPCODES:
-            if not fin or size > 125:
-                raise _Refused(PROTOCOL_ERROR, "control frames must be whole and short")
-        elif opcode not in _DATA_OPCODES:
-            raise _Refused(PROTOCOL_ERROR, f"unknown opcode {opcode}")
-        else:
-            self._check_data_frame(opcode, size)
         self._opcode, self._fin = opcode, fin
         self._key = bytes(view[used : used + 4])
         self._payload = bytearray(size)

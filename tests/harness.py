@@ -78,6 +78,12 @@ class Server:
         assert response.code == 200, body
         return body
 
+    async def settled(self) -> None:
+        """Wait until background work (handovers, cancellations) has run its course."""
+        while self.manager.running:
+            for d in list(self.manager.running):
+                await d
+
     def files(self) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in self.storage_dir.iterdir()}
 

@@ -43,3 +43,226 @@ async def test_upload_is_stored_and_handed_over(
     assert await client.next() is None
     assert server.files() == {ticket: data}
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+async def acked_upload(server: Server, backend: Backend, length: int, **params: str):  # type: ignore[no-untyped-def]
+    ticket = await server.new_upload(backend.url, **params)
+    client, conf = await upload_request(server, ticket, length)
+    client.send("MsgAck", Ack=True)
+    return ticket, client, conf
+
+
+@pytest.mark.parametrize(
+    "first_message, code",
+    [
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s"}}', ErrorCode.BAD_LENGTH),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": "12"}}',
+         ErrorCode.BAD_LENGTH),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": -1}}',
+         ErrorCode.BAD_LENGTH),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": 1.5}}',
+         ErrorCode.BAD_LENGTH),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": true}}',
+         ErrorCode.BAD_LENGTH),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"LengthBytes": 5, "x": "%s"}}',
+         ErrorCode.BAD_TICKET_ID),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": 7, "LengthBytes": 5, "x": "%s"}}',
+         ErrorCode.BAD_TICKET_ID),
+        ('{"MsgType": "MsgUploadReq", "MsgData": ["%s"]}', ErrorCode.MALFORMED_MESSAGE),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": 5, "Name": 3}}',
+         ErrorCode.MALFORMED_MESSAGE),
+        ('{"MsgType": "MsgAck", "MsgData": {"Ack": true, "x": "%s"}}',
+         ErrorCode.UNEXPECTED_MESSAGE),
+        ('{"MsgType": "MsgBogus", "MsgData": {"x": "%s"}}', ErrorCode.UNKNOWN_MESSAGE_TYPE),
+        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", ', ErrorCode.MALFORMED_MESSAGE),
+        ('["MsgUploadReq", "%s"]', ErrorCode.MALFORMED_MESSAGE),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_upload_requests_get_their_error(
+    server: Server, backend: Backend, first_message: str, code: int
+) -> None:
+    ticket = await server.new_upload(backend.url)
+    client = await connect(server.ws_url())
+    client.send_raw(first_message % ticket)
+    data = await client.expect_error(code)
+    assert data["Msg"]
+    upload = server.manager.registry.get(ticket)
+    assert upload is not None and upload.length is None and upload.session is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_ticket(server: Server) -> None:
+    client = await connect(server.ws_url())
+    client.send("MsgUploadReq", Id="../../etc/passwd", LengthBytes=5, Name="x")
+    await client.expect_error(ErrorCode.UNKNOWN_TICKET)
+    assert not server.storage_dir.exists() or server.files() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_ticket_is_refused(server: Server, backend: Backend) -> None:
+    ticket, client, _ = await acked_upload(server, backend, 2)
+    client.send_chunk(b"ab")
+    await client.expect("MsgChunkAck")
+    await client.expect("MsgAllDone")
+    again = await connect(server.ws_url())
+    again.send("MsgUploadReq", Id=ticket, LengthBytes=2, Name="x")
+    await again.expect_error(ErrorCode.TICKET_FINISHED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_live_connection_is_refused_until_first_is_gone(
+    server: Server, backend: Backend
+) -> None:
+    data = os.urandom(3 * CHUNK)
+    ticket, first, _ = await acked_upload(server, backend, len(data))
+    first.send_chunk(data[:CHUNK])
+    await first.expect("MsgChunkAck")
+    second = await connect(server.ws_url())
+    second.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="x")
+    await second.expect_error(ErrorCode.ALREADY_CONNECTED)
+    first.close()
+    await first.closed
+    await server.settled()
+    third, conf = await upload_request(server, ticket, len(data))
+    assert conf["FilePos"] == CHUNK
+    third.send("MsgAck", Ack=True)
+    await send_all(third, data[CHUNK:], CHUNK, SEND_AHEAD)
+    await third.expect("MsgAllDone")
+    assert server.files() == {}  # removeFileWhenFinished defaults to true
+    post = await backend.posts.get()
+    assert post["size"] == str(len(data))
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_with_other_length_is_refused_and_upload_stays_resumable(
+    server: Server, backend: Backend
+) -> None:
+    data = os.urandom(2 * CHUNK)
+    ticket, client, _ = await acked_upload(server, backend, len(data),
+                                           removeFileWhenFinished="false")
+    client.send_chunk(data[:CHUNK])
+    await client.expect("MsgChunkAck")
+    client.close()
+    await client.closed
+    liar = await connect(server.ws_url())
+    liar.send("MsgUploadReq", Id=ticket, LengthBytes=len(data) + 1, Name="x")
+    await liar.expect_error(ErrorCode.LENGTH_MISMATCH)
+    resumed, conf = await upload_request(server, ticket, len(data))
+    assert conf["FilePos"] == CHUNK
+    resumed.send("MsgAck", Ack=True)
+    await send_all(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
+    await resumed.expect("MsgAllDone")
+    assert server.files() == {ticket: data}
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_then_resume_continues_at_file_pos(server: Server, backend: Backend) -> None:
+    data = os.urandom(5 * CHUNK + 3)
+    ticket, client, _ = await acked_upload(server, backend, len(data),
+                                           removeFileWhenFinished="false")
+    await send_all(client, data[: 2 * CHUNK], CHUNK, SEND_AHEAD)
+    client.send("MsgPause", Pause=True)
+    client.close()
+    await client.closed
+    resumed, conf = await upload_request(server, ticket, len(data))
+    assert conf["FilePos"] == 2 * CHUNK
+    resumed.send("MsgAck", Ack=True)
+    await send_all(resumed, data[2 * CHUNK :], CHUNK, SEND_AHEAD)
+    await resumed.expect("MsgAllDone")
+    assert server.files() == {ticket: data}
+
+
+@pytest_twisted.ensureDeferred
+async def test_abrupt_disconnect_resumes_from_bytes_on_disk(
+    server: Server, backend: Backend
+) -> None:
+    data = os.urandom(6 * CHUNK)
+    ticket, client, _ = await acked_upload(server, backend, len(data),
+                                           removeFileWhenFinished="false")
+    for i in range(SEND_AHEAD):  # chunks in flight, then the line drops
+        client.send_chunk(data[i * CHUNK : (i + 1) * CHUNK])
+    client.close()
+    await client.closed
+    resumed, conf = await upload_request(server, ticket, len(data))
+    position = conf["FilePos"]
+    part = (server.storage_dir / f"{ticket}.part").read_bytes()
+    assert position == len(part) and part == data[:position]
+    resumed.send("MsgAck", Ack=True)
+    await send_all(resumed, data[position:], CHUNK, SEND_AHEAD)
+    await resumed.expect("MsgAllDone")
+    assert server.files() == {ticket: data}
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunk_past_length_cancels_upload(server: Server, backend: Backend) -> None:
+    ticket, client, _ = await acked_upload(server, backend, 10, backendSecret="k")
+    client.send_chunk(b"12345")
+    await client.expect("MsgChunkAck")
+    client.send_chunk(b"678901")
+    await client.expect_error(ErrorCode.PAST_END)
+    notice = await backend.posts.get()
+    assert notice["cancelled"] == "yes" and notice["id"] == ticket
+    assert notice["backendSecret"] == "k" and notice["filename"] == ""
+    assert "past LengthBytes" in notice["cancelReason"]
+    assert server.files() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunk_before_ack_and_too_many_chunks_ahead(server: Server, backend: Backend) -> None:
+    ticket = await server.new_upload(backend.url)
+    client, _ = await upload_request(server, ticket, 100 * CHUNK)
+    client.send_chunk(b"early")
+    await client.expect_error(ErrorCode.UNEXPECTED_MESSAGE)
+    client, _ = await upload_request(server, ticket, 100 * CHUNK)
+    client.send("MsgAck", Ack=True)
+    for _ in range(SEND_AHEAD + 1):
+        client.send_chunk(b"z" * CHUNK)
+    messages = []
+    while (msg := await client.next()) is not None:
+        messages.append(msg)
+    assert messages[-1]["MsgType"] == "MsgError"
+    assert messages[-1]["MsgData"]["ErrorCode"] == ErrorCode.SEND_AHEAD_EXCEEDED
+    await server.manager.storage.drain(ticket)
+    upload = server.manager.registry.get(ticket)
+    assert upload is not None and not upload.phase.final  # still resumable
+    assert upload.stored == SEND_AHEAD * CHUNK
+
+
+@pytest_twisted.ensureDeferred
+async def test_frontend_cancel(server: Server, backend: Backend) -> None:
+    ticket, client, _ = await acked_upload(server, backend, 3 * CHUNK)
+    client.send_chunk(b"a" * CHUNK)
+    await client.expect("MsgChunkAck")
+    client.send("MsgCancel", Reason="user changed their mind")
+    assert await client.expect("MsgCancelAck") == {"Ack": True}
+    assert await client.next() is None
+    assert server.files() == {}
+    notice = await backend.posts.get()
+    assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "user changed their mind")
+    again = await connect(server.ws_url())
+    again.send("MsgUploadReq", Id=ticket, LengthBytes=3 * CHUNK, Name="x")
+    await again.expect_error(ErrorCode.TICKET_CANCELLED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_during_handover_gets_final_result(
+    server: Server, backend: Backend
+) -> None:
+    backend.answer = b"wait"
+    ticket, client, _ = await acked_upload(server, backend, 4, backendSecret="k")
+    client.send_chunk(b"data")
+    await client.expect("MsgChunkAck")
+    await backend.posts.get()
+    await server.settled()
+    client.send("MsgCancel", Reason="too late")
+    await client.expect_error(ErrorCode.TOO_LATE)
+    late, conf = await upload_request(server, ticket, 4)
+    assert conf["FilePos"] == 4
+    late.send("MsgAck", Ack=True)
+    import treq
+
+    response = await treq.post(f"{server.base}/backend/finish_upload",
+                               data={"id": ticket, "backendSecret": "k"})
+    assert response.code == 200
+    assert await late.expect("MsgAllDone") == {"Success": True}

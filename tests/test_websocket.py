@@ -1,0 +1,234 @@
+"""RFC 6455 framing: limits, close codes, fragmentation and keep-alive."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from incoming import websocket
+from incoming.uploads import ErrorCode
+
+from .harness import Backend, Server
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """A masked frame as a browser sends it."""
+    size = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if size < 126:
+        header = struct.pack("!BB", first, 0x80 | size)
+    elif size < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, size)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + masked
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def connected(self, connection: websocket.WebSocketConnection) -> None:
+        self.events.append(("connected", None))
+
+    def text_received(self, text: str) -> None:
+        self.events.append(("text", text))
+
+    def binary_received(self, data: bytearray) -> None:
+        self.events.append(("binary", bytes(data)))
+
+    def message_refused(self, why: str, close_code: int) -> None:
+        self.events.append(("refused", close_code))
+
+    def connection_lost(self) -> None:
+        self.events.append(("lost", None))
+
+
+def make(max_binary: int = 1000, timeout: float = 10) -> tuple[websocket.WebSocketConnection, Recorder, StringTransport, Clock]:
+    recorder, clock, transport = Recorder(), Clock(), StringTransport()
+    connection = websocket.WebSocketConnection(recorder, clock, timeout, max_binary)
+    connection.makeConnection(transport)
+    return connection, recorder, transport, clock
+
+
+def close_code(written: bytes) -> int:
+    """The status code of the close frame at the end of what the server wrote."""
+    index = written.rindex(b"\x88")
+    return int(struct.unpack_from("!H", written, index + 2)[0])
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 125, 126, 1000])
+def test_binary_frames_of_every_length_encoding_arrive_unmasked(size: int) -> None:
+    connection, recorder, _, _ = make()
+    payload = os.urandom(size)
+    connection.dataReceived(client_frame(websocket.BINARY, payload))
+    assert recorder.events[-1] == ("binary", payload)
+
+
+def test_frames_split_at_every_byte_boundary_are_reassembled() -> None:
+    connection, recorder, _, _ = make()
+    stream = client_frame(websocket.TEXT, "héllo".encode()) + client_frame(websocket.BINARY, b"\x00" * 300)
+    for i in range(len(stream)):
+        connection.dataReceived(stream[i : i + 1])
+    assert recorder.events[1:] == [("text", "héllo"), ("binary", b"\x00" * 300)]
+
+
+def test_fragmented_messages_with_interleaved_ping() -> None:
+    connection, recorder, transport, _ = make()
+    connection.dataReceived(
+        client_frame(websocket.BINARY, b"ab", fin=False)
+        + client_frame(websocket.PING, b"p")
+        + client_frame(websocket.CONTINUATION, b"cd", fin=True)
+    )
+    assert recorder.events[-1] == ("binary", b"abcd")
+    assert transport.value() == websocket.frame(websocket.PONG, b"p")
+
+
+def test_oversized_frame_is_refused_from_its_header() -> None:
+    connection, recorder, transport, _ = make(max_binary=1000)
+    header = client_frame(websocket.BINARY, b"x" * 1001)[:8]  # header + mask, no payload
+    connection.dataReceived(header)
+    assert ("refused", websocket.TOO_BIG) in recorder.events
+    assert close_code(transport.value()) == websocket.TOO_BIG
+    assert transport.disconnecting
+
+
+def test_fragments_count_towards_the_limit() -> None:
+    connection, recorder, transport, _ = make(max_binary=1000)
+    connection.dataReceived(client_frame(websocket.BINARY, b"x" * 600, fin=False))
+    connection.dataReceived(client_frame(websocket.CONTINUATION, b"x" * 600)[:8])
+    assert close_code(transport.value()) == websocket.TOO_BIG
+
+
+@pytest.mark.parametrize(
+    "frame_bytes, code",
+    [
+        (client_frame(websocket.TEXT, b"\xff\xfe"), websocket.INVALID_DATA),
+        (client_frame(websocket.BINARY, b"x")[:1] + b"\x01x", websocket.PROTOCOL_ERROR),  # unmasked
+        (bytes([0x80 | 0x40 | websocket.BINARY]) + client_frame(websocket.BINARY, b"x")[1:],
+         websocket.PROTOCOL_ERROR),  # reserved bit
+        (client_frame(0x3, b"x"), websocket.PROTOCOL_ERROR),  # unknown opcode
+        (client_frame(websocket.CONTINUATION, b"x"), websocket.PROTOCOL_ERROR),
+        (client_frame(websocket.PING, b"x", fin=False), websocket.PROTOCOL_ERROR),
+    ],
+)
+def test_broken_frames_close_with_their_code(frame_bytes: bytes, code: int) -> None:
+    connection, recorder, transport, _ = make()
+    connection.dataReceived(frame_bytes)
+    assert ("refused", code) in recorder.events
+    assert close_code(transport.value()) == code
+    assert [e for e in recorder.events if e[0] in ("text", "binary")] == []
+
+
+def test_close_frame_is_answered_and_connection_dropped() -> None:
+    connection, _, transport, _ = make()
+    connection.dataReceived(client_frame(websocket.CLOSE, struct.pack("!H", 1001)))
+    assert close_code(transport.value()) == 1001
+    assert transport.disconnecting
+
+
+def test_silent_peer_is_pinged_then_dropped_within_the_timeout() -> None:
+    connection, _, transport, clock = make(timeout=10)
+    clock.advance(5)
+    assert transport.value() == websocket.frame(websocket.PING, b"incoming")
+    assert not transport.disconnecting
+    clock.advance(5)
+    assert transport.disconnecting  # abortConnection on a StringTransport
+
+
+def test_a_peer_that_answers_pings_stays() -> None:
+    connection, _, transport, clock = make(timeout=10)
+    for _ in range(10):
+        clock.advance(5)
+        connection.dataReceived(client_frame(websocket.PONG, b"incoming"))
+    assert not transport.disconnecting
+
+
+def test_timer_stops_when_connection_is_lost() -> None:
+    connection, recorder, _, clock = make(timeout=10)
+    connection.connectionLost(None)
+    assert recorder.events[-1] == ("lost", None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_unmask_matches_bytewise_xor() -> None:
+    for size in (0, 1, 5, 8, 1027):
+        data, key = os.urandom(size), os.urandom(4)
+        buffer = bytearray(data)
+        websocket.unmask(buffer, key)
+        assert bytes(buffer) == bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+def handshake(port: int, path: str = "/incoming/frontend/upload_ws") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 101")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in answer
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    received = b""
+    while chunk := s.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_frame_over_loopback_gets_msgerror_and_1009(
+    server: Server, backend: Backend
+) -> None:
+    ticket = await server.new_upload(backend.url)
+
+    def talk() -> bytes:
+        with handshake(server.port) as s:
+            request = f'{{"MsgType":"MsgUploadReq","MsgData":{{"Id":"{ticket}","LengthBytes":99999999,"Name":"n"}}}}'
+            s.sendall(client_frame(websocket.TEXT, request.encode()))
+            s.sendall(client_frame(websocket.TEXT, b'{"MsgType":"MsgAck","MsgData":{"Ack":true}}'))
+            # announce 100 MiB but send only the header: the server must not wait for it
+            s.sendall(struct.pack("!BBQ", 0x82, 0xFF, 100 << 20) + b"mask")
+            return read_all(s)
+
+    written = await threads.deferToThread(talk)
+    assert b'"MsgType":"MsgUploadConf"' in written
+    assert b'"ErrorCode":%d' % ErrorCode.FRAME_TOO_LARGE in written
+    assert close_code(written) == websocket.TOO_BIG
+    upload = server.manager.registry.get(ticket)
+    assert upload is not None and upload.stored == 0 and not upload.phase.final
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ("", b"400"),
+        ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"426"),
+        ("Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+         "Sec-WebSocket-Key: short\r\n", b"400"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_upgrade_requests_are_refused(server: Server, headers: str, status: bytes) -> None:
+    def talk() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(f"GET /incoming/0.1/frontend/upload_ws HTTP/1.1\r\nHost: x\r\n{headers}"
+                      "\r\n".encode())
+            return s.recv(4096)
+
+    answer = await threads.deferToThread(talk)
+    assert answer.split(b" ")[1] == status
