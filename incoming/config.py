@@ -137,4 +137,3 @@ class Options(usage.Options):
             if self[option] is not None:
                 values[field] = parse(f"--{option}", self[option])
         self.config = Config(**values)
-

@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
 from .uploads import Upload
@@ -21,7 +21,14 @@ log = Logger()
 MAX_ANSWER_BYTES = 4096
 FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 8.0
-_RETRYABLE = (ConnectError, DNSLookupError, ConnectionLost, ResponseNeverReceived)
+# Failures where the backend cannot have acted on the POST, and 5xx answers, are retried.
+_RETRYABLE = (
+    ConnectError,
+    DNSLookupError,
+    ConnectionLost,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
 
 
 class HandoverFailed(Exception):

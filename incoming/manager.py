@@ -192,8 +192,7 @@ class UploadManager:
     def _confirm_timeout(self, upload: Upload) -> None:
         self._confirm.pop(upload.id, None)
         message = (
-            f"backend did not call finish_upload within "
-            f"{self.config.handover_confirm_timeout:g} s"
+            f"backend did not call finish_upload within {self.config.handover_confirm_timeout:g} s"
         )
         self._spawn(self._fail(upload, ErrorCode.HANDOVER_FAILED, message))
 

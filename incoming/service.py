@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import treq
+from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python.threadpool import ThreadPool
 from twisted.web import static
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 
 from .api import IncomingApi, IncomingSite
@@ -46,12 +47,17 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+def handover_client(reactor: Any) -> HTTPClient:
+    """A fresh connection per handover: backends often drop idle keep-alives."""
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
 def build_manager(
-    config: Config, reactor: Any, pool: ThreadPool, http: Any = None
+    config: Config, reactor: Any, pool: ThreadPool, storage_class: type[Storage] = Storage
 ) -> UploadManager:
-    storage = Storage(config.storage_dir, reactor, pool)
+    storage = storage_class(config.storage_dir, reactor, pool)
     storage.prepare()
-    backend = Backend(http or treq, reactor, config.handover_timeout)
+    backend = Backend(handover_client(reactor), reactor, config.handover_timeout)
     return UploadManager(config, Registry(), storage, backend, reactor)
 
 

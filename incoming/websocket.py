@@ -31,7 +31,12 @@ _DATA_OPCODES = (CONTINUATION, TEXT, BINARY)
 _CONTROL_OPCODES = (CLOSE, PING, PONG)
 
 NORMAL, GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA, POLICY, TOO_BIG = (
-    1000, 1001, 1002, 1007, 1008, 1009,
+    1000,
+    1001,
+    1002,
+    1007,
+    1008,
+    1009,
 )
 
 
@@ -228,8 +233,10 @@ class WebSocketConnection(TwistedProtocol):
             kind = opcode
         limit = self._max[kind]
         if self._fragments_size + size > limit:
-            raise _Refused(TOO_BIG, f"message of {self._fragments_size + size} bytes "
-                           f"exceeds the limit of {limit}")
+            raise _Refused(
+                TOO_BIG,
+                f"message of {self._fragments_size + size} bytes exceeds the limit of {limit}",
+            )
 
     def _frame_complete(self) -> None:
         payload, opcode, fin = self._payload, self._opcode, self._fin

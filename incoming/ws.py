@@ -184,8 +184,9 @@ class UploadSession:
 
     def error(self, code: ErrorCode, text: str) -> None:
         """Tell the browser what went wrong and hang up; the upload stays as it is."""
-        log.info("upload {id}: error {code} to browser: {text}", id=self._id(), code=int(code),
-                 text=text)
+        log.info(
+            "upload {id}: error {code} to browser: {text}", id=self._id(), code=int(code), text=text
+        )
         self._send("MsgError", ErrorCode=int(code), Msg=text)
         self._close(websocket.POLICY)
 

@@ -20,6 +20,7 @@ from twisted.web.websocket import WebSocketClientEndpoint, WebSocketTransport
 from incoming.config import Config
 from incoming.manager import UploadManager
 from incoming.service import build_manager, build_site
+from incoming.storage import Storage
 
 
 @dataclass
@@ -88,10 +89,12 @@ class Server:
         return {p.name: p.read_bytes() for p in self.storage_dir.iterdir()}
 
 
-async def start_server(config: Config) -> tuple[Server, Any, ThreadPool]:
+async def start_server(
+    config: Config, storage_class: type[Storage] = Storage
+) -> tuple[Server, Any, ThreadPool]:
     pool = ThreadPool(minthreads=1, maxthreads=4, name="test-storage")
     pool.start()
-    manager = build_manager(config, reactor, pool)
+    manager = build_manager(config, reactor, pool, storage_class)
     site = build_site(manager, reactor)
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(site)

@@ -18,7 +18,9 @@ from .harness import Backend, Server, connect, send_all, upload_request
 PREFIXES = ["/incoming", "/incoming/0.1"]
 
 
-async def post(server: Server, path: str, prefix: str = "/incoming", **kw: Any) -> tuple[int, str, Any]:
+async def post(
+    server: Server, path: str, prefix: str = "/incoming", **kw: Any
+) -> tuple[int, str, Any]:
     url = f"http://127.0.0.1:{server.port}{prefix}/backend/{path}"
     response = await treq.post(url, **kw)
     return response.code, await response.text(), response.headers
@@ -44,8 +46,11 @@ async def test_parameters_from_query_string_and_body_wins(server: Server) -> Non
     code, ticket, _ = await post(
         server,
         "new_upload",
-        params={"signalFinishURL": "http://query.example/a?x=1", "backendSecret": "fromquery",
-                "removeFileWhenFinished": "false"},
+        params={
+            "signalFinishURL": "http://query.example/a?x=1",
+            "backendSecret": "fromquery",
+            "removeFileWhenFinished": "false",
+        },
         data={"backendSecret": "frombody"},
     )
     assert code == 200
@@ -90,9 +95,13 @@ async def test_remove_file_when_finished_takes_go_booleans(
     server: Server, value: str, expected: bool
 ) -> None:
     code, ticket, _ = await post(
-        server, "new_upload",
-        data={"signalFinishURL": "https://e.com/", "removeFileWhenFinished": value,
-              "destType": "file"},
+        server,
+        "new_upload",
+        data={
+            "signalFinishURL": "https://e.com/",
+            "removeFileWhenFinished": value,
+            "destType": "file",
+        },
     )
     assert code == 200
     upload = server.manager.registry.get(ticket)
@@ -103,8 +112,13 @@ async def test_remove_file_when_finished_takes_go_booleans(
 @pytest_twisted.ensureDeferred
 async def test_id_and_secret_are_checked(server: Server, backend: Backend, path: str) -> None:
     ticket = await server.new_upload(backend.url, backendSecret="right")
-    assert (await post(server, path, data={"backendSecret": "right"}))[:2] == (400, "id is required")
-    code, body, _ = await post(server, path, data={"id": str(uuid.uuid4()), "backendSecret": "right"})
+    assert (await post(server, path, data={"backendSecret": "right"}))[:2] == (
+        400,
+        "id is required",
+    )
+    code, body, _ = await post(
+        server, path, data={"id": str(uuid.uuid4()), "backendSecret": "right"}
+    )
     assert (code, body) == (400, "unknown upload id")
     code, body, _ = await post(server, path, data={"id": ticket, "backendSecret": "wrong"})
     assert (code, body) == (403, "wrong backendSecret")
@@ -185,9 +199,11 @@ async def test_oversized_chunked_body_is_refused_with_413(server: Server) -> Non
 
     def send() -> bytes:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-            s.sendall(b"POST /incoming/backend/new_upload HTTP/1.1\r\nHost: x\r\n"
-                      b"Transfer-Encoding: chunked\r\n"
-                      b"Content-Type: application/x-www-form-urlencoded\r\n\r\n")
+            s.sendall(
+                b"POST /incoming/backend/new_upload HTTP/1.1\r\nHost: x\r\n"
+                b"Transfer-Encoding: chunked\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+            )
             s.sendall((b"%x\r\n" % 70_000) + b"a" * 70_000 + b"\r\n")
             return s.recv(4096)
 

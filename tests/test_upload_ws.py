@@ -24,9 +24,12 @@ async def test_upload_is_stored_and_handed_over(
 ) -> None:
     data = os.urandom(size)
     backend.answer = b"done"
-    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false",
-                                     backendSecret="s3cret")
-    client, conf = await upload_request(server, ticket, size, name="../../etc/passwd", prefix=prefix)
+    ticket = await server.new_upload(
+        backend.url, removeFileWhenFinished="false", backendSecret="s3cret"
+    )
+    client, conf = await upload_request(
+        server, ticket, size, name="../../etc/passwd", prefix=prefix
+    )
     assert conf == {"ChunkSizeKB": CHUNK_KB, "FilePos": 0, "SendAhead": SEND_AHEAD}
     client.send("MsgAck", Ack=True)
     await send_all(client, data, CHUNK, SEND_AHEAD)
@@ -56,23 +59,39 @@ async def acked_upload(server: Server, backend: Backend, length: int, **params: 
     "first_message, code",
     [
         ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s"}}', ErrorCode.BAD_LENGTH),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": "12"}}',
-         ErrorCode.BAD_LENGTH),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": -1}}',
-         ErrorCode.BAD_LENGTH),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": 1.5}}',
-         ErrorCode.BAD_LENGTH),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": true}}',
-         ErrorCode.BAD_LENGTH),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"LengthBytes": 5, "x": "%s"}}',
-         ErrorCode.BAD_TICKET_ID),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": 7, "LengthBytes": 5, "x": "%s"}}',
-         ErrorCode.BAD_TICKET_ID),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": "12"}}',
+            ErrorCode.BAD_LENGTH,
+        ),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": -1}}',
+            ErrorCode.BAD_LENGTH,
+        ),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": 1.5}}',
+            ErrorCode.BAD_LENGTH,
+        ),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": true}}',
+            ErrorCode.BAD_LENGTH,
+        ),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"LengthBytes": 5, "x": "%s"}}',
+            ErrorCode.BAD_TICKET_ID,
+        ),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"Id": 7, "LengthBytes": 5, "x": "%s"}}',
+            ErrorCode.BAD_TICKET_ID,
+        ),
         ('{"MsgType": "MsgUploadReq", "MsgData": ["%s"]}', ErrorCode.MALFORMED_MESSAGE),
-        ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": 5, "Name": 3}}',
-         ErrorCode.MALFORMED_MESSAGE),
-        ('{"MsgType": "MsgAck", "MsgData": {"Ack": true, "x": "%s"}}',
-         ErrorCode.UNEXPECTED_MESSAGE),
+        (
+            '{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", "LengthBytes": 5, "Name": 3}}',
+            ErrorCode.MALFORMED_MESSAGE,
+        ),
+        (
+            '{"MsgType": "MsgAck", "MsgData": {"Ack": true, "x": "%s"}}',
+            ErrorCode.UNEXPECTED_MESSAGE,
+        ),
         ('{"MsgType": "MsgBogus", "MsgData": {"x": "%s"}}', ErrorCode.UNKNOWN_MESSAGE_TYPE),
         ('{"MsgType": "MsgUploadReq", "MsgData": {"Id": "%s", ', ErrorCode.MALFORMED_MESSAGE),
         ('["MsgUploadReq", "%s"]', ErrorCode.MALFORMED_MESSAGE),
@@ -139,8 +158,9 @@ async def test_resume_with_other_length_is_refused_and_upload_stays_resumable(
     server: Server, backend: Backend
 ) -> None:
     data = os.urandom(2 * CHUNK)
-    ticket, client, _ = await acked_upload(server, backend, len(data),
-                                           removeFileWhenFinished="false")
+    ticket, client, _ = await acked_upload(
+        server, backend, len(data), removeFileWhenFinished="false"
+    )
     client.send_chunk(data[:CHUNK])
     await client.expect("MsgChunkAck")
     client.close()
@@ -159,8 +179,9 @@ async def test_resume_with_other_length_is_refused_and_upload_stays_resumable(
 @pytest_twisted.ensureDeferred
 async def test_pause_then_resume_continues_at_file_pos(server: Server, backend: Backend) -> None:
     data = os.urandom(5 * CHUNK + 3)
-    ticket, client, _ = await acked_upload(server, backend, len(data),
-                                           removeFileWhenFinished="false")
+    ticket, client, _ = await acked_upload(
+        server, backend, len(data), removeFileWhenFinished="false"
+    )
     await send_all(client, data[: 2 * CHUNK], CHUNK, SEND_AHEAD)
     client.send("MsgPause", Pause=True)
     client.close()
@@ -178,8 +199,9 @@ async def test_abrupt_disconnect_resumes_from_bytes_on_disk(
     server: Server, backend: Backend
 ) -> None:
     data = os.urandom(6 * CHUNK)
-    ticket, client, _ = await acked_upload(server, backend, len(data),
-                                           removeFileWhenFinished="false")
+    ticket, client, _ = await acked_upload(
+        server, backend, len(data), removeFileWhenFinished="false"
+    )
     for i in range(SEND_AHEAD):  # chunks in flight, then the line drops
         client.send_chunk(data[i * CHUNK : (i + 1) * CHUNK])
     client.close()
@@ -262,7 +284,8 @@ async def test_connection_during_handover_gets_final_result(
     late.send("MsgAck", Ack=True)
     import treq
 
-    response = await treq.post(f"{server.base}/backend/finish_upload",
-                               data={"id": ticket, "backendSecret": "k"})
+    response = await treq.post(
+        f"{server.base}/backend/finish_upload", data={"id": ticket, "backendSecret": "k"}
+    )
     assert response.code == 200
     assert await late.expect("MsgAllDone") == {"Success": True}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -18,7 +19,9 @@ from incoming.uploads import ErrorCode
 from .harness import Backend, Server
 
 
-def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+def client_frame(
+    opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04"
+) -> bytes:
     """A masked frame as a browser sends it."""
     size = len(payload)
     first = (0x80 if fin else 0) | opcode
@@ -52,7 +55,9 @@ class Recorder:
         self.events.append(("lost", None))
 
 
-def make(max_binary: int = 1000, timeout: float = 10) -> tuple[websocket.WebSocketConnection, Recorder, StringTransport, Clock]:
+def make(
+    max_binary: int = 1000, timeout: float = 10
+) -> tuple[websocket.WebSocketConnection, Recorder, StringTransport, Clock]:
     recorder, clock, transport = Recorder(), Clock(), StringTransport()
     connection = websocket.WebSocketConnection(recorder, clock, timeout, max_binary)
     connection.makeConnection(transport)
@@ -75,7 +80,9 @@ def test_binary_frames_of_every_length_encoding_arrive_unmasked(size: int) -> No
 
 def test_frames_split_at_every_byte_boundary_are_reassembled() -> None:
     connection, recorder, _, _ = make()
-    stream = client_frame(websocket.TEXT, "héllo".encode()) + client_frame(websocket.BINARY, b"\x00" * 300)
+    stream = client_frame(websocket.TEXT, "héllo".encode()) + client_frame(
+        websocket.BINARY, b"\x00" * 300
+    )
     for i in range(len(stream)):
         connection.dataReceived(stream[i : i + 1])
     assert recorder.events[1:] == [("text", "héllo"), ("binary", b"\x00" * 300)]
@@ -113,8 +120,10 @@ def test_fragments_count_towards_the_limit() -> None:
     [
         (client_frame(websocket.TEXT, b"\xff\xfe"), websocket.INVALID_DATA),
         (client_frame(websocket.BINARY, b"x")[:1] + b"\x01x", websocket.PROTOCOL_ERROR),  # unmasked
-        (bytes([0x80 | 0x40 | websocket.BINARY]) + client_frame(websocket.BINARY, b"x")[1:],
-         websocket.PROTOCOL_ERROR),  # reserved bit
+        (
+            bytes([0x80 | 0x40 | websocket.BINARY]) + client_frame(websocket.BINARY, b"x")[1:],
+            websocket.PROTOCOL_ERROR,
+        ),  # reserved bit
         (client_frame(0x3, b"x"), websocket.PROTOCOL_ERROR),  # unknown opcode
         (client_frame(websocket.CONTINUATION, b"x"), websocket.PROTOCOL_ERROR),
         (client_frame(websocket.PING, b"x", fin=False), websocket.PROTOCOL_ERROR),
@@ -197,8 +206,9 @@ async def test_oversized_frame_over_loopback_gets_msgerror_and_1009(
 
     def talk() -> bytes:
         with handshake(server.port) as s:
-            request = f'{{"MsgType":"MsgUploadReq","MsgData":{{"Id":"{ticket}","LengthBytes":99999999,"Name":"n"}}}}'
-            s.sendall(client_frame(websocket.TEXT, request.encode()))
+            request = {"Id": ticket, "LengthBytes": 99999999, "Name": "n"}
+            text = json.dumps({"MsgType": "MsgUploadReq", "MsgData": request})
+            s.sendall(client_frame(websocket.TEXT, text.encode()))
             s.sendall(client_frame(websocket.TEXT, b'{"MsgType":"MsgAck","MsgData":{"Ack":true}}'))
             # announce 100 MiB but send only the header: the server must not wait for it
             s.sendall(struct.pack("!BBQ", 0x82, 0xFF, 100 << 20) + b"mask")
@@ -216,18 +226,28 @@ async def test_oversized_frame_over_loopback_gets_msgerror_and_1009(
     "headers, status",
     [
         ("", b"400"),
-        ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
-         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"426"),
-        ("Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-         "Sec-WebSocket-Key: short\r\n", b"400"),
+        (
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            b"426",
+        ),
+        (
+            "Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: short\r\n",
+            b"400",
+        ),
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_bad_upgrade_requests_are_refused(server: Server, headers: str, status: bytes) -> None:
+async def test_bad_upgrade_requests_are_refused(
+    server: Server, headers: str, status: bytes
+) -> None:
     def talk() -> bytes:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-            s.sendall(f"GET /incoming/0.1/frontend/upload_ws HTTP/1.1\r\nHost: x\r\n{headers}"
-                      "\r\n".encode())
+            s.sendall(
+                f"GET /incoming/0.1/frontend/upload_ws HTTP/1.1\r\nHost: x\r\n{headers}"
+                "\r\n".encode()
+            )
             return s.recv(4096)
 
     answer = await threads.deferToThread(talk)

@@ -1,0 +1,126 @@
+"""`twistd incoming` options and the 2014 YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from incoming.config import Config, Options
+
+
+def parse(*argv: str) -> Config:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.config
+
+
+def test_defaults_are_the_2014_servers() -> None:
+    assert parse() == Config(
+        listen="tcp:4000:interface=0.0.0.0",
+        storage_dir=Path("incoming-storage"),
+        chunk_size_kb=512,
+        send_ahead=4,
+        max_idle=43200,
+        ws_timeout=58,
+        handover_timeout=55,
+        handover_confirm_timeout=600,
+    )
+
+
+def test_every_option() -> None:
+    config = parse(
+        "--listen",
+        "tcp:8080:interface=127.0.0.1",
+        "--storage-dir",
+        "/srv/up",
+        "--chunk-size-kb",
+        "1024",
+        "--send-ahead",
+        "8",
+        "--max-idle",
+        "60",
+        "--ws-timeout",
+        "30",
+        "--handover-timeout",
+        "20",
+        "--handover-confirm-timeout",
+        "90",
+    )
+    assert config == Config(
+        listen="tcp:8080:interface=127.0.0.1",
+        storage_dir=Path("/srv/up"),
+        chunk_size_kb=1024,
+        send_ahead=8,
+        max_idle=60,
+        ws_timeout=30,
+        handover_timeout=20,
+        handover_confirm_timeout=90,
+    )
+
+
+def test_yaml_file_and_options_win(tmp_path: Path) -> None:
+    path = tmp_path / "incoming.yaml"
+    path.write_text(
+        "IncomingIP: 127.0.0.1\nIncomingPort: 4711\nStorageDir: /data/in\n"
+        "UploadChunkSizeKB: 256\nUploadSendAhead: 6\nUploadMaxIdleDurationS: 3600\n"
+        "WebsocketConnectionTimeoutS: 40\nHandoverTimeoutS: 30\nHandoverConfirmTimeoutS: 300\n"
+    )
+    assert parse("--config", str(path)) == Config(
+        listen="tcp:4711:interface=127.0.0.1",
+        storage_dir=Path("/data/in"),
+        chunk_size_kb=256,
+        send_ahead=6,
+        max_idle=3600,
+        ws_timeout=40,
+        handover_timeout=30,
+        handover_confirm_timeout=300,
+    )
+    config = parse("--config", str(path), "--send-ahead", "2", "--listen", "tcp:1")
+    assert (config.send_ahead, config.listen, config.chunk_size_kb) == (2, "tcp:1", 256)
+
+
+def test_yaml_ipv6_address_is_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("IncomingIP: '::1'\nIncomingPort: 4000\n")
+    assert parse("--config", str(path)).listen == "tcp:4000:interface=\\:\\:1"
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--chunk-size-kb", "0"], "--chunk-size-kb"),
+        (["--chunk-size-kb", "big"], "--chunk-size-kb"),
+        (["--send-ahead", "-1"], "--send-ahead"),
+        (["--max-idle", "0"], "--max-idle"),
+        (["--ws-timeout", "soon"], "--ws-timeout"),
+        (["--handover-timeout", "-5"], "--handover-timeout"),
+        (["--handover-confirm-timeout", "nan"], "--handover-confirm-timeout"),
+        (["--listen", " "], "--listen"),
+    ],
+)
+def test_bad_values_are_usage_errors_naming_the_option(argv: list[str], named: str) -> None:
+    with pytest.raises(usage.UsageError, match=named):
+        parse(*argv)
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("UploadSendAhead: many\n", "UploadSendAhead"),
+        ("IncomingPort: 70000\n", "IncomingPort"),
+        ("- just a list\n", "mapping"),
+        ("a: [unclosed\n", "cannot read"),
+    ],
+)
+def test_bad_yaml_is_a_usage_error(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(usage.UsageError, match=named):
+        parse("--config", str(path))
+
+
+def test_missing_yaml_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="cannot read"):
+        parse("--config", str(tmp_path / "nope.yaml"))

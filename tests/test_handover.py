@@ -1,0 +1,294 @@
+"""The handover POST: answers, retries, timeouts and failures (SPEC: Handover)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+
+from incoming.handover import Backend as HandoverBackend
+from incoming.handover import HandoverFailed
+from incoming.uploads import ErrorCode, Upload
+
+from .harness import Backend, Server, upload_request
+
+
+class FakeResponse:
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self.headers = Headers()
+        self.length = len(body)
+        self._body = body
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(None)
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class ScriptedHTTP:
+    """Answers each POST with the next scripted result; records what was sent."""
+
+    def __init__(self, *results: Any) -> None:
+        self.results = list(results)
+        self.posts: list[dict[str, str]] = []
+
+    def post(self, url: str, data: dict[str, str], headers: Any) -> Deferred[Any]:
+        self.posts.append(data)
+        result = self.results.pop(0)
+        if isinstance(result, Deferred):
+            return result
+        if isinstance(result, Exception):
+            return fail(result)
+        return succeed(result)
+
+
+def an_upload() -> Upload:
+    upload = Upload("0b5a6fcd-7f5b-4f5e-9bb0-4de4b1fd5c39", "http://b.example/h", "sec", True)
+    upload.browser_name = "photo.jpg"
+    return upload
+
+
+def run(clock: Clock, backend: HandoverBackend, upload: Upload) -> Deferred[str]:
+    return ensureDeferred(backend.hand_over(upload, "/store/file"))
+
+
+def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
+    clock = Clock()
+    http = ScriptedHTTP(
+        ConnectionRefusedError(), FakeResponse(503, b"busy"), FakeResponse(200, b"done\n")
+    )
+    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+    assert len(http.posts) == 1 and not d.called
+    clock.advance(0.25)
+    assert len(http.posts) == 2 and not d.called
+    clock.advance(0.4)
+    assert len(http.posts) == 2  # the delay doubled to 0.5 s
+    clock.advance(0.1)
+    assert d.result == "done"
+    assert http.posts[0] == {
+        "id": "0b5a6fcd-7f5b-4f5e-9bb0-4de4b1fd5c39",
+        "filename": "/store/file",
+        "filenameFromBrowser": "photo.jpg",
+        "backendSecret": "sec",
+        "cancelled": "no",
+        "cancelReason": "",
+        "size": "0",
+    }
+
+
+def test_retries_stop_at_the_handover_timeout() -> None:
+    clock = Clock()
+    http = ScriptedHTTP(*[ConnectionRefusedError()] * 100)
+    d = run(clock, HandoverBackend(http, clock, timeout=10), an_upload())
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    for _ in range(100):
+        clock.advance(1)
+    assert failures and failures[0].check(HandoverFailed)
+    assert "cannot reach backend" in str(failures[0].value)
+    assert 3 < len(http.posts) < 10
+
+
+def test_a_backend_that_never_answers_fails_at_the_timeout() -> None:
+    clock = Clock()
+    http = ScriptedHTTP(Deferred())
+    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    clock.advance(54)
+    assert not failures
+    clock.advance(1)
+    assert failures[0].check(HandoverFailed)
+    assert "no answer within 55 s" in str(failures[0].value)
+
+
+@pytest.mark.parametrize(
+    "response, message",
+    [
+        (FakeResponse(200, b""), "not done or wait"),
+        (FakeResponse(200, b"don"), "not done or wait"),
+        (FakeResponse(200, b"OK"), "not done or wait"),
+        (FakeResponse(404, b"done"), "HTTP 404"),
+        (FakeResponse(302, b"done"), "HTTP 302"),
+    ],
+)
+def test_other_answers_fail_without_retry(response: FakeResponse, message: str) -> None:
+    clock = Clock()
+    http = ScriptedHTTP(response)
+    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(HandoverFailed) and message in str(failures[0].value)
+    assert len(http.posts) == 1
+
+
+@pytest.mark.parametrize("answer", [b"done", b"wait", b"done and then some", b"wait\r\n"])
+def test_answers_starting_with_done_or_wait(answer: bytes) -> None:
+    clock = Clock()
+    d = run(clock, HandoverBackend(ScriptedHTTP(FakeResponse(200, answer)), clock, 55), an_upload())
+    assert d.result == answer[:4].decode()
+
+
+def test_cancel_notice_is_one_post_and_swallows_errors() -> None:
+    clock = Clock()
+    http = ScriptedHTTP(ConnectionRefusedError())
+    d = ensureDeferred(HandoverBackend(http, clock, 55).notify_cancelled(an_upload(), "why"))
+    assert d.called and d.result is None
+    assert len(http.posts) == 1
+    assert (http.posts[0]["cancelled"], http.posts[0]["cancelReason"]) == ("yes", "why")
+    assert http.posts[0]["filename"] == ""
+
+
+# Against real backends on loopback
+
+
+class Canned(Protocol):
+    """Answers any request with fixed raw bytes, then hangs up."""
+
+    answer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data or self.transport is None:
+            self.factory.posts += 1  # type: ignore[attr-defined]
+            self.transport.write(self.answer)  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.async_yield_fixture
+async def raw_backend() -> AsyncIterator[Any]:
+    factory = Factory.forProtocol(Canned)
+    factory.posts = 0  # type: ignore[attr-defined]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    factory.url = f"http://127.0.0.1:{port.getHost().port}/h"  # type: ignore[attr-defined]
+    yield factory
+    await port.stopListening()
+
+
+async def upload_and_expect_handover_error(server: Server, url: str) -> str:
+    ticket = await server.new_upload(url, removeFileWhenFinished="false")
+    client, _ = await upload_request(server, ticket, 3)
+    client.send("MsgAck", Ack=True)
+    client.send_chunk(b"abc")
+    await client.expect("MsgChunkAck")
+    data = await client.expect_error(ErrorCode.HANDOVER_FAILED)
+    assert server.files() == {}  # even with removeFileWhenFinished=false
+    await server.settled()
+    return str(data["Msg"])
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\ndo", "unreadable"),  # short body
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n",
+            "not done or wait",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\ndone\r\n", "unreadable"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "not done or wait"),
+        (b"garbage\r\n\r\n", "handover failed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\x00\x01\r\n\r\ndone", "handover failed"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_broken_answers_fail_the_handover_cleanly(
+    server: Server, raw_backend: Any, raw: bytes, message: str
+) -> None:
+    Canned.answer = raw
+    text = await upload_and_expect_handover_error(server, raw_backend.url)
+    assert message in text
+    assert raw_backend.posts >= 2  # the handover, then the cancellation notice
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_done_is_accepted(server: Server, raw_backend: Any) -> None:
+    Canned.answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndone\r\n0\r\n\r\n"
+    ticket = await server.new_upload(raw_backend.url, removeFileWhenFinished="false")
+    client, _ = await upload_request(server, ticket, 3)
+    client.send("MsgAck", Ack=True)
+    client.send_chunk(b"abc")
+    await client.expect("MsgChunkAck")
+    await client.expect("MsgAllDone")
+    assert server.files() == {ticket: b"abc"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_answer_cancels_and_notifies_backend(
+    server: Server, backend: Backend
+) -> None:
+    backend.answer = b"I am a teapot"
+    message = await upload_and_expect_handover_error(server, backend.url)
+    assert "not done or wait" in message
+    handover, notice = await backend.posts.get(), await backend.posts.get()
+    assert handover["cancelled"] == "no" and handover["filename"].endswith(handover["id"])
+    assert notice["cancelled"] == "yes" and notice["filename"] == ""
+    assert "not done or wait" in notice["cancelReason"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_error_then_done_is_retried(server: Server, backend: Backend) -> None:
+    backend.answers = [(500, b"oops"), (502, b"")]
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    client, _ = await upload_request(server, ticket, 1)
+    client.send("MsgAck", Ack=True)
+    client.send_chunk(b"z")
+    await client.expect("MsgChunkAck")
+    await client.expect("MsgAllDone")
+    posts = [await backend.posts.get() for _ in range(3)]
+    assert [p["cancelled"] for p in posts] == ["no", "no", "no"]
+    assert server.files() == {ticket: b"z"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_signal_finish_url_query_string_is_kept(server: Server, backend: Backend) -> None:
+    ticket = await server.new_upload(backend.url + "?app=42&x=%20y")
+    client, _ = await upload_request(server, ticket, 0)
+    client.send("MsgAck", Ack=True)
+    await client.expect("MsgAllDone")
+    post = await backend.posts.get()
+    assert post["_query"] == "app=42&x=%20y"
+    assert post["id"] == ticket
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RequestTransmissionFailed([Failure(ConnectionLost())]),  # a stale keep-alive connection
+        ResponseNeverReceived([Failure(ConnectionLost())]),
+        DNSLookupError("nope.invalid"),
+    ],
+)
+def test_posts_the_backend_never_saw_are_retried(error: Exception) -> None:
+    clock = Clock()
+    http = ScriptedHTTP(error, FakeResponse(200, b"done"))
+    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+    clock.advance(0.25)
+    assert d.result == "done"
+    assert len(http.posts) == 2
+
+
+def test_a_body_broken_midway_is_not_retried() -> None:
+    clock = Clock()
+    http = ScriptedHTTP(ResponseFailed([Failure(ConnectionLost())]), FakeResponse(200, b"done"))
+    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(HandoverFailed)
+    assert len(http.posts) == 1

@@ -1,0 +1,200 @@
+"""Timeouts and storage failures, with task.Clock standing in for time."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+
+from incoming.config import Config
+from incoming.manager import UploadManager
+from incoming.storage import Storage
+from incoming.uploads import ErrorCode, Phase, Registry, Upload
+
+from .conftest import CHUNK_KB, SEND_AHEAD
+from .harness import Backend, Server, connect, send_all, start_server, upload_request
+
+
+class RecordingBackend:
+    """Stands in for incoming.handover.Backend: answers handovers as told."""
+
+    def __init__(self, answer: str = "done") -> None:
+        self.answer = answer
+        self.handovers: list[str] = []
+        self.cancel_notices: list[tuple[str, str]] = []
+
+    async def hand_over(self, upload: Upload, filename: str) -> str:
+        self.handovers.append(filename)
+        return self.answer
+
+    async def notify_cancelled(self, upload: Upload, reason: str) -> None:
+        self.cancel_notices.append((upload.id, reason))
+
+
+class Session:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def upload_cancelled(self, reason: str) -> None:
+        self.events.append(("cancelled", reason))
+
+    def upload_failed(self, code: ErrorCode, message: str) -> None:
+        self.events.append(("failed", code, message))
+
+    def upload_done(self) -> None:
+        self.events.append(("done",))
+
+
+@pytest_twisted.async_yield_fixture
+async def pool() -> AsyncIterator[ThreadPool]:
+    p = ThreadPool(minthreads=1, maxthreads=2)
+    p.start()
+    yield p
+    p.stop()
+
+
+def make_manager(
+    tmp_path: Path, pool: ThreadPool, backend: RecordingBackend
+) -> tuple[UploadManager, Clock]:
+    clock = Clock()
+    config = Config(storage_dir=tmp_path, max_idle=100, handover_confirm_timeout=30)
+    storage = Storage(tmp_path, reactor, pool)
+    return UploadManager(config, Registry(), storage, backend, clock), clock  # type: ignore[arg-type]
+
+
+async def settle(manager: UploadManager) -> None:
+    while manager.running:
+        for d in list(manager.running):
+            await d
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_upload_expires_then_is_forgotten(tmp_path: Path, pool: ThreadPool) -> None:
+    backend = RecordingBackend()
+    manager, clock = make_manager(tmp_path, pool, backend)
+    upload = manager.create("http://b/h", "", True)
+    session = Session()
+    manager.connect(upload.id, session, 10, "n")
+    await manager.receive_chunk(upload, b"12345")
+    assert (tmp_path / f"{upload.id}.part").exists()
+    clock.advance(99)
+    assert upload.phase is Phase.RECEIVING
+    await manager.receive_chunk(upload, b"6")  # activity restarts the idle clock
+    clock.advance(99)
+    assert upload.phase is Phase.RECEIVING
+    clock.advance(1)
+    await settle(manager)
+    assert upload.phase is Phase.CANCELLED
+    assert session.events == [("cancelled", "upload idle for 100 s")]
+    assert backend.cancel_notices == [(upload.id, "upload idle for 100 s")]
+    assert list(tmp_path.iterdir()) == []
+    assert manager.registry.get(upload.id) is upload  # still known (412) until the next timeout
+    clock.advance(100)
+    assert manager.registry.get(upload.id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_wait_without_finish_upload_fails_at_confirm_timeout(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    backend = RecordingBackend("wait")
+    manager, clock = make_manager(tmp_path, pool, backend)
+    upload = manager.create("http://b/h", "", False)
+    session = Session()
+    manager.connect(upload.id, session, 3, "n")
+    await manager.receive_chunk(upload, b"abc")
+    await settle(manager)
+    assert upload.phase is Phase.AWAITING_FINISH
+    assert backend.handovers == [str(tmp_path / upload.id)]
+    clock.advance(29)
+    assert upload.phase is Phase.AWAITING_FINISH
+    clock.advance(1)
+    await settle(manager)
+    assert upload.phase is Phase.CANCELLED
+    assert session.events[0][:2] == ("failed", ErrorCode.HANDOVER_FAILED)
+    assert "finish_upload within 30 s" in session.events[0][2]
+    assert backend.cancel_notices and list(tmp_path.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_upload_in_time_cancels_the_confirm_timer(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    backend = RecordingBackend("wait")
+    manager, clock = make_manager(tmp_path, pool, backend)
+    upload = manager.create("http://b/h", "", False)
+    session = Session()
+    manager.connect(upload.id, session, 0, "empty")
+    manager.start_if_complete(upload)
+    await settle(manager)
+    await ensureDeferred(manager.finish_upload(upload))
+    clock.advance(30)
+    await settle(manager)
+    assert upload.phase is Phase.FINISHED
+    assert session.events == [("done",)]
+    assert (tmp_path / upload.id).read_bytes() == b""  # a zero-byte file, kept
+    assert backend.cancel_notices == []
+
+
+class DiskFullAfter(Storage):
+    """Storage whose disk fills up after the first 8 KiB of any upload."""
+
+    def _write(self, upload_id: str, offset: int, data: Any) -> None:
+        if offset + len(data) > 8192:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._write(upload_id, offset, data)
+
+
+@pytest_twisted.async_yield_fixture
+async def full_server(config: Config) -> AsyncIterator[Server]:
+    s, port, pool = await start_server(config, DiskFullAfter)
+    yield s
+    await port.stopListening()
+    await s.settled()
+    s.manager.stop()
+    pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_full_cancels_only_that_upload(full_server: Server, backend: Backend) -> None:
+    server, chunk = full_server, CHUNK_KB * 1024
+    big = await server.new_upload(backend.url)
+    small = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    big_client, _ = await upload_request(server, big, 10 * chunk)
+    small_client, _ = await upload_request(server, small, chunk)
+    big_client.send("MsgAck", Ack=True)
+    small_client.send("MsgAck", Ack=True)
+    for _ in range(3):
+        big_client.send_chunk(os.urandom(chunk))
+    messages = []
+    while (msg := await big_client.next()) is not None:
+        messages.append(msg)
+    assert messages[-1]["MsgType"] == "MsgError"
+    assert messages[-1]["MsgData"]["ErrorCode"] == ErrorCode.STORAGE_FAILED
+    notice = await backend.posts.get()
+    assert (notice["id"], notice["cancelled"]) == (big, "yes")
+    data = os.urandom(chunk)
+    await send_all(small_client, data, chunk, SEND_AHEAD)
+    await small_client.expect("MsgAllDone")
+    assert server.files() == {small: data}
+
+
+@pytest_twisted.ensureDeferred
+async def test_length_beyond_free_space_is_refused(server: Server, backend: Backend) -> None:
+    ticket = await server.new_upload(backend.url)
+    client = await connect(server.ws_url())
+    client.send("MsgUploadReq", Id=ticket, LengthBytes=2**62, Name="huge")
+    await client.expect_error(ErrorCode.INSUFFICIENT_STORAGE)
+    upload = server.manager.registry.get(ticket)
+    assert upload is not None and upload.length is None and upload.phase is Phase.RECEIVING
+    client, conf = await upload_request(server, ticket, 1)
+    assert conf["FilePos"] == 0
+    client.close()
