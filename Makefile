@@ -1,9 +1,11 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST ?= 127.0.0.1
 
 .PHONY: run test lint bench
+
+run: $(VENV)/.installed
+	$(PY) examples/demo/run.py $(ARGS)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,8 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check incoming twisted tests bench
-	$(VENV)/bin/ruff format --check incoming twisted tests bench
+	$(VENV)/bin/ruff check incoming twisted tests bench examples
+	$(VENV)/bin/ruff format --check incoming twisted tests bench examples
 	$(VENV)/bin/mypy incoming
 
 test: lint

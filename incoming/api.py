@@ -55,11 +55,13 @@ class IncomingApi:
     def __init__(
         self,
         manager: UploadManager,
-        frontend: IResource,
+        script: IResource,
+        module: IResource,
         upload_ws: IResource,
     ) -> None:
         self.manager = manager
-        self.frontend = frontend
+        self.script = script
+        self.module = module
         self.upload_ws = upload_ws
 
     @app.handle_errors(ApiError)
@@ -98,7 +100,11 @@ class IncomingApi:
 
     @route(app, "/frontend/incoming.js", methods=["GET", "HEAD"])
     def incoming_js(self, request: IRequest) -> IResource:
-        return self.frontend
+        return self.script
+
+    @route(app, "/frontend/incoming.mjs", methods=["GET", "HEAD"])
+    def incoming_mjs(self, request: IRequest) -> IResource:
+        return self.module
 
     @route(app, "/frontend/upload_ws", methods=["GET"])
     def upload_ws_route(self, request: IRequest) -> IResource:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
@@ -11,25 +10,17 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python.threadpool import ThreadPool
-from twisted.web import static
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.resource import IResource
 
 from .api import IncomingApi, IncomingSite
 from .config import Config
+from .frontend import Script
 from .handover import Backend
 from .manager import UploadManager
 from .storage import Storage
 from .uploads import Registry
 from .websocket import WebSocketResource
 from .ws import UploadSession
-
-
-def frontend_dir() -> Path:
-    """`incoming/frontend` once installed, `frontend/` in a source checkout."""
-    here = Path(__file__).parent
-    installed = here / "frontend"
-    return installed if installed.is_dir() else here.parent / "frontend"
 
 
 class ThreadPoolService(Service):
@@ -66,8 +57,7 @@ def build_site(manager: UploadManager, reactor: Any) -> IncomingSite:
     upload_ws = WebSocketResource(
         lambda request: UploadSession(manager), reactor, config.ws_timeout, config.chunk_size
     )
-    frontend: IResource = static.File(str(frontend_dir() / "incoming.js"))
-    api = IncomingApi(manager, frontend, upload_ws)
+    api = IncomingApi(manager, Script.library(), Script.library(module=True), upload_ws)
     return IncomingSite(api.app.resource(), config.max_body_bytes, timeout=config.ws_timeout)
 
 

@@ -1,0 +1,129 @@
+/* The demo page: one incoming.Uploader per chosen file, a row each. */
+"use strict";
+
+incoming.set_server_hostname(window.INCOMING_HOST);
+
+var uploadsList = document.getElementById("uploads");
+var filesList = document.getElementById("files");
+var drop = document.getElementById("drop");
+var picker = document.getElementById("picker");
+var template = document.getElementById("upload-row");
+
+function human(bytes) {
+  var units = ["B", "KB", "MB", "GB", "TB"];
+  var i = 0;
+  while (bytes >= 1000 && i < units.length - 1) { bytes /= 1000; i++; }
+  return (i ? bytes.toFixed(1) : bytes) + " " + units[i];
+}
+
+function duration(seconds) {
+  if (!isFinite(seconds)) { return ""; }
+  seconds = Math.round(seconds);
+  if (seconds < 60) { return seconds + " s left"; }
+  return Math.floor(seconds / 60) + " min " + (seconds % 60) + " s left";
+}
+
+function addUpload(file) {
+  var row = template.content.firstElementChild.cloneNode(true);
+  var empty = uploadsList.querySelector(".empty");
+  if (empty) { empty.remove(); }
+  uploadsList.appendChild(row);
+  row.querySelector(".name").textContent = file.name;
+  row.querySelector(".size").textContent = human(file.size);
+  row.querySelector(".state").textContent = "Asking for a ticket";
+  var pauseButton = row.querySelector(".pause");
+  var cancelButton = row.querySelector(".cancel");
+  pauseButton.disabled = cancelButton.disabled = true;
+
+  fetch("/api/ticket", { method: "POST" }).then(function (response) {
+    return response.json();
+  }).then(function (answer) {
+    if (!answer.ticket) { throw new Error(answer.error || "no ticket"); }
+    start(row, file, answer.ticket);
+  }).catch(function (e) {
+    row.classList.add("failed");
+    row.querySelector(".state").textContent = "Could not start";
+    showError(row, e.message);
+  });
+}
+
+function showError(row, text) {
+  var box = row.querySelector(".error");
+  box.hidden = false;
+  box.textContent = text;
+}
+
+function start(row, file, ticket) {
+  var up = new incoming.Uploader(ticket, file);
+  var samples = []; // [time, bytes acked] over the last few seconds, for MB/s
+  row.dataset.ticket = ticket;
+  row.uploader = up;
+  var pauseButton = row.querySelector(".pause");
+  var cancelButton = row.querySelector(".cancel");
+  pauseButton.onclick = function () { up.pause("toggle"); };
+  cancelButton.onclick = function () { up.cancel("cancelled on the demo page"); };
+
+  function render() {
+    var now = performance.now();
+    samples.push([now, up.bytes_acked]);
+    while (samples.length > 2 && now - samples[0][0] > 3000) { samples.shift(); }
+    var first = samples[0];
+    var seconds = (now - first[0]) / 1000;
+    var rate = seconds > 0.2 ? (up.bytes_acked - first[1]) / seconds : 0;
+    var uploading = up.connected && !up.paused && !up.finished && !up.cancelled;
+    row.querySelector("progress").value = up.frac_complete;
+    row.querySelector(".state").textContent = up.state_msg;
+    row.querySelector(".rate").textContent = uploading && rate > 0 ? human(rate) + "/s" : "";
+    row.querySelector(".eta").textContent =
+      uploading && rate > 0 ? duration((up.bytes_total - up.bytes_acked) / rate) : "";
+    pauseButton.textContent = up.paused ? "Resume" : "Pause";
+    pauseButton.disabled = !up.can_pause;
+    cancelButton.disabled = !up.can_cancel;
+    row.classList.toggle("cancelled", up.cancelled);
+    row.classList.toggle("finished", up.finished);
+  }
+
+  up.onprogress = render;
+  up.onfinished = function () { render(); refreshFiles(); };
+  up.oncancelled = function () { render(); showError(row, "Cancelled: " + up.cancel_msg); };
+  up.onerror = function () {
+    render();
+    row.classList.toggle("failed", !up.can_cancel && !up.finished && !up.cancelled);
+    showError(row, "Error " + up.error_code + ": " + up.error_msg);
+  };
+  up.start();
+  render();
+}
+
+function refreshFiles() {
+  fetch("/api/files").then(function (r) { return r.json(); }).then(function (files) {
+    filesList.textContent = "";
+    if (!files.length) {
+      filesList.innerHTML = '<li class="empty">No files yet.</li>';
+      return;
+    }
+    files.forEach(function (f) {
+      var li = document.createElement("li");
+      var a = document.createElement("a");
+      a.href = f.url;
+      a.textContent = f.name;
+      li.appendChild(a);
+      li.appendChild(document.createTextNode(" (" + human(f.size) + ")"));
+      filesList.appendChild(li);
+    });
+  });
+}
+
+function addAll(files) {
+  Array.prototype.forEach.call(files, addUpload);
+}
+
+picker.addEventListener("change", function () { addAll(picker.files); picker.value = ""; });
+drop.addEventListener("dragover", function (e) { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", function () { drop.classList.remove("over"); });
+drop.addEventListener("drop", function (e) {
+  e.preventDefault();
+  drop.classList.remove("over");
+  addAll(e.dataTransfer.files);
+});
+refreshFiles();
