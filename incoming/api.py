@@ -72,7 +72,7 @@ class IncomingApi:
         return error.message.encode("utf-8")
 
     @route(app, "/backend/new_upload", methods=["POST"])
-    def new_upload(self, request: IRequest) -> bytes:
+    async def new_upload(self, request: IRequest) -> bytes:
         params = _params(request)
         url = params.get("signalFinishURL", "")
         if not url:
@@ -83,7 +83,10 @@ class IncomingApi:
         remove = _BOOLEANS.get(params.get("removeFileWhenFinished") or "true")
         if remove is None:
             raise ApiError(400, "removeFileWhenFinished must be a boolean such as true or false")
-        upload = self.manager.create(url, params.get("backendSecret", ""), remove)
+        try:
+            upload = await self.manager.create(url, params.get("backendSecret", ""), remove)
+        except OSError:
+            raise ApiError(507, "cannot store the upload's state; is the storage full?") from None
         return _ok(request, upload.id)
 
     @route(app, "/backend/cancel_upload", methods=["POST"])

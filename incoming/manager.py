@@ -1,7 +1,8 @@
 """What happens to uploads over time: chunks stored, handover, cancellation, expiry.
 
 The one place that combines the pure rules (`uploads`) with disk (`storage`),
-the backend (`handover`) and the clock.
+the backend (`handover`) and the clock. Each change of an upload's phase is
+saved with its state, and `restore` picks every upload up again after a restart.
 """
 
 from __future__ import annotations
@@ -55,11 +56,57 @@ class UploadManager:
 
     # Tickets
 
-    def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
+    async def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
         upload = self.registry.create(signal_finish_url, backend_secret, remove)
         self._touch(upload)
+        try:
+            await self._save(upload)
+        except OSError:
+            self.registry.forget(upload)
+            self._idle.pop(upload.id).cancel()
+            raise
         log.info("upload {id} created; handover to {url}", id=upload.id, url=signal_finish_url)
         return upload
+
+    def _save(self, upload: Upload, sync: bool = False) -> Deferred[None]:
+        return self.storage.save_state(upload.id, upload.to_record(), sync)
+
+    def _save_soon(self, upload: Upload, sync: bool = False) -> Deferred[None]:
+        """Save, logging a failure; later disk work for this upload queues behind it."""
+
+        def failed(failure: Any) -> None:
+            log.error("upload {id}: cannot save state: {e}", id=upload.id, e=failure.value)
+
+        return self._save(upload, sync).addErrback(failed)
+
+    def restore(self) -> None:
+        """Take up every upload saved by an earlier run (at start-up)."""
+        now = self.clock.seconds()
+        for record, stored, present in self.storage.load():
+            try:
+                upload = Upload.from_record(record, stored)
+            except (KeyError, ValueError, TypeError) as e:
+                log.error("ignoring saved upload {r!r}: {e}", r=record.get("id"), e=e)
+                continue
+            self.registry.add(upload)
+            if upload.phase is Phase.HANDOVER and upload.length and not present:
+                # The backend took the file away: it answered, we died before saving that.
+                upload.finish()
+                self._save_soon(upload, sync=True)
+            self._arm_idle(upload, upload.idle_deadline - now)
+            log.info(
+                "upload {id} restored: {phase}, {n} of {length} bytes stored",
+                id=upload.id,
+                phase=upload.phase.value,
+                n=stored,
+                length=upload.length,
+            )
+            if upload.phase is Phase.HANDOVER or (
+                upload.phase is Phase.RECEIVING and upload.complete
+            ):
+                self._spawn(self._complete(upload))
+            elif upload.phase is Phase.AWAITING_FINISH:
+                self._arm_confirm(upload, (upload.confirm_deadline or now) - now)
 
     def lookup(self, upload_id: str) -> Upload:
         upload = self.registry.get(upload_id)
@@ -69,19 +116,27 @@ class UploadManager:
 
     def _touch(self, upload: Upload) -> None:
         """Restart the idle clock: it expires live uploads and forgets ended ones."""
+        self._arm_idle(upload, self.config.max_idle)
+
+    def _arm_idle(self, upload: Upload, delay: float) -> None:
+        delay = max(delay, 0)
+        upload.idle_deadline = self.clock.seconds() + delay
         timer = self._idle.get(upload.id)
         if timer is not None and timer.active():
-            timer.reset(self.config.max_idle)
+            timer.reset(delay)
         else:
-            self._idle[upload.id] = self.clock.callLater(
-                self.config.max_idle, self._idle_timeout, upload
-            )
+            self._idle[upload.id] = self.clock.callLater(delay, self._idle_timeout, upload)
+
+    def _arm_confirm(self, upload: Upload, delay: float) -> None:
+        delay = max(delay, 0)
+        upload.confirm_deadline = self.clock.seconds() + delay
+        self._confirm[upload.id] = self.clock.callLater(delay, self._confirm_timeout, upload)
 
     def _idle_timeout(self, upload: Upload) -> None:
         del self._idle[upload.id]
         if upload.phase.final:
             self.registry.forget(upload)
-            self.storage.forget(upload.id)
+            self._spawn(self._discard(upload))
         elif upload.phase is Phase.RECEIVING:
             log.info("upload {id} expired after {s:g} s idle", id=upload.id, s=self.config.max_idle)
             self._spawn(self._cancel(upload, f"upload idle for {self.config.max_idle:g} s"))
@@ -102,6 +157,7 @@ class UploadManager:
         resumed = upload.length is not None
         upload.connect(session, length, browser_name)
         self._touch(upload)
+        self._save_soon(upload)
         log.info(
             "upload {id} {how}: {name!r}, {n} bytes",
             id=upload.id,
@@ -127,6 +183,7 @@ class UploadManager:
     def disconnect(self, upload: Upload, session: Session, paused: bool) -> None:
         upload.disconnect(session)
         if not upload.phase.final:
+            self._save_soon(upload)  # keeps the idle deadline
             log.info(
                 "upload {id} {how} at {n} bytes",
                 id=upload.id,
@@ -164,8 +221,11 @@ class UploadManager:
     # Handover
 
     async def _complete(self, upload: Upload) -> None:
-        upload.start_handover()
-        log.info("upload {id} complete: {n} bytes stored", id=upload.id, n=upload.stored)
+        """Make the file final and hand it over (again, after a restart)."""
+        if upload.phase is Phase.RECEIVING:
+            upload.start_handover()
+            self._save_soon(upload)
+            log.info("upload {id} complete: {n} bytes stored", id=upload.id, n=upload.stored)
         try:
             path = await self.storage.complete(upload.id)
         except OSError as e:
@@ -184,10 +244,9 @@ class UploadManager:
             await self._finish(upload)
         else:
             upload.await_finish()
+            self._arm_confirm(upload, self.config.handover_confirm_timeout)
+            await self._save_soon(upload, sync=True)
             log.info("upload {id} handed over; backend asked to wait", id=upload.id)
-            self._confirm[upload.id] = self.clock.callLater(
-                self.config.handover_confirm_timeout, self._confirm_timeout, upload
-            )
 
     def _confirm_timeout(self, upload: Upload) -> None:
         self._confirm.pop(upload.id, None)
@@ -207,6 +266,7 @@ class UploadManager:
     async def _finish(self, upload: Upload) -> None:
         upload.finish()
         self._touch(upload)
+        await self._save_soon(upload, sync=True)  # durable before anybody hears of it
         if upload.remove_file_when_finished:
             await self._remove_file(upload)
         log.info("upload {id} handed over and finished", id=upload.id)
@@ -250,6 +310,7 @@ class UploadManager:
         if timer is not None and timer.active():
             timer.cancel()
         self._touch(upload)
+        self._save_soon(upload)
         log.info("upload {id} cancelled: {reason}", id=upload.id, reason=reason)
 
     async def _remove_file(self, upload: Upload) -> None:
@@ -258,10 +319,25 @@ class UploadManager:
         except OSError as e:
             log.error("upload {id}: cannot remove file: {e}", id=upload.id, e=e)
 
-    def stop(self) -> None:
-        """Cancel timers at shutdown; state on disk is left as it is."""
+    async def _discard(self, upload: Upload) -> None:
+        await self.storage.discard(upload.id)
+        self.storage.forget(upload.id)
+
+    async def shutdown(self) -> None:
+        """Stop timers, send browsers away (1001) and let queued disk work land.
+
+        Saved state stays as it is; `restore` carries on from it at the next start.
+        """
         for timer in [*self._idle.values(), *self._confirm.values()]:
             if timer.active():
                 timer.cancel()
         self._idle.clear()
         self._confirm.clear()
+        for upload in self.registry:
+            if upload.session is not None:
+                upload.session.going_away()
+        for upload in self.registry:
+            await self.storage.drain(upload.id)
+        for upload in self.registry:
+            if not upload.phase.final:
+                await self._save(upload)

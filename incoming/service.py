@@ -8,6 +8,7 @@ from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -23,18 +24,25 @@ from .websocket import WebSocketResource
 from .ws import UploadSession
 
 
-class ThreadPoolService(Service):
-    """Runs the disk-writing thread pool for as long as the service runs."""
+class UploadService(Service):
+    """Runs the uploads: restores saved ones at start; at stop, sends browsers away
+    (close code 1001), lets queued writes land, then stops the disk threads."""
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, manager: UploadManager, pool: ThreadPool) -> None:
+        self.manager = manager
         self.pool = pool
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        self.manager.restore()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self.manager.shutdown()
         self.pool.stop()
 
 
@@ -65,7 +73,7 @@ def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
     manager = build_manager(config, reactor, pool)
     top = MultiService()
-    ThreadPoolService(pool).setServiceParent(top)
+    UploadService(manager, pool).setServiceParent(top)
     site = build_site(manager, reactor)
     StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(
         top

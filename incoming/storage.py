@@ -1,11 +1,14 @@
 """Upload files on disk. Every disk call runs in a thread pool, in order per upload.
 
 A file is `<StorageDir>/<ticket>.part` while bytes arrive and `<StorageDir>/<ticket>`
-once complete and fsynced. Names come from the server's own ticket ids only.
+once complete and fsynced; `<StorageDir>/<ticket>.json` holds the upload's state,
+replaced atomically, so a restarted server carries on. Names come from the
+server's own ticket ids only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -15,10 +18,13 @@ from typing import TypeVar
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
+Record = dict[str, object]
+log = Logger()
 
 
 class Storage:
@@ -41,6 +47,32 @@ class Storage:
     def final_path(self, upload_id: str) -> Path:
         return self.root / _checked(upload_id)
 
+    def state_path(self, upload_id: str) -> Path:
+        return self.root / f"{_checked(upload_id)}.json"
+
+    def load(self) -> list[tuple[Record, int, bool]]:
+        """Each saved upload state, its bytes on disk, and whether it has a file at all.
+
+        Runs at start-up, before the reactor.
+        """
+        found = []
+        for stray in self.root.glob("*.json.tmp"):
+            stray.unlink()
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                upload_id = str(record["id"])
+                if path != self.state_path(upload_id):
+                    raise ValueError("file name does not match its id")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("ignoring unreadable upload state {path}: {e}", path=path, e=e)
+                continue
+            part, final = self.part_path(upload_id), self.final_path(upload_id)
+            on_disk = part if part.exists() else final
+            present = on_disk.exists()
+            found.append((record, on_disk.stat().st_size if present else 0, present))
+        return found
+
     def _run(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
         """Run `call(*args)` in the pool after every earlier call for this upload."""
         lock = self._locks.setdefault(upload_id, DeferredLock())
@@ -60,6 +92,14 @@ class Storage:
     def remove(self, upload_id: str) -> Deferred[None]:
         """Delete the upload's file, partial or complete, after queued writes."""
         return self._run(upload_id, self._remove, upload_id)
+
+    def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
+        """Replace the upload's state record atomically; `sync` also makes it durable."""
+        return self._run(upload_id, self._save_state, upload_id, record, sync)
+
+    def discard(self, upload_id: str) -> Deferred[None]:
+        """Delete everything stored for an upload that is being forgotten."""
+        return self._run(upload_id, self._discard, upload_id)
 
     def forget(self, upload_id: str) -> None:
         """Drop bookkeeping for an upload that will see no more calls."""
@@ -94,12 +134,14 @@ class Storage:
             view = view[written:]
 
     def _complete(self, upload_id: str) -> Path:
+        final = self.final_path(upload_id)
+        if final.exists() and not self.part_path(upload_id).exists():
+            return final  # completed before a restart
         fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
         try:
             os.fsync(fd)
         finally:
             self._close(upload_id)
-        final = self.final_path(upload_id)
         os.replace(self.part_path(upload_id), final)
         _fsync_dir(self.root)
         return final
@@ -108,6 +150,25 @@ class Storage:
         self._close(upload_id)
         for path in (self.part_path(upload_id), self.final_path(upload_id)):
             path.unlink(missing_ok=True)
+
+    def _save_state(self, upload_id: str, record: Record, sync: bool) -> None:
+        path = self.state_path(upload_id)
+        temporary = path.with_name(path.name + ".tmp")
+        data = json.dumps(record).encode("utf-8")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        if sync:
+            _fsync_dir(self.root)
+
+    def _discard(self, upload_id: str) -> None:
+        self._remove(upload_id)
+        self.state_path(upload_id).unlink(missing_ok=True)
 
 
 def _nothing() -> None:

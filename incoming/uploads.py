@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ErrorCode(enum.IntEnum):
@@ -66,6 +67,9 @@ class Session(Protocol):
 
     def upload_done(self) -> None: ...
 
+    def going_away(self) -> None:
+        """The server is shutting down; the browser should resume later."""
+
 
 @dataclass(eq=False)
 class Upload:
@@ -81,7 +85,35 @@ class Upload:
     received: int = 0  # bytes accepted from the browser (stored or being written)
     phase: Phase = Phase.RECEIVING
     cancel_reason: str = ""
+    idle_deadline: float = 0.0  # clock time when an idle upload expires (or is forgotten)
+    confirm_deadline: float | None = None  # clock time by which finish_upload must come
     session: Session | None = field(default=None, repr=False)
+
+    _RECORDED = (
+        "id",
+        "signal_finish_url",
+        "backend_secret",
+        "remove_file_when_finished",
+        "length",
+        "browser_name",
+        "cancel_reason",
+        "idle_deadline",
+        "confirm_deadline",
+    )
+
+    def to_record(self) -> dict[str, Any]:
+        """What survives a restart; the stored byte count is read from the file itself."""
+        record = {name: getattr(self, name) for name in self._RECORDED}
+        record["phase"] = self.phase.value
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], stored: int) -> Upload:
+        values = {name: record[name] for name in cls._RECORDED}
+        upload = cls(**values, phase=Phase(record["phase"]), stored=stored, received=stored)
+        if upload.length is not None and stored > upload.length:
+            raise ValueError(f"{stored} bytes stored for a {upload.length}-byte upload")
+        return upload
 
     @property
     def complete(self) -> bool:
@@ -186,13 +218,16 @@ class Registry:
         self._uploads[upload.id] = upload
         return upload
 
+    def add(self, upload: Upload) -> None:
+        self._uploads[upload.id] = upload
+
     def get(self, upload_id: str) -> Upload | None:
         return self._uploads.get(upload_id)
 
     def forget(self, upload: Upload) -> None:
         self._uploads.pop(upload.id, None)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Upload]:
         return iter(list(self._uploads.values()))
 
     def __len__(self) -> int:

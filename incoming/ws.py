@@ -93,6 +93,9 @@ class UploadSession:
         self._send("MsgAllDone", Success=True)
         self._close(websocket.NORMAL)
 
+    def going_away(self) -> None:
+        self._close(websocket.GOING_AWAY)
+
     # Messages
 
     def _dispatch(self, msg_type: str, data: dict[str, Any]) -> None:

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import ensureDeferred
 
 from incoming.config import Config
 
@@ -40,5 +43,14 @@ async def server(config: Config) -> AsyncIterator[Server]:
     await port.stopListening()
     for d in list(s.manager.running):
         await d
-    s.manager.stop()
+    await ensureDeferred(s.manager.shutdown())
     pool.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def stopper() -> AsyncIterator[list[Any]]:
+    processes: list[Any] = []
+    yield processes
+    for process in processes:  # only if a test failed before stopping its own
+        if process.pid is not None:
+            process.signalProcess(signal.SIGKILL)

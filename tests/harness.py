@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 from twisted.web.websocket import WebSocketClientEndpoint, WebSocketTransport
@@ -21,6 +26,9 @@ from incoming.config import Config
 from incoming.manager import UploadManager
 from incoming.service import build_manager, build_site
 from incoming.storage import Storage
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Backend:
     port: int = 0
     app: Klein = field(default_factory=Klein)
     answers: list[tuple[int, bytes]] = field(default_factory=list)  # used first, in order
+    hold: bool = False  # never answer: the handover hangs until the server gives up or dies
 
     def __post_init__(self) -> None:
         @self.app.route("/handover", methods=["POST"])
@@ -41,6 +50,8 @@ class Backend:
             fields = {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
             fields["_query"] = request.uri.decode().partition("?")[2]
             self.posts.put(fields)
+            if self.hold:
+                return Deferred()
             status, answer = self.answers.pop(0) if self.answers else (self.status, self.answer)
             request.setResponseCode(status)
             return answer
@@ -86,7 +97,8 @@ class Server:
                 await d
 
     def files(self) -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in self.storage_dir.iterdir()}
+        """Upload data in the storage directory (state records left out)."""
+        return {p.name: p.read_bytes() for p in self.storage_dir.iterdir() if p.suffix != ".json"}
 
 
 async def start_server(
@@ -99,6 +111,67 @@ async def start_server(
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(site)
     return Server(manager, port.getHost().port, config.storage_dir), port, pool
+
+
+class Daemon(ProcessProtocol):
+    """Watches twistd's log for the listening port, and for its exit."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def logged(self, pattern: bytes) -> Deferred[None]:
+        """Fires once the log has a line matching `pattern`."""
+        d: Deferred[None] = Deferred()
+        self._waiting.append((pattern, d))
+        self.outReceived(b"")
+        return d
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = re.search(rb"IncomingSite starting on (\d+)", self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+        for pattern, d in list(self._waiting):
+            if re.search(pattern, self.output):
+                self._waiting.remove((pattern, d))
+                d.callback(None)
+
+    errReceived = outReceived
+
+    def kill(self, process: Any) -> Deferred[tuple[int | None, int | None]]:
+        process.signalProcess(signal.SIGKILL)
+        return self.ended
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+async def run_daemon(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[Daemon, Any, int]:
+    daemon = Daemon()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        daemon,
+        TWISTD,
+        [TWISTD, "-n", "--pidfile=", *args],
+        env=environment,
+        path=str(cwd),
+    )
+    port = await daemon.listening
+    return daemon, process, port
+
+
+async def stop_daemon(daemon: Daemon, process: Any) -> None:
+    """SIGTERM: twistd shuts down cleanly, then re-raises the signal as its exit status."""
+    process.signalProcess(signal.SIGTERM)
+    assert await daemon.ended == (None, signal.SIGTERM)
+    assert b"Server Shut Down." in daemon.output
 
 
 class Client:

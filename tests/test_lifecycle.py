@@ -70,6 +70,10 @@ def make_manager(
     return UploadManager(config, Registry(), storage, backend, clock), clock  # type: ignore[arg-type]
 
 
+def data_files(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.suffix != ".json"]
+
+
 async def settle(manager: UploadManager) -> None:
     while manager.running:
         for d in list(manager.running):
@@ -80,7 +84,7 @@ async def settle(manager: UploadManager) -> None:
 async def test_idle_upload_expires_then_is_forgotten(tmp_path: Path, pool: ThreadPool) -> None:
     backend = RecordingBackend()
     manager, clock = make_manager(tmp_path, pool, backend)
-    upload = manager.create("http://b/h", "", True)
+    upload = await ensureDeferred(manager.create("http://b/h", "", True))
     session = Session()
     manager.connect(upload.id, session, 10, "n")
     await manager.receive_chunk(upload, b"12345")
@@ -95,7 +99,7 @@ async def test_idle_upload_expires_then_is_forgotten(tmp_path: Path, pool: Threa
     assert upload.phase is Phase.CANCELLED
     assert session.events == [("cancelled", "upload idle for 100 s")]
     assert backend.cancel_notices == [(upload.id, "upload idle for 100 s")]
-    assert list(tmp_path.iterdir()) == []
+    assert data_files(tmp_path) == []
     assert manager.registry.get(upload.id) is upload  # still known (412) until the next timeout
     clock.advance(100)
     assert manager.registry.get(upload.id) is None
@@ -107,7 +111,7 @@ async def test_wait_without_finish_upload_fails_at_confirm_timeout(
 ) -> None:
     backend = RecordingBackend("wait")
     manager, clock = make_manager(tmp_path, pool, backend)
-    upload = manager.create("http://b/h", "", False)
+    upload = await ensureDeferred(manager.create("http://b/h", "", False))
     session = Session()
     manager.connect(upload.id, session, 3, "n")
     await manager.receive_chunk(upload, b"abc")
@@ -121,7 +125,7 @@ async def test_wait_without_finish_upload_fails_at_confirm_timeout(
     assert upload.phase is Phase.CANCELLED
     assert session.events[0][:2] == ("failed", ErrorCode.HANDOVER_FAILED)
     assert "finish_upload within 30 s" in session.events[0][2]
-    assert backend.cancel_notices and list(tmp_path.iterdir()) == []
+    assert backend.cancel_notices and data_files(tmp_path) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -130,7 +134,7 @@ async def test_finish_upload_in_time_cancels_the_confirm_timer(
 ) -> None:
     backend = RecordingBackend("wait")
     manager, clock = make_manager(tmp_path, pool, backend)
-    upload = manager.create("http://b/h", "", False)
+    upload = await ensureDeferred(manager.create("http://b/h", "", False))
     session = Session()
     manager.connect(upload.id, session, 0, "empty")
     manager.start_if_complete(upload)
@@ -159,7 +163,7 @@ async def full_server(config: Config) -> AsyncIterator[Server]:
     yield s
     await port.stopListening()
     await s.settled()
-    s.manager.stop()
+    await ensureDeferred(s.manager.shutdown())
     pool.stop()
 
 

@@ -4,59 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 
-from .harness import Backend, Server, send_all, upload_request
-
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).parent / "twistd")
-
-
-class Daemon(ProcessProtocol):
-    """Watches twistd's log for the listening port, and for its exit."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"IncomingSite starting on (\d+)", self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(self.output.decode(errors="replace")))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-
-async def run_daemon(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None
-) -> tuple[Daemon, Any, int]:
-    daemon = Daemon()
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    process = reactor.spawnProcess(  # type: ignore[attr-defined]
-        daemon,
-        TWISTD,
-        [TWISTD, "-n", "--pidfile=", *args],
-        env=environment,
-        path=str(cwd),
-    )
-    port = await daemon.listening
-    return daemon, process, port
+from .harness import ROOT, Backend, Server, run_daemon, send_all, stop_daemon, upload_request
 
 
 async def upload_through(port: int, storage: Path, backend: Backend) -> None:
@@ -71,22 +24,6 @@ async def upload_through(port: int, storage: Path, backend: Backend) -> None:
     assert post["filename"] == str(storage / ticket)
     await client.expect("MsgAllDone")
     assert (storage / ticket).read_bytes() == data
-
-
-async def stop(daemon: Daemon, process: Any) -> None:
-    """SIGTERM: twistd shuts down cleanly, then re-raises the signal as its exit status."""
-    process.signalProcess(signal.SIGTERM)
-    assert await daemon.ended == (None, signal.SIGTERM)
-    assert b"Server Shut Down." in daemon.output
-
-
-@pytest_twisted.async_yield_fixture
-async def stopper() -> AsyncIterator[list[Any]]:
-    processes: list[Any] = []
-    yield processes
-    for process in processes:  # only if a test failed before stopping its own
-        if process.pid is not None:
-            process.signalProcess(signal.SIGKILL)
 
 
 @pytest_twisted.ensureDeferred
@@ -111,7 +48,7 @@ async def test_twistd_plugin_serves_an_upload(
     stopper.append(process)
     await upload_through(port, storage, backend)
     assert (tmp_path / "store" / "keep.txt").read_text() == "not wiped"
-    await stop(daemon, process)
+    await stop_daemon(daemon, process)
     log = daemon.output.decode()
     for event in ("created", "connected", "complete", "handed over and finished"):
         assert re.search(rf"upload [0-9a-f-]{{36}} .*{event}", log), event
@@ -138,4 +75,4 @@ async def test_tac_file_reads_config_from_environment(
     stopper.append(process)
     assert port == free
     await upload_through(port, storage, backend)
-    await stop(daemon, process)
+    await stop_daemon(daemon, process)
