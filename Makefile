@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench chromium
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -18,7 +18,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check incoming twisted tests bench examples
 	$(VENV)/bin/mypy incoming
 
-test: lint
+# The browser tests drive Debian's chromium (never a downloaded browser build).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
+test: lint chromium
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

@@ -61,6 +61,6 @@ class Script(Resource):
         if since is None:
             return False
         try:
-            return bool(stringToDatetime(since.split(";")[0]) >= self.modified)
-        except ValueError:
-            return False
+            return bool(stringToDatetime(since.split(";")[0].encode()) >= self.modified)
+        except (ValueError, IndexError, KeyError, UnicodeError):
+            return False  # a malformed date: send the script

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import treq
 from klein import Klein
 from twisted.internet import reactor, task, threads
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.server import Site
@@ -101,7 +102,7 @@ class Demo:
         )
         log.info("upload {id} stored as {t}", id=ticket, t=target.name)
         if self.handover == "wait":
-            task.deferLater(reactor, 0, self._finish, ticket)
+            task.deferLater(reactor, 0, lambda: ensureDeferred(self._finish(ticket)))
             return b"wait"
         self.secrets.pop(ticket, None)
         return b"done"
@@ -117,10 +118,17 @@ class Demo:
         return target
 
     async def _finish(self, ticket: str) -> None:
-        response = await treq.post(
-            f"{self.incoming}/incoming/backend/finish_upload",
-            data={"id": ticket, "backendSecret": self.secrets.pop(ticket, "")},
-        )
+        """Call finish_upload once Incoming!! has read our `wait` (412 until then)."""
+        secret = self.secrets.pop(ticket, "")
+        for _attempt in range(40):
+            response = await treq.post(
+                f"{self.incoming}/incoming/backend/finish_upload",
+                data={"id": ticket, "backendSecret": secret},
+            )
+            await response.content()
+            if response.code != 412:
+                break
+            await task.deferLater(reactor, 0.25, lambda: None)
         log.info("finish_upload {id}: {code}", id=ticket, code=response.code)
 
     def list_files(self, request: Any) -> bytes:
