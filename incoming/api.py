@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,49 +34,63 @@ class ApiError(Exception):
         self.message = message
 
 
-def route(app: Klein, path: str, **options: Any) -> Callable[[Any], Any]:
-    """Register a route under both URL prefixes."""
-
-    def register(handler: Any) -> Any:
-        for prefix in PREFIXES:
-            endpoint = f"{handler.__name__}:{prefix}"
-            app.route(prefix + path, endpoint=endpoint, **options)(handler)
-        return handler
-
-    return register
-
-
 class IncomingApi:
-    """Klein application; every collaborator comes in through the constructor."""
+    """The Klein application of one listener; it serves the routes of its roles.
 
-    app = Klein()
+    `backend`: the backend API, metrics and health. `frontend`: the browser
+    library and the WebSocket. One listener may have both roles.
+    """
 
     def __init__(
         self,
         manager: UploadManager,
-        script: IResource,
-        module: IResource,
-        upload_ws: IResource,
+        *,
+        backend: bool = True,
+        frontend: bool = True,
+        script: IResource | None = None,
+        module: IResource | None = None,
+        upload_ws: IResource | None = None,
+        handover_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.manager = manager
         self.script = script
         self.module = module
         self.upload_ws = upload_ws
+        self.handover_hosts = handover_hosts
+        self.app = app = Klein()
+        app.handle_errors(ApiError)(self.api_error)
+        if backend:
+            self._route("/backend/new_upload", self.new_upload, "POST")
+            self._route("/backend/cancel_upload", self.cancel_upload, "POST")
+            self._route("/backend/finish_upload", self.finish_upload, "POST")
+            app.route("/incoming/metrics", methods=["GET"])(self.metrics)
+            app.route("/incoming/health", methods=["GET"])(self.health)
+        if frontend:
+            assert script is not None and module is not None and upload_ws is not None
+            self._route("/frontend/incoming.js", lambda request: script, "GET", "HEAD")
+            self._route("/frontend/incoming.mjs", lambda request: module, "GET", "HEAD")
+            self._route("/frontend/upload_ws", lambda request: upload_ws, "GET")
 
-    @app.handle_errors(ApiError)
+    def _route(self, path: str, handler: Any, *methods: str) -> None:
+        """Register a route under both URL prefixes."""
+        for prefix in PREFIXES:
+            self.app.route(prefix + path, endpoint=prefix + path, methods=list(methods))(handler)
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
     def api_error(self, request: IRequest, failure: Any) -> bytes:
         error: ApiError = failure.value
         request.setResponseCode(error.status)
         request.setHeader("content-type", TEXT)
         return error.message.encode("utf-8")
 
-    @route(app, "/backend/new_upload", methods=["POST"])
     async def new_upload(self, request: IRequest) -> bytes:
         params = _params(request)
         url = params.get("signalFinishURL", "")
         if not url:
             raise ApiError(400, "signalFinishURL is required")
-        _check_url(url)
+        _check_url(url, self.handover_hosts)
         if (params.get("destType") or "file") != "file":
             raise ApiError(400, "destType must be 'file'")
         remove = _BOOLEANS.get(params.get("removeFileWhenFinished") or "true")
@@ -89,29 +102,22 @@ class IncomingApi:
             raise ApiError(507, "cannot store the upload's state; is the storage full?") from None
         return _ok(request, upload.id)
 
-    @route(app, "/backend/cancel_upload", methods=["POST"])
     async def cancel_upload(self, request: IRequest) -> bytes:
         upload = self._authorised(request)
         await _as_api_error(self.manager.cancel_by_backend(upload))
         return _ok(request, "ok")
 
-    @route(app, "/backend/finish_upload", methods=["POST"])
     async def finish_upload(self, request: IRequest) -> bytes:
         upload = self._authorised(request)
         await _as_api_error(self.manager.finish_upload(upload))
         return _ok(request, "ok")
 
-    @route(app, "/frontend/incoming.js", methods=["GET", "HEAD"])
-    def incoming_js(self, request: IRequest) -> IResource:
-        return self.script
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader("content-type", "text/plain; version=0.0.4; charset=utf-8")
+        return self.manager.metrics.render(self.manager.registry).encode()
 
-    @route(app, "/frontend/incoming.mjs", methods=["GET", "HEAD"])
-    def incoming_mjs(self, request: IRequest) -> IResource:
-        return self.module
-
-    @route(app, "/frontend/upload_ws", methods=["GET"])
-    def upload_ws_route(self, request: IRequest) -> IResource:
-        return self.upload_ws
+    def health(self, request: IRequest) -> bytes:
+        return _ok(request, "ok")
 
     def _authorised(self, request: IRequest) -> Upload:
         params = _params(request)
@@ -150,7 +156,7 @@ def _params(request: IRequest) -> dict[str, str]:
     return values
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str, allowed_hosts: frozenset[str]) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -162,6 +168,8 @@ def _check_url(url: str) -> None:
         raise ApiError(400, "signalFinishURL has no host")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise ApiError(400, "signalFinishURL contains whitespace or control characters")
+    if allowed_hosts and parts.hostname.lower() not in allowed_hosts:
+        raise ApiError(400, f"signalFinishURL host {parts.hostname!r} is not allowed")
 
 
 class CappedRequest(server.Request):

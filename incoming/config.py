@@ -26,6 +26,9 @@ class Config:
     ws_timeout: float = 58.0
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
+    backend_listen: str | None = None  # serve the backend API here only, not on `listen`
+    handover_hosts: frozenset[str] = frozenset()  # allowed signalFinishURL hosts; empty: any
+    allowed_origins: frozenset[str] = frozenset()  # allowed WebSocket Origins; empty: any
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -63,6 +66,15 @@ def _text(name: str, value: Any) -> str:
     return text
 
 
+def _names(name: str, value: Any) -> frozenset[str]:
+    """A comma-separated string (or a YAML list) of names, compared lower-cased."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = frozenset(str(item).strip().lower().rstrip("/") for item in items) - {""}
+    if not names:
+        raise usage.UsageError(f"{name}: give at least one name")
+    return names
+
+
 # field name -> (command-line option, YAML key, parser)
 _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "listen": ("listen", None, _text),
@@ -77,6 +89,9 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
         "HandoverConfirmTimeoutS",
         _seconds,
     ),
+    "backend_listen": ("backend-listen", "BackendListen", _text),
+    "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
+    "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
 }
 
 
@@ -128,6 +143,20 @@ class Options(usage.Options):
             None,
             None,
             "Seconds to wait for finish_upload after a 'wait' [600]",
+        ],
+        [
+            "backend-listen",
+            None,
+            None,
+            "Endpoint for the backend API, metrics and health; they then leave --listen",
+        ],
+        ["handover-hosts", None, None, "Comma-separated hosts allowed in signalFinishURL [any]"],
+        [
+            "allowed-origins",
+            None,
+            None,
+            "Comma-separated Origins allowed to open upload WebSockets, e.g. "
+            "https://app.example.com [any]",
         ],
     ]
 

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
+from .metrics import Metrics
 from .uploads import Upload
 
 log = Logger()
@@ -59,13 +60,23 @@ def form_fields(upload: Upload, filename: str, cancel_reason: str | None) -> dic
 class Backend:
     """Talks to backends on behalf of uploads."""
 
-    def __init__(self, http: Any, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self, http: Any, clock: IReactorTime, timeout: float, metrics: Metrics | None = None
+    ) -> None:
         self._http = http
         self._clock = clock
         self.timeout = timeout
+        self.metrics = metrics or Metrics()
 
     async def hand_over(self, upload: Upload, filename: str) -> str:
         """POST until the backend answers `done` or `wait` (returned), or raise."""
+        try:
+            return await self._hand_over(upload, filename)
+        except HandoverFailed:
+            self.metrics.handover_failures += 1
+            raise
+
+    async def _hand_over(self, upload: Upload, filename: str) -> str:
         deadline = self._clock.seconds() + self.timeout
         delay = FIRST_RETRY_DELAY
         attempt = 0
@@ -87,6 +98,7 @@ class Backend:
                 delay = min(delay * 2, MAX_RETRY_DELAY)
 
     async def _attempt(self, upload: Upload, filename: str, timeout: float) -> str:
+        self.metrics.handover_attempts += 1
         try:
             response = await self._post(upload, filename, None, timeout)
             if response.code >= 500:

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from .config import Config
 from .handover import Backend, HandoverFailed
+from .metrics import Metrics
 from .storage import Buffer, Storage
 from .uploads import ErrorCode, Phase, Registry, Session, Upload, UploadError
 
@@ -32,12 +33,14 @@ class UploadManager:
         storage: Storage,
         backend: Backend,
         clock: IReactorTime,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.storage = storage
         self.backend = backend
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self._idle: dict[str, IDelayedCall] = {}
         self._confirm: dict[str, IDelayedCall] = {}
         self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
@@ -203,9 +206,12 @@ class UploadManager:
                 self._spawn(self._fail(upload, e.code, e.message))
             raise
         self._touch(upload)
+        self.metrics.bytes_received += len(data)
+        arrived = self.clock.seconds()
         d = self.storage.write(upload.id, offset, data)
 
         def stored(_: None) -> None:
+            self.metrics.observe_write(self.clock.seconds() - arrived)
             upload.chunk_stored(len(data))
             if upload.phase is Phase.RECEIVING and upload.complete:
                 self._spawn(self._complete(upload))

@@ -18,6 +18,7 @@ from .config import Config
 from .frontend import Script
 from .handover import Backend
 from .manager import UploadManager
+from .metrics import Metrics
 from .storage import Storage
 from .uploads import Registry
 from .websocket import WebSocketResource
@@ -54,19 +55,35 @@ def handover_client(reactor: Any) -> HTTPClient:
 def build_manager(
     config: Config, reactor: Any, pool: ThreadPool, storage_class: type[Storage] = Storage
 ) -> UploadManager:
+    metrics = Metrics()
     storage = storage_class(config.storage_dir, reactor, pool)
     storage.prepare()
-    backend = Backend(handover_client(reactor), reactor, config.handover_timeout)
-    return UploadManager(config, Registry(), storage, backend, reactor)
+    backend = Backend(handover_client(reactor), reactor, config.handover_timeout, metrics)
+    return UploadManager(config, Registry(), storage, backend, reactor, metrics)
 
 
-def build_site(manager: UploadManager, reactor: Any) -> IncomingSite:
+def build_site(
+    manager: UploadManager, reactor: Any, backend: bool = True, frontend: bool = True
+) -> IncomingSite:
+    """The HTTP site of one listener, serving the given roles."""
     config = manager.config
     upload_ws = WebSocketResource(
-        lambda request: UploadSession(manager), reactor, config.ws_timeout, config.chunk_size
+        lambda request: UploadSession(manager),
+        reactor,
+        config.ws_timeout,
+        config.chunk_size,
+        config.allowed_origins,
     )
-    api = IncomingApi(manager, Script.library(), Script.library(module=True), upload_ws)
-    return IncomingSite(api.app.resource(), config.max_body_bytes, timeout=config.ws_timeout)
+    api = IncomingApi(
+        manager,
+        backend=backend,
+        frontend=frontend,
+        script=Script.library(),
+        module=Script.library(module=True),
+        upload_ws=upload_ws,
+        handover_hosts=config.handover_hosts,
+    )
+    return IncomingSite(api.resource(), config.max_body_bytes, timeout=config.ws_timeout)
 
 
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:
@@ -74,8 +91,10 @@ def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     manager = build_manager(config, reactor, pool)
     top = MultiService()
     UploadService(manager, pool).setServiceParent(top)
-    site = build_site(manager, reactor)
-    StreamServerEndpointService(serverFromString(reactor, config.listen), site).setServiceParent(
-        top
-    )
+    separate = config.backend_listen is not None
+    listeners = [(config.listen, build_site(manager, reactor, backend=not separate))]
+    if config.backend_listen is not None:
+        listeners.append((config.backend_listen, build_site(manager, reactor, frontend=False)))
+    for endpoint, site in listeners:
+        StreamServerEndpointService(serverFromString(reactor, endpoint), site).setServiceParent(top)
     return top

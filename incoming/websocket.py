@@ -295,12 +295,14 @@ class WebSocketResource(Resource):
         clock: IReactorTime,
         timeout: float,
         max_binary: int,
+        allowed_origins: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self._make_handler = make_handler
         self._clock = clock
         self._timeout = timeout
         self._max_binary = max_binary
+        self._allowed_origins = allowed_origins
 
     def render_GET(self, request: Request) -> bytes | int:
         header = request.getHeader
@@ -317,6 +319,17 @@ class WebSocketResource(Resource):
             return b"WebSocket version 13 required"
         elif not _valid_key(key):
             problem = "bad Sec-WebSocket-Key"
+        # Browsers always send Origin; other clients can claim any, so only browsers are bound.
+        origin = (header("origin") or "").lower().rstrip("/")
+        if (
+            problem is None
+            and origin
+            and self._allowed_origins
+            and origin not in self._allowed_origins
+        ):
+            request.setResponseCode(403)
+            request.setHeader("content-type", "text/plain; charset=utf-8")
+            return b"this Origin may not upload here"
         if problem is not None:
             request.setResponseCode(400)
             request.setHeader("content-type", "text/plain; charset=utf-8")

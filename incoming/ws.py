@@ -48,8 +48,10 @@ class UploadSession:
 
     def connected(self, connection: websocket.WebSocketConnection) -> None:
         self.connection = connection
+        self.manager.metrics.connections += 1
 
     def connection_lost(self) -> None:
+        self.manager.metrics.connections -= 1
         self.stage = Stage.ENDED
         if self.upload is not None:
             self.manager.disconnect(self.upload, self, self.paused)

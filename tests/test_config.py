@@ -124,3 +124,19 @@ def test_bad_yaml_is_a_usage_error(tmp_path: Path, text: str, named: str) -> Non
 def test_missing_yaml_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError, match="cannot read"):
         parse("--config", str(tmp_path / "nope.yaml"))
+
+
+def test_deployment_options_from_command_line_and_yaml(tmp_path: Path) -> None:
+    config = parse(
+        "--backend-listen", "unix:/run/incoming.sock", "--handover-hosts", "App.example, b.example",
+        "--allowed-origins", "https://app.example/",
+    )  # fmt: skip
+    assert config.backend_listen == "unix:/run/incoming.sock"
+    assert config.handover_hosts == frozenset({"app.example", "b.example"})
+    assert config.allowed_origins == frozenset({"https://app.example"})
+    path = tmp_path / "c.yaml"
+    path.write_text("BackendListen: tcp:4001\nHandoverHosts: [a.example]\n")
+    config = parse("--config", str(path))
+    assert (config.backend_listen, config.handover_hosts) == ("tcp:4001", frozenset({"a.example"}))
+    with pytest.raises(usage.UsageError, match="--handover-hosts"):
+        parse("--handover-hosts", " , ")
