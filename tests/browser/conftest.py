@@ -108,7 +108,11 @@ class Incoming:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.output = Output(self.process)
-        self.output.wait_for(rb"IncomingSite starting on")
+        try:
+            self.output.wait_for(rb"IncomingSite starting on")
+        except RuntimeError:
+            stop(self.process, signal.SIGKILL)
+            raise
 
     def kill(self) -> None:
         assert self.process is not None
@@ -159,7 +163,11 @@ def demo(tmp_path: Path, incoming: Incoming, handover_mode: str) -> Iterator[Dem
          "--files", str(tmp_path / "received"), "--handover", handover_mode],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    Output(process).wait_for(rb"demo listening on")
+    try:
+        Output(process).wait_for(rb"demo listening on")
+    except RuntimeError:
+        stop(process, signal.SIGKILL)
+        raise
     yield Demo(port, tmp_path / "received", process)
     stop(process)
 
