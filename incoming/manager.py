@@ -63,7 +63,7 @@ class UploadManager:
         upload = self.registry.create(signal_finish_url, backend_secret, remove)
         self._touch(upload)
         try:
-            await self._save(upload)
+            await self.storage.record_ticket(upload.id, upload.to_record())
         except OSError:
             self.registry.forget(upload)
             self._idle.pop(upload.id).cancel()

@@ -21,6 +21,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from .journal import TicketJournal
+
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
 Record = dict[str, object]
@@ -36,6 +38,7 @@ class Storage:
         self._pool = pool
         self._locks: dict[str, DeferredLock] = {}
         self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
+        self.journal = TicketJournal(self.root / "tickets.journal", reactor, pool)
 
     def prepare(self) -> None:
         """Create the storage directory (at start-up, before the reactor runs)."""
@@ -55,9 +58,9 @@ class Storage:
 
         Runs at start-up, before the reactor.
         """
-        found = []
         for stray in self.root.glob("*.json.tmp"):
             stray.unlink()
+        records = self.journal.load()
         for path in sorted(self.root.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -66,6 +69,15 @@ class Storage:
                     raise ValueError("file name does not match its id")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.error("ignoring unreadable upload state {path}: {e}", path=path, e=e)
+                continue
+            records[upload_id] = record
+            self.journal.superseded(upload_id)
+        found = []
+        for upload_id, record in records.items():
+            try:
+                _checked(upload_id)
+            except ValueError:
+                log.error("ignoring a record with a bad id {id!r}", id=upload_id)
                 continue
             part, final = self.part_path(upload_id), self.final_path(upload_id)
             on_disk = part if part.exists() else final
@@ -93,13 +105,23 @@ class Storage:
         """Delete the upload's file, partial or complete, after queued writes."""
         return self._run(upload_id, self._remove, upload_id)
 
+    def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
+        """Save a new ticket's first record (in the journal; see `journal`)."""
+        return self.journal.append(upload_id, record)
+
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
         """Replace the upload's state record atomically; `sync` also makes it durable."""
-        return self._run(upload_id, self._save_state, upload_id, record, sync)
+        d = self._run(upload_id, self._save_state, upload_id, record, sync)
 
-    def discard(self, upload_id: str) -> Deferred[None]:
+        def saved(_: None) -> None:
+            self.journal.superseded(upload_id)
+
+        return d.addCallback(saved)
+
+    async def discard(self, upload_id: str) -> None:
         """Delete everything stored for an upload that is being forgotten."""
-        return self._run(upload_id, self._discard, upload_id)
+        await self.journal.forget(upload_id)  # first: a crash must not bring back the ticket
+        await self._run(upload_id, self._discard, upload_id)
 
     def forget(self, upload_id: str) -> None:
         """Drop bookkeeping for an upload that will see no more calls."""

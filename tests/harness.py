@@ -98,7 +98,11 @@ class Server:
 
     def files(self) -> dict[str, bytes]:
         """Upload data in the storage directory (state records left out)."""
-        return {p.name: p.read_bytes() for p in self.storage_dir.iterdir() if p.suffix != ".json"}
+        return {
+            p.name: p.read_bytes()
+            for p in self.storage_dir.iterdir()
+            if p.suffix not in (".json", ".journal")
+        }
 
 
 async def start_server(

@@ -71,7 +71,7 @@ def make_manager(
 
 
 def data_files(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if p.suffix != ".json"]
+    return [p for p in path.iterdir() if p.suffix not in (".json", ".journal")]
 
 
 async def settle(manager: UploadManager) -> None:

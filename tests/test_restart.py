@@ -207,3 +207,23 @@ async def test_sigterm_sends_browsers_away_with_1001_and_keeps_the_upload(
     await resumed.expect("MsgAllDone")
     assert (storage / ticket).read_bytes() == data
     await stop_daemon(daemon, process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_right_after_ticket_creation_keeps_the_ticket(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start(storage, tmp_path, stopper)
+    tickets = [await server.new_upload(backend.url, backendSecret=f"k{i}") for i in range(5)]
+    await daemon.kill(process)
+    daemon, process, server = await start(storage, tmp_path, stopper)
+    client, conf = await upload_request(server, tickets[3], 2)
+    assert conf["FilePos"] == 0
+    client.send("MsgAck", Ack=True)
+    client.send_chunk(b"ok")
+    await client.expect("MsgChunkAck")
+    post = await backend.posts.get()
+    assert (post["id"], post["backendSecret"]) == (tickets[3], "k3")
+    await client.expect("MsgAllDone")
+    await stop_daemon(daemon, process)

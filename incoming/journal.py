@@ -1,0 +1,137 @@
+"""New tickets, appended to one journal file in batches (group commit).
+
+Creating a state file per ticket costs about 0.55 ms of kernel time here; an
+append of many tickets at once costs a fraction of that per ticket. A ticket's
+journal line is the truth until the upload gets a state file of its own (at
+its first change); a tombstone line marks an upload that was forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+log = Logger()
+Record = dict[str, Any]
+COMPACT_AT_BYTES = 8 * 1024 * 1024
+
+
+class TicketJournal:
+    def __init__(
+        self,
+        path: Path,
+        reactor: IReactorFromThreads,
+        pool: ThreadPool,
+        compact_at: int = COMPACT_AT_BYTES,
+    ) -> None:
+        self.path = path
+        self.compact_at = compact_at
+        self._reactor = reactor
+        self._pool = pool
+        self._live: dict[str, bytes] = {}  # tickets whose only record is their journal line
+        self._pending: list[tuple[bytes, Deferred[None] | None]] = []
+        self._writing = False
+        self._size = 0
+        self._fd: int | None = None
+
+    def load(self) -> dict[str, Record]:
+        """Live journal records by id, and a compacted journal (at start-up)."""
+        records: dict[str, Record] = {}
+        lines: dict[str, bytes] = {}
+        if self.path.exists():
+            for line in self.path.read_bytes().splitlines():
+                try:
+                    entry = json.loads(line)
+                    if "forget" in entry:
+                        records.pop(entry["forget"], None)
+                        lines.pop(entry["forget"], None)
+                    else:
+                        records[entry["id"]] = entry
+                        lines[entry["id"]] = line + b"\n"
+                except (ValueError, KeyError, TypeError):
+                    log.error("ignoring a damaged line of {path}", path=self.path)
+        self._live = lines
+        self._rewrite()
+        return records
+
+    def append(self, upload_id: str, record: Record) -> Deferred[None]:
+        """Fires once the ticket's record is in the journal."""
+        line = json.dumps(record).encode("utf-8") + b"\n"
+        self._live[upload_id] = line
+        d: Deferred[None] = Deferred()
+        self._queue(line, d)
+        return d
+
+    def superseded(self, upload_id: str) -> None:
+        """The upload has a state file now; its journal line can go at the next compaction."""
+        self._live.pop(upload_id, None)
+
+    def forget(self, upload_id: str) -> Deferred[None]:
+        """Mark the ticket as gone, so a restart does not bring back its journal line."""
+        self._live.pop(upload_id, None)
+        d: Deferred[None] = Deferred()
+        self._queue(json.dumps({"forget": upload_id}).encode() + b"\n", d)
+        return d
+
+    def _queue(self, line: bytes, d: Deferred[None] | None) -> None:
+        self._pending.append((line, d))
+        if not self._writing:
+            self._write_batch()
+
+    def _write_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._writing = True
+        compact = self._size > self.compact_at
+        data = b"".join(line for line, _ in batch)
+        live = b"".join(self._live.values()) if compact else b""
+        work = deferToThreadPool(self._reactor, self._pool, self._write, data, compact, live)
+
+        def done(result: None | Failure) -> None:
+            for _, d in batch:
+                if d is not None:
+                    d.errback(result) if isinstance(result, Failure) else d.callback(None)
+            self._writing = False
+            if self._pending:
+                self._write_batch()
+
+        work.addBoth(done)
+
+    # In pool threads (one batch at a time):
+
+    def _write(self, data: bytes, compact: bool, live: bytes) -> None:
+        if compact:  # `live` already holds this batch's tickets; tombstones are moot
+            self._rewrite(live)
+            return
+        if self._fd is None:
+            self._fd = os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+            )
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._size += len(data)
+
+    def _rewrite(self, live: bytes | None = None) -> None:
+        """Replace the journal by one holding only the live tickets."""
+        data = b"".join(self._live.values()) if live is None else live
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._size = len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
