@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 from twisted.web.websocket import WebSocketClientEndpoint, WebSocketTransport
+from wsproto.utilities import LocalProtocolError
 
 from incoming.config import Config
 from incoming.manager import UploadManager
@@ -210,16 +212,17 @@ class Client:
     # test helpers
 
     def send(self, msg_type: str, **data: Any) -> None:
-        assert self.transport is not None
-        self.transport.sendTextMessage(json.dumps({"MsgType": msg_type, "MsgData": data}))
+        self.send_raw(json.dumps({"MsgType": msg_type, "MsgData": data}))
 
     def send_raw(self, text: str) -> None:
         assert self.transport is not None
-        self.transport.sendTextMessage(text)
+        with contextlib.suppress(LocalProtocolError):  # closed: dropped, as a browser would
+            self.transport.sendTextMessage(text)
 
     def send_chunk(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.sendBytesMessage(data)
+        with contextlib.suppress(LocalProtocolError):
+            self.transport.sendBytesMessage(data)
 
     async def next(self) -> Any:
         """The next message; None once the connection is closed."""
@@ -239,8 +242,9 @@ class Client:
         return data
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
+        if self.transport is not None and not self.closed.called:
+            with contextlib.suppress(LocalProtocolError):  # the server's close came first
+                self.transport.loseConnection()
 
 
 class _Factory:
