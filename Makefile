@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench chromium
+.PHONY: run test lint bench load chromium
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -27,3 +27,6 @@ test: lint chromium
 
 bench: $(VENV)/.installed
 	$(PY) bench/upload_bench.py
+
+load: $(VENV)/.installed
+	cd bench && ../$(PY) load.py
