@@ -29,4 +29,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/upload_bench.py
 
 load: $(VENV)/.installed
-	cd bench && ../$(PY) load.py
+	cd bench && $(abspath $(PY)) load.py

@@ -227,8 +227,12 @@ class IncomingSite(server.Site):
     requestFactory = CappedRequest
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, max_body: int, timeout: float) -> None:
-        super().__init__(resource, timeout=timeout, parsePOSTFormSubmission=False)
+    def __init__(
+        self, resource: IResource, max_body: int, timeout: float, reactor: Any = None
+    ) -> None:
+        # `timeout` drops connections idle before or between requests (slowloris);
+        # upgraded WebSockets have their own ping timeout.
+        super().__init__(resource, timeout=timeout, parsePOSTFormSubmission=False, reactor=reactor)
         self.max_body = max_body
 
     def log(self, request: http.Request) -> None:

@@ -83,7 +83,7 @@ def build_site(
         upload_ws=upload_ws,
         handover_hosts=config.handover_hosts,
     )
-    return IncomingSite(api.resource(), config.max_body_bytes, timeout=config.ws_timeout)
+    return IncomingSite(api.resource(), config.max_body_bytes, config.ws_timeout, reactor)
 
 
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:

@@ -252,3 +252,25 @@ async def test_bad_upgrade_requests_are_refused(
 
     answer = await threads.deferToThread(talk)
     assert answer.split(b" ")[1] == status
+
+
+def test_half_sent_http_requests_are_dropped_at_the_timeout() -> None:
+    """Slowloris: a connection that never finishes its request does not stay forever."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web.resource import Resource
+
+    from incoming.api import IncomingSite
+
+    clock = Clock()
+    site = IncomingSite(Resource(), max_body=1024, timeout=58, reactor=clock)
+    slow = [site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1000 + n)) for n in range(100)]
+    transports = []
+    for channel in slow:
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /incoming/frontend/upload_ws HTTP/1.1\r\nHost: x\r\nX-")
+        transports.append(transport)
+    clock.advance(57)
+    assert not any(t.disconnecting for t in transports)
+    clock.advance(1)
+    assert all(t.disconnecting for t in transports)
