@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import ensureDeferred
+from twisted.python.threadpool import ThreadPool
 
 from incoming.config import Config
 
@@ -26,6 +27,15 @@ def config(tmp_path: Path) -> Config:
         send_ahead=SEND_AHEAD,
         handover_timeout=5,
     )
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPool]:
+    """A small disk thread pool for tests that build storage themselves."""
+    threads = ThreadPool(minthreads=1, maxthreads=2)
+    threads.start()
+    yield threads
+    threads.stop()
 
 
 @pytest_twisted.async_yield_fixture

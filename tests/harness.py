@@ -271,6 +271,27 @@ async def upload_request(
     return client, conf
 
 
+async def acked_upload(
+    server: Server, backend_url: str, length: int, **params: str
+) -> tuple[str, Client, dict[str, Any]]:
+    """A new ticket, connected and acknowledged: ready for chunks."""
+    ticket = await server.new_upload(backend_url, **params)
+    client, conf = await upload_request(server, ticket, length)
+    client.send("MsgAck", Ack=True)
+    return ticket, client, conf
+
+
+async def upload_small(
+    server: Server, backend_url: str, data: bytes, **params: str
+) -> tuple[str, Client]:
+    """A whole upload in one chunk, up to that chunk's MsgChunkAck."""
+    ticket, client, _ = await acked_upload(server, backend_url, len(data), **params)
+    if data:
+        client.send_chunk(data)
+        await client.expect("MsgChunkAck")
+    return ticket, client
+
+
 async def send_all(client: Client, data: bytes, chunk_size: int, send_ahead: int) -> None:
     """Send `data` in chunks within the send-ahead window, awaiting every ack."""
     offsets = range(0, len(data), chunk_size)

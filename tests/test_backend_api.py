@@ -13,7 +13,7 @@ from twisted.internet import threads
 
 from incoming.uploads import ErrorCode, Phase
 
-from .harness import Backend, Server, connect, send_all, upload_request
+from .harness import Backend, Server, connect, send_all, upload_request, upload_small
 
 PREFIXES = ["/incoming", "/incoming/0.1"]
 
@@ -163,11 +163,9 @@ async def test_finish_upload_is_412_unless_waiting(server: Server, backend: Back
 @pytest_twisted.ensureDeferred
 async def test_wait_then_finish_upload(server: Server, backend: Backend, remove: str) -> None:
     backend.answer = b"wait"
-    ticket = await server.new_upload(backend.url, backendSecret="k", removeFileWhenFinished=remove)
-    client, _ = await upload_request(server, ticket, 5)
-    client.send("MsgAck", Ack=True)
-    client.send_chunk(b"hello")
-    await client.expect("MsgChunkAck")
+    ticket, client = await upload_small(
+        server, backend.url, b"hello", backendSecret="k", removeFileWhenFinished=remove
+    )
     post_fields = await backend.posts.get()
     assert post_fields["cancelled"] == "no"
     await server.settled()

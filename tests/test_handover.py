@@ -26,7 +26,7 @@ from incoming.handover import Backend as HandoverBackend
 from incoming.handover import HandoverFailed
 from incoming.uploads import ErrorCode, Upload
 
-from .harness import Backend, Server, upload_request
+from .harness import Backend, Server, upload_request, upload_small
 
 
 class FakeResponse:
@@ -182,11 +182,7 @@ async def raw_backend() -> AsyncIterator[Any]:
 
 
 async def upload_and_expect_handover_error(server: Server, url: str) -> str:
-    ticket = await server.new_upload(url, removeFileWhenFinished="false")
-    client, _ = await upload_request(server, ticket, 3)
-    client.send("MsgAck", Ack=True)
-    client.send_chunk(b"abc")
-    await client.expect("MsgChunkAck")
+    ticket, client = await upload_small(server, url, b"abc", removeFileWhenFinished="false")
     data = await client.expect_error(ErrorCode.HANDOVER_FAILED)
     assert server.files() == {}  # even with removeFileWhenFinished=false
     await server.settled()
@@ -220,11 +216,9 @@ async def test_broken_answers_fail_the_handover_cleanly(
 @pytest_twisted.ensureDeferred
 async def test_chunked_done_is_accepted(server: Server, raw_backend: Any) -> None:
     Canned.answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndone\r\n0\r\n\r\n"
-    ticket = await server.new_upload(raw_backend.url, removeFileWhenFinished="false")
-    client, _ = await upload_request(server, ticket, 3)
-    client.send("MsgAck", Ack=True)
-    client.send_chunk(b"abc")
-    await client.expect("MsgChunkAck")
+    ticket, client = await upload_small(
+        server, raw_backend.url, b"abc", removeFileWhenFinished="false"
+    )
     await client.expect("MsgAllDone")
     assert server.files() == {ticket: b"abc"}
 
@@ -245,11 +239,7 @@ async def test_garbage_answer_cancels_and_notifies_backend(
 @pytest_twisted.ensureDeferred
 async def test_server_error_then_done_is_retried(server: Server, backend: Backend) -> None:
     backend.answers = [(500, b"oops"), (502, b"")]
-    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
-    client, _ = await upload_request(server, ticket, 1)
-    client.send("MsgAck", Ack=True)
-    client.send_chunk(b"z")
-    await client.expect("MsgChunkAck")
+    ticket, client = await upload_small(server, backend.url, b"z", removeFileWhenFinished="false")
     await client.expect("MsgAllDone")
     posts = [await backend.posts.get() for _ in range(3)]
     assert [p["cancelled"] for p in posts] == ["no", "no", "no"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_twisted
@@ -15,14 +14,6 @@ from incoming.journal import TicketJournal
 from incoming.storage import Storage
 
 IDS = [f"00000000-0000-4000-8000-{n:012d}" for n in range(40)]
-
-
-@pytest_twisted.async_yield_fixture
-async def pool() -> AsyncIterator[ThreadPool]:
-    p = ThreadPool(minthreads=1, maxthreads=2)
-    p.start()
-    yield p
-    p.stop()
 
 
 def lines(path: Path) -> list[dict[str, object]]:

@@ -53,14 +53,6 @@ class Session:
         self.events.append(("done",))
 
 
-@pytest_twisted.async_yield_fixture
-async def pool() -> AsyncIterator[ThreadPool]:
-    p = ThreadPool(minthreads=1, maxthreads=2)
-    p.start()
-    yield p
-    p.stop()
-
-
 def make_manager(
     tmp_path: Path, pool: ThreadPool, backend: RecordingBackend
 ) -> tuple[UploadManager, Clock]:

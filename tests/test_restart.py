@@ -22,6 +22,7 @@ from .harness import (
     send_all,
     stop_daemon,
     upload_request,
+    upload_small,
 )
 from .test_websocket import client_frame, handshake
 
@@ -113,11 +114,7 @@ async def test_sigkill_while_waiting_for_finish_upload(
     storage = tmp_path / "s"
     daemon, process, server = await start(storage, tmp_path, stopper)
     backend.answer = b"wait"
-    ticket = await server.new_upload(backend.url, backendSecret="k")
-    client, _ = await upload_request(server, ticket, 4)
-    client.send("MsgAck", Ack=True)
-    client.send_chunk(b"wxyz")
-    await client.expect("MsgChunkAck")
+    ticket, client = await upload_small(server, backend.url, b"wxyz", backendSecret="k")
     first = await backend.posts.get()
     assert (first["id"], first["cancelled"]) == (ticket, "no")
     await daemon.logged(rb"handed over; backend asked to wait")

@@ -11,7 +11,7 @@ import pytest_twisted
 from incoming.uploads import ErrorCode
 
 from .conftest import CHUNK_KB, SEND_AHEAD
-from .harness import Backend, Server, connect, send_all, upload_request
+from .harness import Backend, Server, acked_upload, connect, send_all, upload_request
 
 CHUNK = CHUNK_KB * 1024
 
@@ -46,13 +46,6 @@ async def test_upload_is_stored_and_handed_over(
     assert await client.next() is None
     assert server.files() == {ticket: data}
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
-
-
-async def acked_upload(server: Server, backend: Backend, length: int, **params: str):  # type: ignore[no-untyped-def]
-    ticket = await server.new_upload(backend.url, **params)
-    client, conf = await upload_request(server, ticket, length)
-    client.send("MsgAck", Ack=True)
-    return ticket, client, conf
 
 
 @pytest.mark.parametrize(
@@ -120,7 +113,7 @@ async def test_unknown_ticket(server: Server) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_finished_ticket_is_refused(server: Server, backend: Backend) -> None:
-    ticket, client, _ = await acked_upload(server, backend, 2)
+    ticket, client, _ = await acked_upload(server, backend.url, 2)
     client.send_chunk(b"ab")
     await client.expect("MsgChunkAck")
     await client.expect("MsgAllDone")
@@ -134,7 +127,7 @@ async def test_second_live_connection_is_refused_until_first_is_gone(
     server: Server, backend: Backend
 ) -> None:
     data = os.urandom(3 * CHUNK)
-    ticket, first, _ = await acked_upload(server, backend, len(data))
+    ticket, first, _ = await acked_upload(server, backend.url, len(data))
     first.send_chunk(data[:CHUNK])
     await first.expect("MsgChunkAck")
     second = await connect(server.ws_url())
@@ -159,7 +152,7 @@ async def test_resume_with_other_length_is_refused_and_upload_stays_resumable(
 ) -> None:
     data = os.urandom(2 * CHUNK)
     ticket, client, _ = await acked_upload(
-        server, backend, len(data), removeFileWhenFinished="false"
+        server, backend.url, len(data), removeFileWhenFinished="false"
     )
     client.send_chunk(data[:CHUNK])
     await client.expect("MsgChunkAck")
@@ -180,7 +173,7 @@ async def test_resume_with_other_length_is_refused_and_upload_stays_resumable(
 async def test_pause_then_resume_continues_at_file_pos(server: Server, backend: Backend) -> None:
     data = os.urandom(5 * CHUNK + 3)
     ticket, client, _ = await acked_upload(
-        server, backend, len(data), removeFileWhenFinished="false"
+        server, backend.url, len(data), removeFileWhenFinished="false"
     )
     await send_all(client, data[: 2 * CHUNK], CHUNK, SEND_AHEAD)
     client.send("MsgPause", Pause=True)
@@ -200,7 +193,7 @@ async def test_abrupt_disconnect_resumes_from_bytes_on_disk(
 ) -> None:
     data = os.urandom(6 * CHUNK)
     ticket, client, _ = await acked_upload(
-        server, backend, len(data), removeFileWhenFinished="false"
+        server, backend.url, len(data), removeFileWhenFinished="false"
     )
     for i in range(SEND_AHEAD):  # chunks in flight, then the line drops
         client.send_chunk(data[i * CHUNK : (i + 1) * CHUNK])
@@ -218,7 +211,7 @@ async def test_abrupt_disconnect_resumes_from_bytes_on_disk(
 
 @pytest_twisted.ensureDeferred
 async def test_chunk_past_length_cancels_upload(server: Server, backend: Backend) -> None:
-    ticket, client, _ = await acked_upload(server, backend, 10, backendSecret="k")
+    ticket, client, _ = await acked_upload(server, backend.url, 10, backendSecret="k")
     client.send_chunk(b"12345")
     await client.expect("MsgChunkAck")
     client.send_chunk(b"678901")
@@ -253,7 +246,7 @@ async def test_chunk_before_ack_and_too_many_chunks_ahead(server: Server, backen
 
 @pytest_twisted.ensureDeferred
 async def test_frontend_cancel(server: Server, backend: Backend) -> None:
-    ticket, client, _ = await acked_upload(server, backend, 3 * CHUNK)
+    ticket, client, _ = await acked_upload(server, backend.url, 3 * CHUNK)
     client.send_chunk(b"a" * CHUNK)
     await client.expect("MsgChunkAck")
     client.send("MsgCancel", Reason="user changed their mind")
@@ -272,7 +265,7 @@ async def test_connection_during_handover_gets_final_result(
     server: Server, backend: Backend
 ) -> None:
     backend.answer = b"wait"
-    ticket, client, _ = await acked_upload(server, backend, 4, backendSecret="k")
+    ticket, client, _ = await acked_upload(server, backend.url, 4, backendSecret="k")
     client.send_chunk(b"data")
     await client.expect("MsgChunkAck")
     await backend.posts.get()
