@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 log = Logger()
 
+READ_SIZE = 256 * 1024
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = (CONTINUATION, TEXT, BINARY)
@@ -115,6 +116,7 @@ class WebSocketConnection(TwistedProtocol):
         self._silence: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
         self._silence = self._clock.callLater(self._timeout / 2, self._on_silence)
         self.handler.connected(self)
 
