@@ -23,6 +23,7 @@ _BOOLEANS = {
 _STATUS_FOR = {
     ErrorCode.UNKNOWN_TICKET: 400,
     ErrorCode.TOO_LATE: 412,
+    ErrorCode.TICKET_CANCELLED: 412,
     ErrorCode.UNEXPECTED_MESSAGE: 412,
 }
 

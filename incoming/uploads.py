@@ -189,6 +189,8 @@ class Upload:
 
     def check_cancel(self) -> None:
         """May somebody other than the server itself cancel this upload now?"""
+        if self.phase is Phase.CANCELLED:
+            raise UploadError(ErrorCode.TICKET_CANCELLED, "this upload is already cancelled")
         if self.phase is not Phase.RECEIVING:
             raise UploadError(
                 ErrorCode.TOO_LATE, f"upload is {self.phase.value}; too late to cancel"

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import pytest_twisted
+import treq
 
 from incoming.uploads import ErrorCode
 
@@ -275,10 +276,26 @@ async def test_connection_during_handover_gets_final_result(
     late, conf = await upload_request(server, ticket, 4)
     assert conf["FilePos"] == 4
     late.send("MsgAck", Ack=True)
-    import treq
-
     response = await treq.post(
         f"{server.base}/backend/finish_upload", data={"id": ticket, "backendSecret": "k"}
     )
     assert response.code == 200
     assert await late.expect("MsgAllDone") == {"Success": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_of_an_upload_already_cancelled_says_so(
+    server: Server, backend: Backend
+) -> None:
+    ticket, client, _ = await acked_upload(server, backend.url, 10, backendSecret="k")
+    upload = server.manager.registry.get(ticket)
+    assert upload is not None
+    session = upload.session
+    upload.session = None  # the backend's cancel lands before the browser hears of it
+    response = await treq.post(
+        f"{server.base}/backend/cancel_upload", data={"id": ticket, "backendSecret": "k"}
+    )
+    assert response.code == 200
+    upload.session = session
+    client.send("MsgCancel", Reason="me too")
+    await client.expect_error(ErrorCode.TICKET_CANCELLED)
