@@ -62,8 +62,7 @@
     this._chunk_size = 0;
     this._send_ahead = 0;
     this._read_pos = 0; // next byte to read from the file
-    this._prefetched = null; // the next chunk, read while earlier ones are in flight
-    this._reading = false;
+    this._queue = []; // chunks being read or read, in file order, not yet sent
     this._retries = 0;
     this._retry_timer = null;
     this._cancel_reason = "";
@@ -198,7 +197,7 @@
     var ws;
     this._clear_retry();
     this._confirmed = false;
-    this._prefetched = null;
+    this._queue = [];
     this._s.chunks_tx_now = 0;
     this._s.chunks_acked_now = 0;
     this._s.state_msg = this._s.cancelling ? "Cancelling" : "Connecting";
@@ -253,7 +252,7 @@
     this._generation++;
     this._ws = null;
     this._confirmed = false;
-    this._prefetched = null;
+    this._queue = [];
     this._s.connected = false;
     if (ws) {
       try {
@@ -376,45 +375,43 @@
     this._notify("onerror");
   };
 
-  // Sending chunks: keep SendAhead chunks in flight, with the next one read ahead.
+  // Sending chunks: keep SendAhead chunks in flight, and up to SendAhead more being
+  // read from the file meanwhile (several reads at once are much faster in Chromium).
 
   P._pump = function () {
     var s = this._s;
     if (!this._confirmed || s.paused || s.cancelling || this._ended()) {
       return;
     }
-    while (this._prefetched && this.chunks_ahead < this._send_ahead) {
-      var chunk = this._prefetched;
-      this._prefetched = null;
+    while (this._queue.length && this._queue[0].buffer && this.chunks_ahead < this._send_ahead) {
+      var chunk = this._queue.shift().buffer;
       this._ws.send(chunk);
       s.bytes_tx += chunk.byteLength;
       s.chunks_tx_now++;
       this._notify("onprogress");
-      this._read_next();
     }
-    this._read_next();
+    while (this._queue.length < this._send_ahead && this._read_pos < s.bytes_total) {
+      var end = Math.min(this._read_pos + this._chunk_size, s.bytes_total);
+      this._read(this._read_pos, end);
+      this._read_pos = end;
+    }
   };
 
-  P._read_next = function () {
-    if (this._reading || this._prefetched || this._read_pos >= this._s.bytes_total) {
-      return;
-    }
+  P._read = function (start, end) {
     var self = this;
     var generation = this._generation;
-    var start = this._read_pos;
-    var end = Math.min(start + this._chunk_size, this._s.bytes_total);
-    this._reading = true;
+    var entry = { buffer: null };
+    this._queue.push(entry);
     read_blob(this._file.slice(start, end)).then(function (buffer) {
-      self._reading = false;
       if (generation !== self._generation) {
         return; // a new connection starts again from its FilePos
       }
-      self._read_pos = end;
-      self._prefetched = buffer;
+      entry.buffer = buffer;
       self._pump();
     }, function (e) {
-      self._reading = false;
-      self._fail(0, "cannot read the file: " + (e && e.message ? e.message : e));
+      if (generation === self._generation) {
+        self._fail(0, "cannot read the file: " + (e && e.message ? e.message : e));
+      }
     });
   };
 

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Browser upload throughput: incoming.js in headless Chromium against the real server.
+
+Times, inside the page, from `start()` to `onfinished`. By default Chromium runs
+plain headless with no DevTools client: the page builds the file in memory and
+reports its timings itself. `--devtools` drives it with Playwright instead (a
+file chosen in an input), which is much slower: DevTools is sent every
+WebSocket frame.
+
+    python bench/browser_bench.py [--size 256] [--runs 3] [--devtools]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from playwright.sync_api import sync_playwright
+from upload_bench import Daemon, MiB, http_post, start_backend
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+PLAIN_PAGE = """<!doctype html><script src="http://%(host)s/incoming/frontend/incoming.js"></script>
+<script>
+incoming.set_server_hostname("%(host)s");
+const tickets = %(tickets)s, size = %(size)d;
+function upload(ticket, file) {
+  return new Promise((resolve, reject) => {
+    const up = new incoming.Uploader(ticket, file), began = performance.now();
+    up.onfinished = () => resolve((performance.now() - began) / 1000);
+    up.onerror = () => reject(new Error(up.error_msg));
+    up.start();
+  });
+}
+(async () => {
+  const parts = [], piece = new Uint8Array(65536);
+  for (let done = 0; done < size; done += piece.length) {
+    crypto.getRandomValues(piece);
+    parts.push(piece.slice(0, Math.min(piece.length, size - done)));
+  }
+  const file = new File(parts, "bench.bin"), seconds = [];
+  for (const ticket of tickets) { seconds.push(await upload(ticket, file)); }
+  await fetch("/result", {method: "POST", body: JSON.stringify(seconds)});
+})().catch((e) => fetch("/result", {method: "POST", body: JSON.stringify({error: String(e)})}));
+</script>"""
+
+
+class PageServer:
+    """Serves the bench page from 127.0.0.1 and receives the page's result.
+
+    A page from a real loopback server: Chromium refuses WebSockets to 127.0.0.1
+    from pages it cannot place on the local network.
+    """
+
+    def __init__(self, page: bytes) -> None:
+        self.result: Any = None
+        self.done = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("content-type", "text/html")
+                self.send_header("content-length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def do_POST(self) -> None:  # noqa: N802
+                outer.result = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                self.send_response(204)
+                self.end_headers()
+                outer.done.set()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/bench.html"
+
+
+def plain_headless(daemon: Daemon, tickets: list[str], size: int) -> list[float]:
+    """Chromium with no DevTools client attached: the page reports its own timings."""
+    host = f"127.0.0.1:{daemon.port}"
+    page = PLAIN_PAGE % {"host": host, "tickets": json.dumps(tickets), "size": size}
+    pages = PageServer(page.encode())
+    with tempfile.TemporaryDirectory() as profile:
+        browser = subprocess.Popen(
+            [CHROMIUM, "--headless", *CHROMIUM_ARGS, f"--user-data-dir={profile}", pages.url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            if not pages.done.wait(timeout=600):
+                raise RuntimeError("the page reported nothing")
+        finally:
+            browser.terminate()
+            browser.wait(timeout=20)
+    pages.server.shutdown()
+    if isinstance(pages.result, dict):
+        raise RuntimeError(pages.result["error"])
+    return [float(seconds) for seconds in pages.result]
+
+
+def devtools(daemon: Daemon, tickets: list[str], size: int) -> list[float]:
+    """Chromium driven by Playwright (DevTools attached), the file chosen in an input."""
+    host = f"127.0.0.1:{daemon.port}"
+    pages = PageServer(
+        f'<input type="file" id="f"><script src="http://{host}/incoming/frontend/incoming.js">'
+        f"</script><script>incoming.set_server_hostname('{host}');</script>".encode()
+    )
+    seconds = []
+    with tempfile.TemporaryDirectory() as scratch, sync_playwright() as playwright:
+        source = Path(scratch) / "upload.bin"
+        with source.open("wb") as f:
+            for _ in range(size // MiB):
+                f.write(os.urandom(MiB))
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(pages.url)
+        page.set_input_files("#f", str(source))
+        for ticket in tickets:
+            seconds.append(
+                page.evaluate(
+                    """(ticket) => new Promise((resolve, reject) => {
+                        const file = document.getElementById("f").files[0];
+                        const up = new incoming.Uploader(ticket, file), began = performance.now();
+                        up.onfinished = () => resolve((performance.now() - began) / 1000);
+                        up.onerror = () => reject(new Error(up.error_msg));
+                        up.start();
+                    })""",
+                    ticket,
+                )
+            )
+        browser.close()
+    pages.server.shutdown()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="MiB")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--chunk-kb", type=int, default=512)
+    parser.add_argument("--send-ahead", type=int, default=4)
+    parser.add_argument("--devtools", action="store_true", help="drive Chromium with Playwright")
+    args = parser.parse_args()
+    backend, backend_url = start_backend()
+    daemon = Daemon(["--chunk-size-kb", str(args.chunk_kb), "--send-ahead", str(args.send_ahead)])
+    form = {"signalFinishURL": backend_url}  # the file is removed once handed over
+    tickets = [
+        http_post(daemon.port, "/incoming/backend/new_upload", form) for _ in range(args.runs)
+    ]
+    cpu_before = daemon.cpu_seconds()
+    try:
+        run = devtools if args.devtools else plain_headless
+        seconds = run(daemon, tickets, args.size * MiB)
+    finally:
+        cpu = daemon.cpu_seconds() - cpu_before
+        daemon.stop()
+        backend.shutdown()
+    rates = [args.size * MiB / s / 1e6 for s in seconds]
+    how = "Playwright (DevTools attached)" if args.devtools else "plain headless Chromium"
+    print(f"{how}: {args.runs} uploads of {args.size} MiB, chunk {args.chunk_kb} KiB, "
+          f"send-ahead {args.send_ahead}: median {statistics.median(rates):.0f} MB/s "
+          f"(min {min(rates):.0f}, max {max(rates):.0f}); "
+          f"server {cpu / (args.runs * args.size / 1024):.2f} CPU-s/GiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
