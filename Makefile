@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench load chromium
+.PHONY: run test lint bench load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -18,11 +18,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check incoming twisted tests bench examples
 	$(VENV)/bin/mypy incoming
 
-# The browser tests drive Debian's chromium (never a downloaded browser build).
-chromium:
+# Debian packages the tests need: chromium for the browser tests (never a
+# downloaded browser build), node for the library's unit tests.
+system-packages:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+	@command -v node >/dev/null || { apt-get update -q && apt-get install -y -q nodejs; }
 
-test: lint chromium
+test: lint system-packages
+	node --test tests/js/
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

@@ -1,0 +1,215 @@
+// State logic of frontend/incoming.js with a fake WebSocket and fake timers.
+// Run: node --test tests/js/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import vm from "node:vm";
+
+const source = readFileSync(new URL("../../frontend/incoming.js", import.meta.url), "utf8");
+
+function load() {
+  const sockets = [];
+  const timers = [];
+  class FakeSocket {
+    constructor(url) {
+      this.url = url;
+      this.sent = [];
+      this.readyState = 0;
+      this.closed = false;
+      sockets.push(this);
+    }
+    send(data) {
+      this.sent.push(typeof data === "string" ? JSON.parse(data) : data);
+    }
+    close() {
+      this.closed = true;
+      this.readyState = 3;
+    }
+    open() {
+      this.readyState = 1;
+      this.onopen();
+    }
+    receive(type, data) {
+      this.onmessage({ data: JSON.stringify({ MsgType: type, MsgData: data }) });
+    }
+    drop() {
+      this.readyState = 3;
+      this.onclose({});
+    }
+    chunks() {
+      return this.sent.filter((m) => m instanceof ArrayBuffer || ArrayBuffer.isView(m));
+    }
+    messages(type) {
+      return this.sent.filter((m) => m.MsgType === type);
+    }
+  }
+  const context = vm.createContext({
+    WebSocket: FakeSocket,
+    location: { protocol: "https:", host: "app.example" },
+    setTimeout: (fn, ms) => timers.push({ fn, ms }),
+    clearTimeout: (id) => {
+      if (timers[id - 1]) timers[id - 1].cleared = true;
+    },
+    console,
+  });
+  vm.runInContext(source, context);
+  const fire = () => {
+    const timer = timers.filter((t) => !t.cleared && !t.fired).at(-1);
+    timer.fired = true;
+    timer.fn();
+    return timer.ms;
+  };
+  return { incoming: context.incoming, sockets, timers, fire, context };
+}
+
+function file(size, name = "a.bin") {
+  return {
+    name,
+    size,
+    slice: (start, end) => ({ arrayBuffer: () => Promise.resolve(new ArrayBuffer(end - start)) }),
+  };
+}
+
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+
+async function confirmed(env, up, conf) {
+  up.start();
+  const socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgUploadConf", conf);
+  await settle();
+  return socket;
+}
+
+test("the URL follows the page's protocol and the server hostname", () => {
+  const env = load();
+  assert.deepEqual(Object.keys(env.incoming).sort(), ["Uploader", "set_server_hostname"]);
+  env.incoming.set_server_hostname("up.example:4000");
+  new env.incoming.Uploader("t", file(1)).start();
+  assert.equal(env.sockets[0].url, "wss://up.example:4000/incoming/frontend/upload_ws");
+});
+
+test("request, ack, then chunks within the send-ahead window; progress counts acks", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("ticket-1", file(10 * 1024, "x.bin"));
+  const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
+  assert.deepEqual(socket.sent[0], {
+    MsgType: "MsgUploadReq",
+    MsgData: { Id: "ticket-1", LengthBytes: 10240, Name: "x.bin" },
+  });
+  assert.deepEqual(socket.sent[1], { MsgType: "MsgAck", MsgData: { Ack: true } });
+  assert.equal(socket.chunks().length, 2);
+  assert.deepEqual([up.bytes_tx, up.bytes_acked, up.chunks_ahead, up.frac_complete], [2048, 0, 2, 0]);
+  socket.receive("MsgChunkAck", { ChunkSize: 1024 });
+  await settle();
+  assert.equal(up.frac_complete, 0.1);
+  assert.equal(socket.chunks().length, 3);
+  assert.equal(up.state_msg, "Uploading");
+});
+
+test("a lost connection retries after about 1 s, doubling to 60 s, and resumes at FilePos", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * 1024));
+  let socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
+  const delays = [];
+  for (let i = 0; i < 9; i++) {
+    socket.drop();
+    assert.match(up.state_msg, /^Connection lost; retrying in \d+ s$/);
+    assert.equal(up.connected, false);
+    delays.push(env.fire());
+    socket = env.sockets.at(-1);
+  }
+  const nominal = [1, 2, 4, 8, 16, 32, 60, 60, 60];
+  delays.forEach((ms, i) => {
+    assert.ok(ms >= nominal[i] * 750 && ms <= nominal[i] * 1250, `retry ${i}: ${ms} ms`);
+  });
+  socket.open();
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 4096, SendAhead: 2 });
+  await settle();
+  assert.equal(up.bytes_acked, 4096);
+  assert.equal(up.bytes_tx, 6144);
+  assert.equal(up.connected, true);
+  socket.drop();
+  assert.ok(env.fire() <= 1250, "the backoff starts over after a successful connection");
+});
+
+test("error 13 (another connection) is retried; error 10 (unknown ticket) is final", async () => {
+  const env = load();
+  const errors = [];
+  const up = new env.incoming.Uploader("t", file(100));
+  up.onerror = (u) => errors.push(u.error_code);
+  up.start();
+  env.sockets[0].open();
+  env.sockets[0].receive("MsgError", { ErrorCode: 13, Msg: "busy" });
+  env.sockets[0].drop();
+  env.fire();
+  env.sockets[1].open();
+  env.sockets[1].receive("MsgError", { ErrorCode: 10, Msg: "unknown upload ticket" });
+  env.sockets[1].drop();
+  assert.deepEqual(errors, [13, 10]);
+  assert.equal(up.state_msg, "Error: unknown upload ticket");
+  assert.deepEqual([up.can_pause, up.can_cancel, up.finished], [false, false, false]);
+  assert.equal(env.timers.filter((t) => !t.cleared && !t.fired).length, 0);
+});
+
+test("pause closes the socket and unpause resumes", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  up.pause("toggle");
+  assert.deepEqual(socket.messages("MsgPause"), [{ MsgType: "MsgPause", MsgData: { Pause: true } }]);
+  assert.equal(socket.closed, true);
+  assert.deepEqual([up.paused, up.state_msg, up.can_pause], [true, "Paused", true]);
+  up.pause("unpause");
+  assert.equal(env.sockets.length, 2);
+  assert.equal(up.paused, false);
+});
+
+test("cancel while paused fires oncancelled at once, then tells the server", async () => {
+  const env = load();
+  const seen = [];
+  const up = new env.incoming.Uploader("t", file(4096));
+  up.oncancelled = (u) => seen.push(u.cancel_msg);
+  await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  up.pause("pause");
+  up.cancel("no longer needed");
+  assert.deepEqual(seen, ["no longer needed"]);
+  assert.deepEqual([up.cancelled, up.cancelling, up.can_cancel], [true, true, false]);
+  const socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 1024, SendAhead: 1 });
+  await settle();
+  assert.deepEqual(socket.messages("MsgCancel"), [
+    { MsgType: "MsgCancel", MsgData: { Reason: "no longer needed" } },
+  ]);
+  assert.equal(socket.chunks().length, 0);
+  socket.receive("MsgCancelAck", { Ack: true });
+  assert.deepEqual([up.cancelling, seen.length], [false, 1]);
+});
+
+test("cancel while transferring waits for MsgCancelAck", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  up.cancel();
+  assert.deepEqual([up.cancelling, up.cancelled, up.state_msg], [true, false, "Cancelling"]);
+  socket.receive("MsgCancelAck", { Ack: true });
+  assert.deepEqual([up.cancelled, up.cancel_msg], [true, "cancelled by the user"]);
+});
+
+test("a zero-byte file and a finish found on reconnect both end in onfinished", async () => {
+  const env = load();
+  const finished = [];
+  const empty = new env.incoming.Uploader("t0", file(0));
+  empty.onfinished = () => finished.push("empty");
+  const socket = await confirmed(env, empty, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  assert.deepEqual([empty.state_msg, empty.frac_complete], ["Handing over", 0]);
+  socket.receive("MsgAllDone", { Success: true });
+  assert.deepEqual([empty.finished, empty.frac_complete, empty.state_msg], [true, 1, "Finished"]);
+  const late = new env.incoming.Uploader("t1", file(10));
+  late.onfinished = () => finished.push("late");
+  late.start();
+  env.sockets.at(-1).open();
+  env.sockets.at(-1).receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished" });
+  assert.deepEqual(finished, ["empty", "late"]);
+});
