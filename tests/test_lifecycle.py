@@ -66,6 +66,18 @@ def data_files(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.suffix not in (".json", ".journal")]
 
 
+async def begin(
+    tmp_path: Path, pool: ThreadPool, answer: str, length: int, remove: bool
+) -> tuple[UploadManager, Clock, RecordingBackend, Upload, Session]:
+    """A manager on a Clock with one upload, its browser connected."""
+    backend = RecordingBackend(answer)
+    manager, clock = make_manager(tmp_path, pool, backend)
+    upload = await ensureDeferred(manager.create("http://b/h", "", remove))
+    session = Session()
+    manager.connect(upload.id, session, length, "n")
+    return manager, clock, backend, upload, session
+
+
 async def settle(manager: UploadManager) -> None:
     while manager.running:
         for d in list(manager.running):
@@ -74,11 +86,7 @@ async def settle(manager: UploadManager) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_idle_upload_expires_then_is_forgotten(tmp_path: Path, pool: ThreadPool) -> None:
-    backend = RecordingBackend()
-    manager, clock = make_manager(tmp_path, pool, backend)
-    upload = await ensureDeferred(manager.create("http://b/h", "", True))
-    session = Session()
-    manager.connect(upload.id, session, 10, "n")
+    manager, clock, backend, upload, session = await begin(tmp_path, pool, "done", 10, True)
     await manager.receive_chunk(upload, b"12345")
     assert (tmp_path / f"{upload.id}.part").exists()
     clock.advance(99)
@@ -101,11 +109,7 @@ async def test_idle_upload_expires_then_is_forgotten(tmp_path: Path, pool: Threa
 async def test_wait_without_finish_upload_fails_at_confirm_timeout(
     tmp_path: Path, pool: ThreadPool
 ) -> None:
-    backend = RecordingBackend("wait")
-    manager, clock = make_manager(tmp_path, pool, backend)
-    upload = await ensureDeferred(manager.create("http://b/h", "", False))
-    session = Session()
-    manager.connect(upload.id, session, 3, "n")
+    manager, clock, backend, upload, session = await begin(tmp_path, pool, "wait", 3, False)
     await manager.receive_chunk(upload, b"abc")
     await settle(manager)
     assert upload.phase is Phase.AWAITING_FINISH
@@ -124,11 +128,7 @@ async def test_wait_without_finish_upload_fails_at_confirm_timeout(
 async def test_finish_upload_in_time_cancels_the_confirm_timer(
     tmp_path: Path, pool: ThreadPool
 ) -> None:
-    backend = RecordingBackend("wait")
-    manager, clock = make_manager(tmp_path, pool, backend)
-    upload = await ensureDeferred(manager.create("http://b/h", "", False))
-    session = Session()
-    manager.connect(upload.id, session, 0, "empty")
+    manager, clock, backend, upload, session = await begin(tmp_path, pool, "wait", 0, False)
     manager.start_if_complete(upload)
     await settle(manager)
     await ensureDeferred(manager.finish_upload(upload))
