@@ -85,14 +85,18 @@ class UploadManager:
     def restore(self) -> None:
         """Take up every upload saved by an earlier run (at start-up)."""
         now = self.clock.seconds()
-        for record, stored, present in self.storage.load():
+        for saved in self.storage.load():
             try:
-                upload = Upload.from_record(record, stored)
+                upload = Upload.from_record(saved.record, saved.stored)
             except (KeyError, ValueError, TypeError) as e:
-                log.error("ignoring saved upload {r!r}: {e}", r=record.get("id"), e=e)
+                log.error("ignoring saved upload {r!r}: {e}", r=saved.record.get("id"), e=e)
                 continue
             self.registry.add(upload)
-            if upload.phase is Phase.HANDOVER and upload.length and not present:
+            if saved.modified is not None and not upload.phase.final:
+                # State is saved at connects, not at every chunk: the file shows activity.
+                active_until = saved.modified + self.config.max_idle
+                upload.idle_deadline = max(upload.idle_deadline, active_until)
+            if upload.phase is Phase.HANDOVER and upload.length and not saved.present:
                 # The backend took the file away: it answered, we died before saving that.
                 upload.finish()
                 self._save_soon(upload, sync=True)
@@ -101,7 +105,7 @@ class UploadManager:
                 "upload {id} restored: {phase}, {n} of {length} bytes stored",
                 id=upload.id,
                 phase=upload.phase.value,
-                n=stored,
+                n=saved.stored,
                 length=upload.length,
             )
             if upload.phase is Phase.HANDOVER or (

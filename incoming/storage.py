@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +28,16 @@ T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
 Record = dict[str, object]
 log = Logger()
+
+
+@dataclass(frozen=True)
+class Saved:
+    """An upload as a restart finds it."""
+
+    record: Record
+    stored: int  # bytes in its file
+    present: bool  # whether it has a file at all
+    modified: float | None  # when its file was last written
 
 
 class Storage:
@@ -53,11 +64,8 @@ class Storage:
     def state_path(self, upload_id: str) -> Path:
         return self.root / f"{_checked(upload_id)}.json"
 
-    def load(self) -> list[tuple[Record, int, bool]]:
-        """Each saved upload state, its bytes on disk, and whether it has a file at all.
-
-        Runs at start-up, before the reactor.
-        """
+    def load(self) -> list[Saved]:
+        """Every saved upload with what its file says (at start-up, before the reactor)."""
         for stray in self.root.glob("*.json.tmp"):
             stray.unlink()
         records = self.journal.load()
@@ -81,8 +89,10 @@ class Storage:
                 continue
             part, final = self.part_path(upload_id), self.final_path(upload_id)
             on_disk = part if part.exists() else final
-            present = on_disk.exists()
-            found.append((record, on_disk.stat().st_size if present else 0, present))
+            stat = on_disk.stat() if on_disk.exists() else None
+            found.append(
+                Saved(record, stat.st_size if stat else 0, stat is not None, stat and stat.st_mtime)
+            )
         return found
 
     def _run(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:

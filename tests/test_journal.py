@@ -76,4 +76,10 @@ async def test_storage_load_prefers_state_files(tmp_path: Path, pool: ThreadPool
     await ensureDeferred(storage.discard(IDS[0]))
     storage.journal.close()
     again = Storage(tmp_path, reactor, pool)
-    assert again.load() == [({"id": IDS[1], "phase": "handover"}, 5, True)]
+    [saved] = again.load()
+    assert (saved.record, saved.stored, saved.present) == (
+        {"id": IDS[1], "phase": "handover"},
+        5,
+        True,
+    )
+    assert saved.modified == (tmp_path / f"{IDS[1]}.part").stat().st_mtime

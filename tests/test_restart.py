@@ -17,6 +17,7 @@ from .harness import (
     Backend,
     Daemon,
     Server,
+    acked_upload,
     connect,
     run_daemon,
     send_all,
@@ -148,6 +149,8 @@ async def test_uploads_expired_while_down_are_cancelled_at_start(
     record = json.loads(state.read_text())
     record["idle_deadline"] -= 43201  # as if the server had stayed down past the idle limit
     state.write_text(json.dumps(record))
+    part = storage / f"{ticket}.part"
+    os.utime(part, (part.stat().st_atime, part.stat().st_mtime - 43201))
 
     daemon, process, server = await start(storage, tmp_path, stopper)
     notice = await backend.posts.get()
@@ -223,4 +226,27 @@ async def test_sigkill_right_after_ticket_creation_keeps_the_ticket(
     post = await backend.posts.get()
     assert (post["id"], post["backendSecret"]) == (tickets[3], "k3")
     await client.expect("MsgAllDone")
+    await stop_daemon(daemon, process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_active_until_the_kill_is_not_expired_by_its_old_saved_deadline(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start(storage, tmp_path, stopper)
+    ticket, client, _ = await acked_upload(server, backend.url, 3 * CHUNK)
+    await send_all(client, b"a" * CHUNK, CHUNK, SEND_AHEAD)
+    await daemon.kill(process)
+    state = storage / f"{ticket}.json"
+    record = json.loads(state.read_text())
+    record["idle_deadline"] -= 43201  # saved at connect, long ago; bytes kept arriving since
+    state.write_text(json.dumps(record))
+    daemon, process, server = await start(storage, tmp_path, stopper)
+    resumed, conf = await upload_request(server, ticket, 3 * CHUNK)
+    assert conf["FilePos"] == CHUNK
+    resumed.send("MsgAck", Ack=True)
+    await send_all(resumed, b"a" * 2 * CHUNK, CHUNK, SEND_AHEAD)
+    await resumed.expect("MsgAllDone")
+    assert backend.posts.pending[-1]["cancelled"] == "no"
     await stop_daemon(daemon, process)
