@@ -292,6 +292,13 @@ async def upload_small(
     return ticket, client
 
 
+async def complete_upload(client: Client, rest: bytes, chunk_size: int, send_ahead: int) -> None:
+    """After MsgUploadConf: ack, send the rest of the file, and get MsgAllDone."""
+    client.send("MsgAck", Ack=True)
+    await send_all(client, rest, chunk_size, send_ahead)
+    await client.expect("MsgAllDone")
+
+
 async def send_all(client: Client, data: bytes, chunk_size: int, send_ahead: int) -> None:
     """Send `data` in chunks within the send-ahead window, awaiting every ack."""
     offsets = range(0, len(data), chunk_size)

@@ -20,7 +20,7 @@ from incoming.config import Config
 from incoming.service import build_manager, build_site
 
 from .conftest import CHUNK_KB, SEND_AHEAD
-from .harness import Backend, Server, send_all, start_server, upload_request
+from .harness import Backend, Server, complete_upload, start_server, upload_request
 
 CHUNK = CHUNK_KB * 1024
 
@@ -31,9 +31,7 @@ async def test_metrics_count_what_happened(server: Server, backend: Backend) -> 
     ticket = await server.new_upload(backend.url)
     await server.new_upload(backend.url)  # one that stays in `receiving`
     client, _ = await upload_request(server, ticket, len(data))
-    client.send("MsgAck", Ack=True)
-    await send_all(client, data, CHUNK, SEND_AHEAD)
-    await client.expect("MsgAllDone")
+    await complete_upload(client, data, CHUNK, SEND_AHEAD)
     await client.closed
     response = await treq.get(f"{server.base}/metrics")
     text = await response.text()

@@ -18,6 +18,7 @@ from .harness import (
     Daemon,
     Server,
     acked_upload,
+    complete_upload,
     connect,
     run_daemon,
     send_all,
@@ -202,9 +203,7 @@ async def test_sigterm_sends_browsers_away_with_1001_and_keeps_the_upload(
     daemon, process, server = await start(storage, tmp_path, stopper)
     resumed, conf = await upload_request(server, ticket, len(data))
     assert conf["FilePos"] == CHUNK
-    resumed.send("MsgAck", Ack=True)
-    await send_all(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
-    await resumed.expect("MsgAllDone")
+    await complete_upload(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
     assert (storage / ticket).read_bytes() == data
     await stop_daemon(daemon, process)
 
@@ -245,8 +244,6 @@ async def test_an_upload_active_until_the_kill_is_not_expired_by_its_old_saved_d
     daemon, process, server = await start(storage, tmp_path, stopper)
     resumed, conf = await upload_request(server, ticket, 3 * CHUNK)
     assert conf["FilePos"] == CHUNK
-    resumed.send("MsgAck", Ack=True)
-    await send_all(resumed, b"a" * 2 * CHUNK, CHUNK, SEND_AHEAD)
-    await resumed.expect("MsgAllDone")
+    await complete_upload(resumed, b"a" * 2 * CHUNK, CHUNK, SEND_AHEAD)
     assert backend.posts.pending[-1]["cancelled"] == "no"
     await stop_daemon(daemon, process)

@@ -12,7 +12,15 @@ import treq
 from incoming.uploads import ErrorCode
 
 from .conftest import CHUNK_KB, SEND_AHEAD
-from .harness import Backend, Server, acked_upload, connect, send_all, upload_request
+from .harness import (
+    Backend,
+    Server,
+    acked_upload,
+    complete_upload,
+    connect,
+    send_all,
+    upload_request,
+)
 
 CHUNK = CHUNK_KB * 1024
 
@@ -139,9 +147,7 @@ async def test_second_live_connection_is_refused_until_first_is_gone(
     await server.settled()
     third, conf = await upload_request(server, ticket, len(data))
     assert conf["FilePos"] == CHUNK
-    third.send("MsgAck", Ack=True)
-    await send_all(third, data[CHUNK:], CHUNK, SEND_AHEAD)
-    await third.expect("MsgAllDone")
+    await complete_upload(third, data[CHUNK:], CHUNK, SEND_AHEAD)
     assert server.files() == {}  # removeFileWhenFinished defaults to true
     post = await backend.posts.get()
     assert post["size"] == str(len(data))
@@ -164,9 +170,7 @@ async def test_resume_with_other_length_is_refused_and_upload_stays_resumable(
     await liar.expect_error(ErrorCode.LENGTH_MISMATCH)
     resumed, conf = await upload_request(server, ticket, len(data))
     assert conf["FilePos"] == CHUNK
-    resumed.send("MsgAck", Ack=True)
-    await send_all(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
-    await resumed.expect("MsgAllDone")
+    await complete_upload(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
     assert server.files() == {ticket: data}
 
 
@@ -182,9 +186,7 @@ async def test_pause_then_resume_continues_at_file_pos(server: Server, backend: 
     await client.closed
     resumed, conf = await upload_request(server, ticket, len(data))
     assert conf["FilePos"] == 2 * CHUNK
-    resumed.send("MsgAck", Ack=True)
-    await send_all(resumed, data[2 * CHUNK :], CHUNK, SEND_AHEAD)
-    await resumed.expect("MsgAllDone")
+    await complete_upload(resumed, data[2 * CHUNK :], CHUNK, SEND_AHEAD)
     assert server.files() == {ticket: data}
 
 
@@ -204,9 +206,7 @@ async def test_abrupt_disconnect_resumes_from_bytes_on_disk(
     position = conf["FilePos"]
     part = (server.storage_dir / f"{ticket}.part").read_bytes()
     assert position == len(part) and part == data[:position]
-    resumed.send("MsgAck", Ack=True)
-    await send_all(resumed, data[position:], CHUNK, SEND_AHEAD)
-    await resumed.expect("MsgAllDone")
+    await complete_upload(resumed, data[position:], CHUNK, SEND_AHEAD)
     assert server.files() == {ticket: data}
 
 
