@@ -67,7 +67,7 @@ class Storage:
     def load(self) -> list[Saved]:
         """Every saved upload with what its file says (at start-up, before the reactor)."""
         for stray in self.root.glob("*.json.tmp"):
-            stray.unlink()
+            stray.unlink(missing_ok=True)
         records = self.journal.load()
         for path in sorted(self.root.glob("*.json")):
             try:
