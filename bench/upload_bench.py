@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from websockets.speedups import apply_mask
+
 MiB = 1024 * 1024
 TWISTD = str(Path(sys.executable).parent / "twistd")
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +117,6 @@ def http_post(port: int, path: str, form: dict[str, str], conn: Any = None) -> s
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
     """A masked client frame (with the bench's fixed mask, so chunks mask once)."""
-    import numpy as np
-
     size = len(payload)
     if size < 126:
         header = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
@@ -124,9 +124,7 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
         header = struct.pack("!BBH", 0x80 | opcode, 0xFE, size)
     else:
         header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, size)
-    padded = payload + b"\0" * (-size % 4)
-    words = np.frombuffer(padded, dtype=np.uint32) ^ np.frombuffer(MASK, dtype=np.uint32)[0]
-    return header + MASK + words.tobytes()[:size]
+    return header + MASK + apply_mask(payload, MASK)
 
 
 class WsClient:

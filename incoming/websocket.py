@@ -4,7 +4,9 @@ Why not `twisted.web.websocket`: it assembles whole messages with no size cap
 before the application sees them, and wsproto's pure-Python unmasking costs
 about 3.7 CPU-seconds per GiB here. This decoder checks a frame's size from
 its header (close 1009 before buffering it), copies each payload byte once
-into a buffer of the announced size, and unmasks it with numpy.
+into a buffer of the announced size, and unmasks it with the `websockets`
+package's C function (SIMD; about 20 GB/s here, for 0.4 MB of memory where
+numpy cost 11 MB).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-import numpy as np
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from websockets.speedups import apply_mask
 
 log = Logger()
 
@@ -48,7 +50,7 @@ class MessageHandler(Protocol):
 
     def text_received(self, text: str) -> None: ...
 
-    def binary_received(self, data: bytearray) -> None: ...
+    def binary_received(self, data: bytes) -> None: ...
 
     def message_refused(self, why: str, close_code: int) -> None:
         """A message breaks the framing rules; the connection closes next."""
@@ -60,17 +62,6 @@ class _Refused(Exception):
     def __init__(self, close_code: int, why: str) -> None:
         super().__init__(why)
         self.close_code = close_code
-
-
-def unmask(payload: bytearray, key: bytes) -> None:
-    """XOR `payload` in place with the 4-byte masking `key`."""
-    whole = len(payload) & ~3
-    if whole:
-        words = np.frombuffer(payload, dtype=np.uint8, count=whole).view(np.uint32)
-        np.bitwise_xor(words, np.frombuffer(key, dtype=np.uint32)[0], out=words)
-        del words  # release the buffer export before anyone resizes payload
-    for i in range(whole, len(payload)):
-        payload[i] ^= key[i & 3]
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
@@ -109,7 +100,7 @@ class WebSocketConnection(TwistedProtocol):
         self._fin = True
         self._key = b""
         self._message_opcode = 0  # TEXT or BINARY while a fragmented message runs
-        self._fragments: list[bytearray] = []
+        self._fragments: list[bytes] = []
         self._fragments_size = 0
         self.closing = False
         self._pinged = False
@@ -241,12 +232,11 @@ class WebSocketConnection(TwistedProtocol):
             )
 
     def _frame_complete(self) -> None:
-        payload, opcode, fin = self._payload, self._opcode, self._fin
-        assert payload is not None
+        assert self._payload is not None
+        payload, opcode, fin = apply_mask(self._payload, self._key), self._opcode, self._fin
         self._payload = None
-        unmask(payload, self._key)
         if opcode == PING:
-            self.transport.write(frame(PONG, bytes(payload)))
+            self.transport.write(frame(PONG, payload))
         elif opcode == CLOSE:
             self._received_close(payload)
         elif opcode == PONG:
@@ -256,17 +246,17 @@ class WebSocketConnection(TwistedProtocol):
         else:
             self._deliver(opcode, payload)
 
-    def _fragment(self, opcode: int, payload: bytearray, fin: bool) -> None:
+    def _fragment(self, opcode: int, payload: bytes, fin: bool) -> None:
         if opcode != CONTINUATION:
             self._message_opcode = opcode
         self._fragments.append(payload)
         self._fragments_size += len(payload)
         if fin:
-            opcode, whole = self._message_opcode, bytearray().join(self._fragments)
+            opcode, whole = self._message_opcode, b"".join(self._fragments)
             self._message_opcode, self._fragments, self._fragments_size = 0, [], 0
             self._deliver(opcode, whole)
 
-    def _deliver(self, opcode: int, payload: bytearray) -> None:
+    def _deliver(self, opcode: int, payload: bytes) -> None:
         if opcode == BINARY:
             self.handler.binary_received(payload)
             return
@@ -276,7 +266,7 @@ class WebSocketConnection(TwistedProtocol):
             raise _Refused(INVALID_DATA, "text message is not valid UTF-8") from None
         self.handler.text_received(text)
 
-    def _received_close(self, payload: bytearray) -> None:
+    def _received_close(self, payload: bytes) -> None:
         code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else NORMAL
         reply = code if 1000 <= code < 5000 and code not in (1004, 1005, 1006) else NORMAL
         self.close(reply)

@@ -73,7 +73,7 @@ class UploadSession:
         except UploadError as e:
             self.error(e.code, e.message)
 
-    def binary_received(self, data: bytearray) -> None:
+    def binary_received(self, data: bytes) -> None:
         if self.stage is Stage.ENDED:
             return
         try:
@@ -147,7 +147,7 @@ class UploadSession:
         )
         self.manager.start_if_complete(upload)
 
-    def _chunk(self, data: bytearray) -> None:
+    def _chunk(self, data: bytes) -> None:
         if self.stage is not Stage.RECEIVING:
             raise _unexpected("a chunk", "before MsgAck")
         if self.in_flight >= self.config.send_ahead:
