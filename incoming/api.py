@@ -83,8 +83,7 @@ class IncomingApi:
     def api_error(self, request: IRequest, failure: Any) -> bytes:
         error: ApiError = failure.value
         request.setResponseCode(error.status)
-        request.setHeader("content-type", TEXT)
-        return error.message.encode("utf-8")
+        return _text(request, error.message)
 
     async def new_upload(self, request: IRequest) -> bytes:
         params = _params(request)
@@ -101,24 +100,24 @@ class IncomingApi:
             upload = await self.manager.create(url, params.get("backendSecret", ""), remove)
         except OSError:
             raise ApiError(507, "cannot store the upload's state; is the storage full?") from None
-        return _ok(request, upload.id)
+        return _text(request, upload.id)
 
     async def cancel_upload(self, request: IRequest) -> bytes:
         upload = self._authorised(request)
         await _as_api_error(self.manager.cancel_by_backend(upload))
-        return _ok(request, "ok")
+        return _text(request, "ok")
 
     async def finish_upload(self, request: IRequest) -> bytes:
         upload = self._authorised(request)
         await _as_api_error(self.manager.finish_upload(upload))
-        return _ok(request, "ok")
+        return _text(request, "ok")
 
     def metrics(self, request: IRequest) -> bytes:
         request.setHeader("content-type", "text/plain; version=0.0.4; charset=utf-8")
         return self.manager.metrics.render(self.manager.registry).encode()
 
     def health(self, request: IRequest) -> bytes:
-        return _ok(request, "ok")
+        return _text(request, "ok")
 
     def _authorised(self, request: IRequest) -> Upload:
         params = _params(request)
@@ -141,9 +140,11 @@ async def _as_api_error(work: Any) -> None:
         raise ApiError(_STATUS_FOR.get(e.code, 400), e.message) from None
 
 
-def _ok(request: IRequest, text: str) -> bytes:
+def _text(request: IRequest, text: str) -> bytes:
+    body = text.encode("utf-8")
     request.setHeader("content-type", TEXT)
-    return text.encode("utf-8")
+    request.setHeader("content-length", str(len(body)))
+    return body
 
 
 def _params(request: IRequest) -> dict[str, str]:
