@@ -68,7 +68,7 @@ class UploadManager:
             self.registry.forget(upload)
             self._idle.pop(upload.id).cancel()
             raise
-        log.info("upload {id} created; handover to {url}", id=upload.id, url=signal_finish_url)
+        self.metrics.tickets_created += 1
         return upload
 
     def _save(self, upload: Upload, sync: bool = False) -> Deferred[None]:

@@ -14,6 +14,7 @@ class Metrics:
     """What the server counts while it runs; uploads by state are read at render time."""
 
     def __init__(self) -> None:
+        self.tickets_created = 0
         self.bytes_received = 0
         self.chunks_stored = 0
         self.handover_attempts = 0
@@ -36,6 +37,8 @@ class Metrics:
             "# HELP incoming_uploads Uploads the server knows, by state.",
             "# TYPE incoming_uploads gauge",
             *(f'incoming_uploads{{state="{state}"}} {n}' for state, n in states.items()),
+            *_single("tickets_created_total", "counter", "Tickets given to backends.",
+                     self.tickets_created),
             *_single("bytes_received_total", "counter", "Bytes accepted from browsers.",
                      self.bytes_received),
             *_single("handover_attempts_total", "counter", "POSTs to signalFinishURLs.",

@@ -40,6 +40,7 @@ async def test_metrics_count_what_happened(server: Server, backend: Backend) -> 
     figures = dict(re.findall(r"^(\S+) (\S+)$", text, re.M))
     assert figures['incoming_uploads{state="finished"}'] == "1"
     assert figures['incoming_uploads{state="receiving"}'] == "1"
+    assert figures["incoming_tickets_created_total"] == "2"
     assert figures["incoming_bytes_received_total"] == str(len(data))
     assert figures["incoming_handover_attempts_total"] == "1"
     assert figures["incoming_handover_failures_total"] == "0"
