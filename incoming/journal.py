@@ -38,6 +38,7 @@ class TicketJournal:
         self._reactor = reactor
         self._pool = pool
         self._live: dict[str, bytes] = {}  # tickets whose only record is their journal line
+        self._live_bytes = 0
         self._pending: list[tuple[bytes, Deferred[None] | None]] = []
         self._writing = False
         self._size = 0
@@ -60,27 +61,33 @@ class TicketJournal:
                 except (ValueError, KeyError, TypeError):
                     log.error("ignoring a damaged line of {path}", path=self.path)
         self._live = lines
+        self._live_bytes = sum(map(len, lines.values()))
         self._rewrite()
         return records
 
     def append(self, upload_id: str, record: Record) -> Deferred[None]:
         """Fires once the ticket's record is in the journal."""
         line = json.dumps(record).encode("utf-8") + b"\n"
+        self._drop(upload_id)
         self._live[upload_id] = line
+        self._live_bytes += len(line)
         d: Deferred[None] = Deferred()
         self._queue(line, d)
         return d
 
     def superseded(self, upload_id: str) -> None:
         """The upload has a state file now; its journal line can go at the next compaction."""
-        self._live.pop(upload_id, None)
+        self._drop(upload_id)
 
     def forget(self, upload_id: str) -> Deferred[None]:
         """Mark the ticket as gone, so a restart does not bring back its journal line."""
-        self._live.pop(upload_id, None)
+        self._drop(upload_id)
         d: Deferred[None] = Deferred()
         self._queue(json.dumps({"forget": upload_id}).encode() + b"\n", d)
         return d
+
+    def _drop(self, upload_id: str) -> None:
+        self._live_bytes -= len(self._live.pop(upload_id, b""))
 
     def _queue(self, line: bytes, d: Deferred[None] | None) -> None:
         self._pending.append((line, d))
@@ -90,7 +97,9 @@ class TicketJournal:
     def _write_batch(self) -> None:
         batch, self._pending = self._pending, []
         self._writing = True
-        compact = self._size > self.compact_at
+        # Compact once at least half the journal is dead lines, so that many
+        # live tickets do not make every batch rewrite the whole journal.
+        compact = self._size > max(self.compact_at, 2 * self._live_bytes)
         data = b"".join(line for line, _ in batch)
         live = b"".join(self._live.values()) if compact else b""
         work = deferToThreadPool(self._reactor, self._pool, self._write, data, compact, live)
