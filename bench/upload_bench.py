@@ -353,14 +353,10 @@ def ticket_rate(daemon: Daemon, backend_url: str, count: int, connections: int =
             if not data:
                 raise RuntimeError("server closed a connection")
             received[fd] += data
-            while (head_end := received[fd].find(b"\r\n\r\n")) >= 0:
-                head = received[fd][:head_end]
-                if not head.startswith(b"HTTP/1.1 200 "):
-                    raise RuntimeError(f"new_upload: {head[:60]!r}")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                if len(received[fd]) < head_end + 4 + length:
-                    break
-                received[fd] = received[fd][head_end + 4 + length :]
+            while (end := _response_end(received[fd])) > 0:
+                if not received[fd].startswith(b"HTTP/1.1 200 "):
+                    raise RuntimeError(f"new_upload: {received[fd][:60]!r}")
+                received[fd] = received[fd][end:]
                 done += 1
                 if sent < count:
                     sockets[fd].sendall(request)
@@ -370,6 +366,19 @@ def ticket_rate(daemon: Daemon, backend_url: str, count: int, connections: int =
         s.close()
     poll.close()
     return count / elapsed
+
+
+def _response_end(buffer: bytes) -> int:
+    """Where the first whole HTTP response in `buffer` ends; 0 if it is not all there."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return 0
+    head = buffer[:head_end].lower()
+    if b"transfer-encoding: chunked" in head:  # other servers may answer so
+        end = buffer.find(b"\r\n0\r\n\r\n", head_end)
+        return 0 if end < 0 else end + 7
+    end = head_end + 4 + int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+    return end if len(buffer) >= end else 0
 
 
 def summary(values: list[float]) -> dict[str, float]:
