@@ -65,6 +65,7 @@
     this._queue = []; // chunks being read or read, in file order, not yet sent
     this._retries = 0;
     this._retry_timer = null;
+    this._retry_why = ""; // what state_msg says while waiting to reconnect, when not "Connection lost"
     this._cancel_reason = "";
     this.onprogress = null;
     this.onfinished = null;
@@ -158,19 +159,20 @@
       return;
     }
     this._cancel_reason = reason || "cancelled by the user";
-    if (!s.started || s.paused || !s.connected) {
-      // Nothing is flowing: cancelled now; the server hears of it on a connection of its own.
+    if (!s.started) {
+      // nothing was started: nothing to tell the server
       this._mark_cancelled(this._cancel_reason);
-      if (s.started) {
-        s.cancelling = true;
-        s.paused = false;
-        this._clear_retry();
-        this._retries = 0;
-        this._connect();
-      }
       return;
     }
+    // Cancelled only when the server says so: it may have finished the upload meanwhile.
     s.cancelling = true;
+    if (s.paused || !s.connected) {
+      // no connection: open one at once (MsgCancel follows its MsgUploadConf)
+      s.paused = false;
+      this._retries = 0;
+      this._connect();
+      return;
+    }
     if (this._confirmed) {
       this._send("MsgCancel", { Reason: this._cancel_reason });
     } // else sent when MsgUploadConf arrives
@@ -197,6 +199,7 @@
     var ws;
     this._clear_retry();
     this._confirmed = false;
+    this._retry_why = "";
     this._queue = [];
     this._s.chunks_tx_now = 0;
     this._s.chunks_acked_now = 0;
@@ -268,10 +271,11 @@
     this._ws = null;
     this._confirmed = false;
     s.connected = false;
-    if (s.finished || s.failed || (s.cancelled && !s.cancelling) || s.paused) {
+    if (this._ended() || s.paused) {
       this._notify("onprogress");
       return;
     }
+    var why = s.cancelling ? "Cancelling" : this._retry_why || "Connection lost";
     var delay = Math.min(RETRY_MAX_S, RETRY_FIRST_S * Math.pow(2, this._retries));
     delay = delay * (0.75 + Math.random() * 0.5);
     this._retries++;
@@ -280,8 +284,7 @@
       self._retry_timer = null;
       self._connect();
     }, delay * 1000);
-    this._set_state((s.cancelling ? "Cancelling" : "Connection lost") +
-                    "; retrying in " + Math.round(delay) + " s");
+    this._set_state(why + "; retrying in " + Math.round(delay) + " s");
   };
 
   P._clear_retry = function () {
@@ -320,6 +323,7 @@
       this._pump();
     } else if (type === "MsgAllDone") {
       s.finished = true;
+      s.cancelling = false;
       s.bytes_acked = s.bytes_total;
       this._drop_socket();
       this._set_state("Finished");
@@ -336,26 +340,29 @@
 
   P._server_error = function (code, message) {
     var s = this._s;
-    s.error_code = code;
-    s.error_msg = message;
-    if (s.cancelling && (code === 12 || code === 11 || code === 10)) {
-      // the server already forgot or ended the upload: the cancel has nothing left to do
+    if (s.cancelling && (code === 12 || code === 10)) {
+      // the server already cancelled or forgot the upload: the cancel has nothing left to do
       s.cancelling = false;
       this._drop_socket();
       this._mark_cancelled(this._cancel_reason);
       return;
     }
     if (code === 11) {
-      // finished while we were away (the connection dropped before MsgAllDone)
+      // finished while we were away (the connection dropped before MsgAllDone), or
+      // before our cancel reached the server: the backend has the file
       this._receive("MsgAllDone", {});
       return;
     }
     if (code === 16) {
-      // too late to cancel: the handover runs; wait for its result
+      // too late to cancel: the handover runs. Its MsgAllDone or MsgError follows on
+      // this connection; if the server closes it first, the next one gets it.
       s.cancelling = false;
-      this._notify("onerror");
+      this._retry_why = "Handing over";
+      this._set_state("Too late to cancel; handing over");
       return;
     }
+    s.error_code = code;
+    s.error_msg = message;
     if (RETRYABLE_ERRORS[code]) {
       this._notify("onerror");
       return; // the server closes; _closed retries

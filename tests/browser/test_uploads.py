@@ -99,12 +99,15 @@ def test_cancel_while_paused(
     upload(app_page, random_file(tmp_path / "p.bin", 8 * MiB), behaviour="pause")
     wait(app_page, "window.ups[0] && window.ups[0].paused && !window.ups[0].connected")
     assert len(incoming.parts()) == 1
-    app_page.evaluate("() => window.ups[0].cancel('changed my mind')")
-    # oncancelled fires at once; the server hears of it on a connection of its own
-    assert app_page.evaluate("() => [window.ups[0].cancelled, window.events]") == [
-        True, [[0, "cancelled", "Cancelled: changed my mind"]],
+    # cancelling until the server confirms it, on a connection of its own
+    assert app_page.evaluate(
+        "() => { const u = window.ups[0]; u.cancel('changed my mind');"
+        " return [u.cancelling, u.cancelled, u.state_msg, window.events]; }"
+    ) == [True, False, "Cancelling", []]
+    wait(app_page, "window.ups[0].cancelled")
+    assert app_page.evaluate("() => [window.ups[0].cancelling, window.events]") == [
+        False, [[0, "cancelled", "Cancelled: changed my mind"]],
     ]  # fmt: skip
-    wait(app_page, "!window.ups[0].cancelling")
     ticket = app_page.evaluate("() => window.ups[0].ticket")
     [notice] = [e for e in demo_events(demo) if e["id"] == ticket]
     assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "changed my mind")

@@ -165,7 +165,7 @@ test("pause closes the socket and unpause resumes", async () => {
   assert.equal(up.paused, false);
 });
 
-test("cancel while paused fires oncancelled at once, then tells the server", async () => {
+test("cancel while paused is cancelling until the server's MsgCancelAck", async () => {
   const env = load();
   const seen = [];
   const up = new env.incoming.Uploader("t", file(4096));
@@ -173,8 +173,9 @@ test("cancel while paused fires oncancelled at once, then tells the server", asy
   await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   up.pause("pause");
   up.cancel("no longer needed");
-  assert.deepEqual(seen, ["no longer needed"]);
-  assert.deepEqual([up.cancelled, up.cancelling, up.can_cancel], [true, true, false]);
+  assert.deepEqual(seen, []);
+  assert.deepEqual([up.cancelled, up.cancelling, up.paused, up.can_cancel, up.state_msg],
+                   [false, true, false, false, "Cancelling"]);
   const socket = env.sockets.at(-1);
   socket.open();
   socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 1024, SendAhead: 1 });
@@ -183,8 +184,112 @@ test("cancel while paused fires oncancelled at once, then tells the server", asy
     { MsgType: "MsgCancel", MsgData: { Reason: "no longer needed" } },
   ]);
   assert.equal(socket.chunks().length, 0);
+  assert.deepEqual(seen, []);
   socket.receive("MsgCancelAck", { Ack: true });
-  assert.deepEqual([up.cancelling, seen.length], [false, 1]);
+  assert.deepEqual(seen, ["no longer needed"]);
+  assert.deepEqual([up.cancelled, up.cancelling, up.state_msg],
+                   [true, false, "Cancelled: no longer needed"]);
+});
+
+function recorder(up) {
+  const events = [];
+  up.oncancelled = () => events.push("cancelled");
+  up.onfinished = () => events.push("finished");
+  up.onerror = (u) => events.push("error " + u.error_code);
+  return events;
+}
+
+test("a cancel while disconnected reconnects with backoff, then ends as the server says", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const events = recorder(up);
+  const first = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  first.drop();
+  up.cancel("gone");
+  assert.deepEqual(events, []);
+  assert.deepEqual([up.cancelling, up.cancelled, up.state_msg], [true, false, "Cancelling"]);
+  assert.equal(env.sockets.length, 2, "the cancel connects at once, not after the retry delay");
+  env.sockets[1].drop(); // the server is unreachable
+  assert.match(up.state_msg, /^Cancelling; retrying in \d+ s$/);
+  assert.ok(env.fire() <= 1250);
+  env.sockets[2].drop();
+  const second = env.fire();
+  assert.ok(second >= 1500 && second <= 2500, `the existing backoff: ${second} ms`);
+  assert.deepEqual(events, []);
+  const socket = env.sockets[3];
+  socket.open();
+  // the first cancel reached the server before the connection died: nothing left to cancel
+  socket.receive("MsgError", { ErrorCode: 12, Msg: "this upload was cancelled: gone" });
+  assert.deepEqual(events, ["cancelled"]);
+  assert.deepEqual([up.cancelled, up.cancelling, up.cancel_msg, up.error_code],
+                   [true, false, "gone", 0]);
+  assert.equal(env.timers.filter((t) => !t.cleared && !t.fired).length, 0);
+});
+
+test("a cancel the server answers with TICKET_FINISHED (11) ends in onfinished", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const events = recorder(up);
+  await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  up.pause("pause");
+  up.cancel("too slow");
+  const socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished" });
+  assert.deepEqual(events, ["finished"]);
+  assert.deepEqual([up.finished, up.cancelled, up.cancelling, up.state_msg],
+                   [true, false, false, "Finished"]);
+});
+
+test("a cancel answered with TOO_LATE (16) waits for the handover's result", async () => {
+  const env = load();
+  // the result on the same connection
+  const up = new env.incoming.Uploader("t", file(2048));
+  const events = recorder(up);
+  const first = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
+  first.drop(); // both chunks were stored; the handover started
+  up.cancel("stop");
+  let socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 2048, SendAhead: 2 });
+  assert.equal(socket.messages("MsgCancel").length, 1);
+  socket.receive("MsgError", { ErrorCode: 16, Msg: "upload is handover; too late to cancel" });
+  assert.deepEqual(events, []);
+  assert.deepEqual([up.cancelling, up.cancelled, up.finished, up.can_cancel],
+                   [false, false, false, false]);
+  socket.receive("MsgAllDone", { Success: true });
+  assert.deepEqual(events, ["finished"]);
+  assert.deepEqual([up.finished, up.cancelled, up.state_msg], [true, false, "Finished"]);
+  // the server closes after the MsgError: the next connection learns the result
+  const other = new env.incoming.Uploader("u", file(2048));
+  const others = recorder(other);
+  (await confirmed(env, other, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 })).drop();
+  other.cancel("stop");
+  socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 2048, SendAhead: 2 });
+  socket.receive("MsgError", { ErrorCode: 16, Msg: "upload is handover; too late to cancel" });
+  socket.drop();
+  assert.match(other.state_msg, /retrying in \d+ s$/);
+  env.fire();
+  socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 2048, SendAhead: 2 });
+  assert.deepEqual(socket.messages("MsgCancel"), [], "the cancel is over: not sent again");
+  assert.equal(other.state_msg, "Handing over");
+  socket.receive("MsgError", { ErrorCode: 30, Msg: "the backend did not take the file" });
+  assert.deepEqual(others, ["error 30"]);
+});
+
+test("a cancel before start() ends at once without contacting the server", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(10));
+  const events = recorder(up);
+  up.cancel("never mind");
+  assert.deepEqual(events, ["cancelled"]);
+  assert.deepEqual([up.cancelled, up.cancelling, up.cancel_msg], [true, false, "never mind"]);
+  up.start();
+  assert.equal(env.sockets.length, 0);
 });
 
 test("cancel while transferring waits for MsgCancelAck", async () => {
