@@ -166,8 +166,8 @@
     }
     // Cancelled only when the server says so: it may have finished the upload meanwhile.
     s.cancelling = true;
-    if (s.paused || !s.connected) {
-      // no connection: open one at once (MsgCancel follows its MsgUploadConf)
+    if (!this._ws) {
+      // paused, or waiting to reconnect: connect at once (MsgCancel follows its MsgUploadConf)
       s.paused = false;
       this._retries = 0;
       this._connect();
@@ -195,10 +195,11 @@
 
   P._connect = function () {
     var self = this;
-    var generation = ++this._generation;
+    var generation;
     var ws;
+    this._drop_socket(); // one socket at a time: the server refuses a second one (13)
+    generation = ++this._generation;
     this._clear_retry();
-    this._confirmed = false;
     this._retry_why = "";
     this._queue = [];
     this._s.chunks_tx_now = 0;

@@ -292,6 +292,32 @@ test("a cancel before start() ends at once without contacting the server", () =>
   assert.equal(env.sockets.length, 0);
 });
 
+test("a cancel while the socket is still connecting reuses it: never two sockets", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const events = recorder(up);
+  up.start();
+  up.cancel("oops"); // the socket is still CONNECTING
+  assert.equal(env.sockets.length, 1, "no second connection");
+  assert.deepEqual([up.cancelling, up.cancelled, up.state_msg], [true, false, "Cancelling"]);
+  const socket = env.sockets[0];
+  assert.equal(socket.closed, false);
+  socket.open();
+  assert.equal(socket.messages("MsgUploadReq").length, 1);
+  assert.deepEqual(socket.messages("MsgCancel"), [], "not before MsgUploadConf");
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  await settle();
+  assert.deepEqual(socket.sent.map((m) => m.MsgType), ["MsgUploadReq", "MsgAck", "MsgCancel"]);
+  socket.receive("MsgCancelAck", { Ack: true });
+  assert.deepEqual(events, ["cancelled"]);
+  assert.equal(env.sockets.length, 1);
+  // and a new connection (as a reconnect makes) drops any socket still there
+  const other = new env.incoming.Uploader("u", file(4096));
+  other.start();
+  other._connect();
+  assert.deepEqual(env.sockets.slice(1).map((s) => s.closed), [true, false]);
+});
+
 test("cancel while transferring waits for MsgCancelAck", async () => {
   const env = load();
   const up = new env.incoming.Uploader("t", file(4096));
