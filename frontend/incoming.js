@@ -186,6 +186,8 @@
     }
     s.cancelled = true;
     s.cancel_msg = reason;
+    s.error_code = 0;
+    s.error_msg = "";
     s.state_msg = "Cancelled: " + reason;
     this._notify("onprogress");
     this._notify("oncancelled");
@@ -302,6 +304,8 @@
     if (type === "MsgUploadConf") {
       this._confirmed = true;
       this._retries = 0;
+      s.error_code = 0; // connected again: an error retried before is over
+      s.error_msg = "";
       this._chunk_size = data.ChunkSizeKB * 1024;
       this._send_ahead = data.SendAhead;
       s.bytes_acked = data.FilePos;
@@ -325,6 +329,8 @@
     } else if (type === "MsgAllDone") {
       s.finished = true;
       s.cancelling = false;
+      s.error_code = 0;
+      s.error_msg = "";
       s.bytes_acked = s.bytes_total;
       this._drop_socket();
       this._set_state("Finished");
@@ -348,6 +354,12 @@
       this._mark_cancelled(this._cancel_reason);
       return;
     }
+    if (code === 12) {
+      // cancelled while we were away (by the backend, an idle timeout...): not an error
+      this._drop_socket();
+      this._mark_cancelled(message);
+      return;
+    }
     if (code === 11) {
       // finished while we were away (the connection dropped before MsgAllDone), or
       // before our cancel reached the server: the backend has the file
@@ -365,8 +377,10 @@
     s.error_code = code;
     s.error_msg = message;
     if (RETRYABLE_ERRORS[code]) {
-      this._notify("onerror");
-      return; // the server closes; _closed retries
+      // not the end: retried like a lost connection (the server closes; _closed retries)
+      this._retry_why = "Interrupted: " + message;
+      this._notify("onprogress");
+      return;
     }
     this._fail(code, message);
   };

@@ -133,7 +133,7 @@ test("a lost connection retries after about 1 s, doubling to 60 s, and resumes a
   assert.ok(env.fire() <= 1250, "the backoff starts over after a successful connection");
 });
 
-test("error 13 (another connection) is retried; error 10 (unknown ticket) is final", async () => {
+test("error 13 (another connection) is retried, without onerror; error 10 (unknown ticket) is final", async () => {
   const env = load();
   const errors = [];
   const up = new env.incoming.Uploader("t", file(100));
@@ -146,9 +146,59 @@ test("error 13 (another connection) is retried; error 10 (unknown ticket) is fin
   env.sockets[1].open();
   env.sockets[1].receive("MsgError", { ErrorCode: 10, Msg: "unknown upload ticket" });
   env.sockets[1].drop();
-  assert.deepEqual(errors, [13, 10]);
+  assert.deepEqual(errors, [10]);
   assert.equal(up.state_msg, "Error: unknown upload ticket");
   assert.deepEqual([up.can_pause, up.can_cancel, up.finished], [false, false, false]);
+  assert.equal(env.timers.filter((t) => !t.cleared && !t.fired).length, 0);
+});
+
+test("errors 13 and 99 are retried without onerror; MsgUploadConf clears the error", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const events = recorder(up);
+  let socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  socket.drop();
+  for (const [code, msg] of [[13, "another connection is serving this upload"],
+                             [99, "internal server error"]]) {
+    env.fire();
+    socket = env.sockets.at(-1);
+    socket.open();
+    socket.receive("MsgError", { ErrorCode: code, Msg: msg });
+    socket.drop();
+    assert.deepEqual(events, [], `no onerror for ${code}`);
+    assert.deepEqual([up.error_code, up.error_msg], [code, msg]);
+    assert.equal(up.state_msg, `Interrupted: ${msg}; retrying in ${Math.round(env.timers.at(-1).ms / 1000)} s`);
+    assert.deepEqual([up.can_cancel, up.can_pause, up.cancelled, up.finished], [true, true, false, false]);
+  }
+  env.fire();
+  socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 1024, SendAhead: 1 });
+  await settle();
+  assert.deepEqual([up.error_code, up.error_msg, up.state_msg], [0, "", "Uploading"]);
+  socket.drop();
+  assert.match(up.state_msg, /^Connection lost; retrying in \d+ s$/);
+  assert.deepEqual(events, []);
+});
+
+test("a cancel learnt on reconnect (12) ends as cancelled with the server's message", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  const events = recorder(up);
+  (await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 })).drop();
+  env.fire();
+  env.sockets.at(-1).open();
+  env.sockets.at(-1).receive("MsgError", { ErrorCode: 13, Msg: "another connection is serving this upload" });
+  env.sockets.at(-1).drop();
+  env.fire();
+  const socket = env.sockets.at(-1);
+  socket.open();
+  socket.receive("MsgError", { ErrorCode: 12, Msg: "this upload was cancelled: expired" });
+  socket.drop();
+  assert.deepEqual(events, ["cancelled"]);
+  assert.deepEqual([up.cancelled, up.cancelling, up.cancel_msg, up.state_msg, up.error_code],
+                   [true, false, "this upload was cancelled: expired",
+                    "Cancelled: this upload was cancelled: expired", 0]);
   assert.equal(env.timers.filter((t) => !t.cleared && !t.fired).length, 0);
 });
 
