@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from .files import STATE_MODE, replace_file, write_all
+
 log = Logger()
 Record = dict[str, Any]
 COMPACT_AT_BYTES = 8 * 1024 * 1024
@@ -121,20 +123,15 @@ class TicketJournal:
             self._rewrite(live)
             return
         if self._fd is None:
-            self._fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-            )
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, STATE_MODE)
+        write_all(self._fd, data)
         self._size += len(data)
 
     def _rewrite(self, live: bytes | None = None) -> None:
         """Replace the journal by one holding only the live tickets."""
         data = b"".join(self._live.values()) if live is None else live
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_bytes(data)
-        os.replace(temporary, self.path)
+        replace_file(self.path, data)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

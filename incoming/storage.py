@@ -3,7 +3,11 @@
 A file is `<StorageDir>/<ticket>.part` while bytes arrive and `<StorageDir>/<ticket>`
 once complete and fsynced; `<StorageDir>/<ticket>.json` holds the upload's state,
 replaced atomically, so a restarted server carries on. Names come from the
-server's own ticket ids only.
+server's own ticket ids only. State files hold backend secrets: they are 0600,
+data files 0640, and a storage directory the server creates is 0750.
+
+An upload's file stays open only while a connection writes it, and at most
+MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 """
 
 from __future__ import annotations
@@ -11,23 +15,25 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from .files import DATA_MODE, DIRECTORY_MODE, Buffer, fsync_dir, replace_file
 from .journal import TicketJournal
 
 T = TypeVar("T")
-Buffer = bytes | bytearray | memoryview
 Record = dict[str, object]
 log = Logger()
+MAX_OPEN_FILES = 256
 
 
 @dataclass(frozen=True)
@@ -43,17 +49,26 @@ class Saved:
 class Storage:
     """Writes, completes and removes upload files under one directory."""
 
-    def __init__(self, root: Path, reactor: IReactorFromThreads, pool: ThreadPool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        reactor: IReactorFromThreads,
+        pool: ThreadPool,
+        max_open_files: int = MAX_OPEN_FILES,
+    ) -> None:
         self.root = root.absolute()
         self._reactor = reactor
         self._pool = pool
         self._locks: dict[str, DeferredLock] = {}
         self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
+        self._open: OrderedDict[str, None] = OrderedDict()  # uploads that may hold an fd, LRU
+        self._max_open_files = max_open_files
         self.journal = TicketJournal(self.root / "tickets.journal", reactor, pool)
 
     def prepare(self) -> None:
         """Create the storage directory (at start-up, before the reactor runs)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
 
     def part_path(self, upload_id: str) -> Path:
         return self.root / f"{_checked(upload_id)}.part"
@@ -101,18 +116,40 @@ class Storage:
         return lock.run(deferToThreadPool, self._reactor, self._pool, call, *args)
 
     def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]:
+        self._opening(upload_id)
         return self._run(upload_id, self._write, upload_id, offset, data)
+
+    def _opening(self, upload_id: str) -> None:
+        """Note that the upload's file is open; close the least recent past the bound."""
+        self._open[upload_id] = None
+        self._open.move_to_end(upload_id)
+        if len(self._open) > self._max_open_files:
+            oldest, _ = self._open.popitem(last=False)
+            self._run(oldest, self._close, oldest)  # after its queued writes
+
+    def release(self, upload_id: str) -> Deferred[None]:
+        """Close the upload's file once queued writes have landed (nobody is writing it)."""
+        self._open.pop(upload_id, None)
+        return self._run(upload_id, self._close, upload_id)
 
     def drain(self, upload_id: str) -> Deferred[None]:
         """Fires once every call queued so far for this upload has finished."""
         return self._run(upload_id, _nothing)
 
+    def drain_all(self) -> Deferred[list[None]]:
+        """Fires once every call queued so far, for any upload, has finished."""
+        return gatherResults(
+            [self.drain(upload_id) for upload_id, lock in list(self._locks.items()) if lock.locked]
+        )
+
     def complete(self, upload_id: str) -> Deferred[Path]:
         """Make the file durable and give it its final name; returns that path."""
+        self._open.pop(upload_id, None)
         return self._run(upload_id, self._complete, upload_id)
 
     def remove(self, upload_id: str) -> Deferred[None]:
         """Delete the upload's file, partial or complete, after queued writes."""
+        self._open.pop(upload_id, None)
         return self._run(upload_id, self._remove, upload_id)
 
     def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
@@ -129,7 +166,12 @@ class Storage:
         return d.addCallback(saved)
 
     async def discard(self, upload_id: str) -> None:
-        """Delete everything stored for an upload that is being forgotten."""
+        """Delete the state of an upload that is being forgotten, and a partial file.
+
+        A complete file is never touched: once handed over and kept
+        (`removeFileWhenFinished=false`) it belongs to the backend.
+        """
+        self._open.pop(upload_id, None)
         await self.journal.forget(upload_id)  # first: a crash must not bring back the ticket
         await self._run(upload_id, self._discard, upload_id)
 
@@ -148,7 +190,8 @@ class Storage:
     def _fd(self, upload_id: str) -> int:
         fd = self._fds.get(upload_id)
         if fd is None:
-            fd = os.open(self.part_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(self.part_path(upload_id), flags, DATA_MODE)
             self._fds[upload_id] = fd
         return fd
 
@@ -175,7 +218,7 @@ class Storage:
         finally:
             self._close(upload_id)
         os.replace(self.part_path(upload_id), final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
     def _remove(self, upload_id: str) -> None:
@@ -184,22 +227,11 @@ class Storage:
             path.unlink(missing_ok=True)
 
     def _save_state(self, upload_id: str, record: Record, sync: bool) -> None:
-        path = self.state_path(upload_id)
-        temporary = path.with_name(path.name + ".tmp")
-        data = json.dumps(record).encode("utf-8")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            os.write(fd, data)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        if sync:
-            _fsync_dir(self.root)
+        replace_file(self.state_path(upload_id), json.dumps(record).encode("utf-8"), sync)
 
     def _discard(self, upload_id: str) -> None:
-        self._remove(upload_id)
+        self._close(upload_id)
+        self.part_path(upload_id).unlink(missing_ok=True)
         self.state_path(upload_id).unlink(missing_ok=True)
 
 
@@ -212,11 +244,3 @@ def _checked(upload_id: str) -> str:
     if str(uuid.UUID(upload_id)) != upload_id:
         raise ValueError(f"not a canonical ticket id: {upload_id!r}")
     return upload_id
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,43 @@
+"""File helpers shared by storage and the journal: whole writes, atomic replacement.
+
+State files hold backend secrets and are created 0600; upload data is 0640.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+Buffer = bytes | bytearray | memoryview
+STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
+
+
+def write_all(fd: int, data: Buffer, write: Callable[[int, Buffer], int] = os.write) -> None:
+    """Write every byte: a short write (a full disk) must not leave a truncated file."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[write(fd, view) :]
+
+
+def replace_file(path: Path, data: bytes, sync: bool = False, mode: int = STATE_MODE) -> None:
+    """Give `path` the content `data` atomically; `sync` also makes it durable."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    if sync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
