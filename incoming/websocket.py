@@ -3,10 +3,15 @@
 Why not `twisted.web.websocket`: it assembles whole messages with no size cap
 before the application sees them, and wsproto's pure-Python unmasking costs
 about 3.7 CPU-seconds per GiB here. This decoder checks a frame's size from
-its header (close 1009 before buffering it), copies the payload into a
-buffer of the announced size, and unmasks that into the bytes handed on with
-the `websockets` package's C function (SIMD; about 20 GB/s here, for 0.4 MB
-of memory where numpy cost 11 MB).
+its header (close 1009 before buffering it), keeps the payload's pieces as
+they arrive (memory grows with the bytes received, never with the size a
+header announces), and unmasks them into the bytes handed on with the
+`websockets` package's C function (SIMD; about 20 GB/s here, for 0.4 MB of
+memory where numpy cost 11 MB).
+
+Replies (pongs, messages) that the peer does not read pause reading from it:
+the connection is its transport's producer, and one that keeps sending while
+its replies pile up is dropped.
 """
 
 from __future__ import annotations
@@ -17,17 +22,25 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from websockets.speedups import apply_mask
+from zope.interface import implementer
 
 log = Logger()
 
 READ_SIZE = 256 * 1024
+MAX_UNREAD_REPLIES = 1024 * 1024  # bytes written while the peer takes none; then it is dropped
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = (CONTINUATION, TEXT, BINARY)
@@ -76,6 +89,7 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return header + payload
 
 
+@implementer(IPushProducer)
 class WebSocketConnection(TwistedProtocol):
     """Decodes client frames, answers pings, and drops peers that stay silent."""
 
@@ -94,8 +108,11 @@ class WebSocketConnection(TwistedProtocol):
         self._timeout = timeout
         self._max = {BINARY: max_binary, TEXT: max_text}
         self._pending = b""  # an incomplete frame header
-        self._payload: bytearray | None = None  # the frame being filled
+        self._in_frame = False  # a header was read; its payload is arriving
+        self._parts: list[memoryview] = []  # the payload's pieces so far
+        self._size = 0  # the payload's announced size
         self._filled = 0
+        self._paused_writes: int | None = None  # bytes written since the peer stopped reading
         self._opcode = 0
         self._fin = True
         self._key = b""
@@ -108,6 +125,7 @@ class WebSocketConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+        IConsumer(self.transport).registerProducer(self, True)
         self._silence = self._clock.callLater(self._timeout / 2, self._on_silence)
         self.handler.connected(self)
 
@@ -115,15 +133,38 @@ class WebSocketConnection(TwistedProtocol):
         self.closing = True
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
-        self._payload = None
+        self._parts = []
         self._fragments = []
         self.handler.connection_lost()
+
+    # IPushProducer: the transport tells us when our replies are not being taken.
+
+    def pauseProducing(self) -> None:
+        self._paused_writes = 0
+        IPushProducer(self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused_writes = None
+        IPushProducer(self.transport).resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.closing = True
+
+    def _write(self, data: bytes) -> None:
+        if self._paused_writes is not None:
+            self._paused_writes += len(data)
+            if self._paused_writes > MAX_UNREAD_REPLIES:
+                log.info("WebSocket peer reads none of its replies; dropping it")
+                self.closing = True
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)
 
     # Sending
 
     def send_text(self, text: str) -> None:
         if not self.closing:
-            self.transport.write(frame(TEXT, text.encode("utf-8")))
+            self._write(frame(TEXT, text.encode("utf-8")))
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Send a close frame and hang up once it is written."""
@@ -131,7 +172,7 @@ class WebSocketConnection(TwistedProtocol):
             return
         self.closing = True
         payload = struct.pack("!H", code) + reason.encode("utf-8")[:120]
-        self.transport.write(frame(CLOSE, payload))
+        self._write(frame(CLOSE, payload))
         self.transport.loseConnection()
 
     # Keep-alive
@@ -143,7 +184,7 @@ class WebSocketConnection(TwistedProtocol):
             self.transport.abortConnection()
             return
         self._pinged = True
-        self.transport.write(frame(PING, b"incoming"))
+        self._write(frame(PING, b"incoming"))
         self._silence = self._clock.callLater(self._timeout / 2, self._on_silence)
 
     # Receiving
@@ -164,20 +205,20 @@ class WebSocketConnection(TwistedProtocol):
     def _consume(self, view: memoryview) -> None:
         pos, end = 0, len(view)
         while pos < end and not self.closing:
-            if self._payload is None:
+            if not self._in_frame:
                 used = self._parse_header(view[pos:])
                 if used == 0:
                     self._pending = bytes(view[pos:])
                     return
                 pos += used
-                if self._payload is not None and not self._payload:
+                if self._in_frame and self._size == 0:
                     self._frame_complete()
                 continue
-            take = min(end - pos, len(self._payload) - self._filled)
-            self._payload[self._filled : self._filled + take] = view[pos : pos + take]
+            take = min(end - pos, self._size - self._filled)
+            self._parts.append(view[pos : pos + take])
             self._filled += take
             pos += take
-            if self._filled == len(self._payload):
+            if self._filled == self._size:
                 self._frame_complete()
 
     def _parse_header(self, view: memoryview) -> int:
@@ -211,8 +252,7 @@ class WebSocketConnection(TwistedProtocol):
             return 0
         self._opcode, self._fin = opcode, fin
         self._key = bytes(view[used : used + 4])
-        self._payload = bytearray(size)
-        self._filled = 0
+        self._in_frame, self._size, self._filled = True, size, 0
         return used + 4
 
     def _check_data_frame(self, opcode: int, size: int) -> None:
@@ -232,11 +272,11 @@ class WebSocketConnection(TwistedProtocol):
             )
 
     def _frame_complete(self) -> None:
-        assert self._payload is not None
-        payload, opcode, fin = apply_mask(self._payload, self._key), self._opcode, self._fin
-        self._payload = None
+        masked = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        payload, opcode, fin = apply_mask(masked, self._key), self._opcode, self._fin
+        self._in_frame, self._parts = False, []
         if opcode == PING:
-            self.transport.write(frame(PONG, payload))
+            self._write(frame(PONG, payload))
         elif opcode == CLOSE:
             self._received_close(payload)
         elif opcode == PONG:
@@ -331,6 +371,9 @@ class WebSocketResource(Resource):
         )
         transport = request.channel.transport
         assert transport is not None
+        IConsumer(
+            transport
+        ).unregisterProducer()  # the HTTP channel was its producer; the connection is now
         request.channel._protocolUpgradeForWebsockets(connection)
         transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\n"
