@@ -7,13 +7,15 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from klein import Klein
+from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from .manager import UploadManager
-from .uploads import ErrorCode, Upload, UploadError
+from .uploads import ErrorCode, Upload, UploadError, clipped
 
+access_log = Logger(namespace="incoming.access")
 PREFIXES = ("/incoming", "/incoming/0.1")
 TEXT = "text/plain; charset=utf-8"
 _BOOLEANS = {
@@ -238,6 +240,14 @@ class IncomingSite(server.Site):
         self.max_body = max_body
 
     def log(self, request: http.Request) -> None:
-        """Access-log failed requests only; upload events have log lines of their own."""
+        """Access-log failed requests only, by path and status: never the query string
+        (old backends put `backendSecret` there) nor form values."""
         if request.code >= 400:
-            super().log(request)
+            client = request.getClientAddress()
+            access_log.info(
+                '{client} "{method} {path}" {code}',
+                client=getattr(client, "host", "-"),
+                method=request.method.decode("ascii", "replace"),
+                path=clipped(request.path.decode("ascii", "backslashreplace")),
+                code=request.code,
+            )

@@ -22,7 +22,10 @@ log = Logger()
 MAX_ANSWER_BYTES = 4096
 FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 8.0
-# Failures where the backend cannot have acted on the POST, and 5xx answers, are retried.
+# Connection failures and 5xx answers are retried. A connection lost after the request
+# was sent (ResponseNeverReceived) may hide a backend that took the file and whose
+# answer was lost: that is why a handover is delivered *at least* once, and a backend
+# must answer `done` again for an `id` it already has (README, "The handover").
 _RETRYABLE = (
     ConnectError,
     DNSLookupError,
@@ -82,9 +85,8 @@ class Backend:
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - self._clock.seconds()
             try:
-                return await self._attempt(upload, filename, remaining)
+                return await self._attempt(upload, filename, deadline)
             except _Retry as e:
                 if self._clock.seconds() + delay >= deadline:
                     raise HandoverFailed(f"{e} (after {attempt} attempts)") from None
@@ -97,15 +99,16 @@ class Backend:
                 await deferLater(self._clock, delay, lambda: None)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
 
-    async def _attempt(self, upload: Upload, filename: str, timeout: float) -> str:
+    async def _attempt(self, upload: Upload, filename: str, deadline: float) -> str:
+        """One POST; its answer, body included, must arrive by `deadline`."""
         self.metrics.handover_attempts += 1
         try:
-            response = await self._post(upload, filename, None, timeout)
+            response = await self._post(upload, filename, None, deadline - self._clock.seconds())
             if response.code >= 500:
                 raise _Retry(f"backend answered HTTP {response.code}")
             if response.code != 200:
                 raise HandoverFailed(f"backend answered HTTP {response.code}")
-            body = await self._read_answer(response, timeout)
+            body = await self._read_answer(response, deadline - self._clock.seconds())
         except _RETRYABLE as e:
             raise _Retry(f"cannot reach backend: {e.__class__.__name__}") from None
         except (TimeoutError, CancelledError):

@@ -15,12 +15,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .config import Config
+from .files import Buffer
 from .handover import Backend, HandoverFailed
 from .metrics import Metrics
-from .storage import Buffer, Storage
-from .uploads import ErrorCode, Phase, Registry, Session, Upload, UploadError
+from .storage import Storage
+from .uploads import ErrorCode, Phase, Registry, Session, Upload, UploadError, clipped
 
 log = Logger()
+HANDOVER_FAILED_TEXT = "handover failed: the backend did not take the file"
 
 
 class UploadManager:
@@ -43,6 +45,7 @@ class UploadManager:
         self.metrics = metrics or Metrics()
         self._idle: dict[str, IDelayedCall] = {}
         self._confirm: dict[str, IDelayedCall] = {}
+        self._unsaved: set[str] = set()  # uploads changed since their state was last saved
         self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> Deferred[Any]:
@@ -61,7 +64,7 @@ class UploadManager:
 
     async def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
         upload = self.registry.create(signal_finish_url, backend_secret, remove)
-        self._touch(upload)
+        self._arm_idle(upload, self.config.max_idle)
         try:
             await self.storage.record_ticket(upload.id, upload.to_record())
         except OSError:
@@ -72,6 +75,7 @@ class UploadManager:
         return upload
 
     def _save(self, upload: Upload, sync: bool = False) -> Deferred[None]:
+        self._unsaved.discard(upload.id)
         return self.storage.save_state(upload.id, upload.to_record(), sync)
 
     def _save_soon(self, upload: Upload, sync: bool = False) -> Deferred[None]:
@@ -124,6 +128,7 @@ class UploadManager:
     def _touch(self, upload: Upload) -> None:
         """Restart the idle clock: it expires live uploads and forgets ended ones."""
         self._arm_idle(upload, self.config.max_idle)
+        self._unsaved.add(upload.id)
 
     def _arm_idle(self, upload: Upload, delay: float) -> None:
         delay = max(delay, 0)
@@ -143,6 +148,7 @@ class UploadManager:
         del self._idle[upload.id]
         if upload.phase.final:
             self.registry.forget(upload)
+            self._unsaved.discard(upload.id)
             self._spawn(self._discard(upload))
         elif upload.phase is Phase.RECEIVING:
             log.info("upload {id} expired after {s:g} s idle", id=upload.id, s=self.config.max_idle)
@@ -169,7 +175,7 @@ class UploadManager:
             "upload {id} {how}: {name!r}, {n} bytes",
             id=upload.id,
             how="resumed" if resumed else "connected",
-            name=browser_name,
+            name=clipped(browser_name),
             n=length,
         )
         return upload
@@ -190,6 +196,7 @@ class UploadManager:
     def disconnect(self, upload: Upload, session: Session, paused: bool) -> None:
         upload.disconnect(session)
         if not upload.phase.final:
+            self.storage.release(upload.id)  # no fd held for an upload nobody is sending
             self._save_soon(upload)  # keeps the idle deadline
             log.info(
                 "upload {id} {how} at {n} bytes",
@@ -234,7 +241,7 @@ class UploadManager:
         """Make the file final and hand it over (again, after a restart)."""
         if upload.phase is Phase.RECEIVING:
             upload.start_handover()
-            self._save_soon(upload)
+            self._save_soon(upload, sync=True)
             log.info("upload {id} complete: {n} bytes stored", id=upload.id, n=upload.stored)
         try:
             path = await self.storage.complete(upload.id)
@@ -245,8 +252,9 @@ class UploadManager:
         try:
             answer = await self.backend.hand_over(upload, str(path))
         except HandoverFailed as e:
+            # The details stay in the log: the browser may have aimed the ticket anywhere.
             log.info("upload {id}: handover failed: {why}", id=upload.id, why=str(e))
-            await self._fail(upload, ErrorCode.HANDOVER_FAILED, f"handover failed: {e}")
+            await self._fail(upload, ErrorCode.HANDOVER_FAILED, HANDOVER_FAILED_TEXT)
             return
         if upload.phase is not Phase.HANDOVER:  # a failure elsewhere ended it meanwhile
             return
@@ -283,36 +291,43 @@ class UploadManager:
         if upload.session is not None:
             upload.session.upload_done()
 
-    # Cancellation
+    # Cancellation: the browser hears at once; the file goes next; the backend last.
 
     async def cancel_by_backend(self, upload: Upload) -> None:
+        """The backend's `cancel_upload`: answered once the file is gone."""
         upload.check_cancel()
-        await self._cancel(upload, "cancelled by the backend", tell_backend=False)
-
-    async def cancel_by_frontend(self, upload: Upload, reason: str) -> None:
-        """The connected browser's own `MsgCancel`: it gets `MsgCancelAck`, not a notice."""
-        upload.check_cancel()
-        await self._cancel(upload, reason or "cancelled by the user", tell_frontend=False)
-
-    async def _cancel(
-        self, upload: Upload, reason: str, tell_backend: bool = True, tell_frontend: bool = True
-    ) -> None:
+        reason = "cancelled by the backend"
         self._end(upload, reason)
-        await self._remove_file(upload)
-        if tell_frontend and upload.session is not None:
+        if upload.session is not None:
             upload.session.upload_cancelled(reason)
-        if tell_backend:
-            await self.backend.notify_cancelled(upload, reason)
+        await self._remove_file(upload)
+
+    def cancel_by_frontend(self, upload: Upload, reason: str) -> None:
+        """The connected browser's own `MsgCancel`: its session acknowledges it at once."""
+        upload.check_cancel()
+        reason = reason or "cancelled by the user"
+        self._end(upload, reason)
+        self._spawn(self._clean_up(upload, reason))
+
+    async def _cancel(self, upload: Upload, reason: str) -> None:
+        """The server ends an upload (idle timeout): the browser gets `MsgCancel`."""
+        self._end(upload, reason)
+        if upload.session is not None:
+            upload.session.upload_cancelled(reason)
+        await self._clean_up(upload, reason)
 
     async def _fail(self, upload: Upload, code: ErrorCode, message: str) -> None:
         """An error ends the upload: the browser gets `MsgError`, the backend a notice."""
         if upload.phase.final:
             return
         self._end(upload, message)
-        await self._remove_file(upload)
         if upload.session is not None:
             upload.session.upload_failed(code, message)
-        await self.backend.notify_cancelled(upload, message)
+        await self._clean_up(upload, message)
+
+    async def _clean_up(self, upload: Upload, reason: str) -> None:
+        await self._remove_file(upload)
+        await self.backend.notify_cancelled(upload, reason)
 
     def _end(self, upload: Upload, reason: str) -> None:
         upload.cancel(reason)
@@ -321,7 +336,7 @@ class UploadManager:
             timer.cancel()
         self._touch(upload)
         self._save_soon(upload)
-        log.info("upload {id} cancelled: {reason}", id=upload.id, reason=reason)
+        log.info("upload {id} cancelled: {reason}", id=upload.id, reason=clipped(reason))
 
     async def _remove_file(self, upload: Upload) -> None:
         try:
@@ -332,6 +347,7 @@ class UploadManager:
     async def _discard(self, upload: Upload) -> None:
         await self.storage.discard(upload.id)
         self.storage.forget(upload.id)
+        log.info("upload {id} forgotten", id=upload.id)
 
     async def shutdown(self) -> None:
         """Stop timers, send browsers away (1001) and let queued disk work land.
@@ -346,8 +362,9 @@ class UploadManager:
         for upload in self.registry:
             if upload.session is not None:
                 upload.session.going_away()
-        for upload in self.registry:
-            await self.storage.drain(upload.id)
-        for upload in self.registry:
-            if not upload.phase.final:
-                await self._save(upload)
+        await self.storage.drain_all()
+        # Only what changed since it was saved: never-used tickets are in the journal.
+        for upload_id in list(self._unsaved):
+            changed = self.registry.get(upload_id)
+            if changed is not None:
+                await self._save(changed)

@@ -12,6 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+MAX_LOGGED_CHARS = 200
+
+
+def clipped(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """Client-supplied text as it may appear in a log line: short."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
 
 class ErrorCode(enum.IntEnum):
     """`MsgError` codes sent to the browser; the README lists them."""
@@ -23,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     BAD_LENGTH = 5  # LengthBytes missing, not an integer, or negative
     FRAME_TOO_LARGE = 6  # a frame larger than the chunk size (closed with 1009)
     SEND_AHEAD_EXCEEDED = 7  # more unacknowledged chunks than SendAhead
+    NO_UPLOAD_REQUEST = 8  # no MsgUploadReq within WebsocketConnectionTimeoutS
     UNKNOWN_TICKET = 10
     TICKET_FINISHED = 11
     TICKET_CANCELLED = 12

@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import websocket
 from .manager import UploadManager
-from .uploads import ErrorCode, Upload, UploadError
+from .uploads import ErrorCode, Upload, UploadError, clipped
 
 log = Logger()
 
@@ -26,6 +27,7 @@ class Stage(enum.Enum):
 
 
 CLIENT_MESSAGES = frozenset({"MsgUploadReq", "MsgAck", "MsgPause", "MsgCancel", "MsgError"})
+MAX_REASON_CHARS = 500  # of a browser's cancel reason, kept and sent to the backend
 
 
 def message(msg_type: str, **data: Any) -> str:
@@ -43,15 +45,33 @@ class UploadSession:
         self.stage = Stage.AWAIT_REQUEST
         self.in_flight = 0
         self.paused = False
+        self._request_deadline: IDelayedCall | None = None
 
     # websocket.MessageHandler
 
     def connected(self, connection: websocket.WebSocketConnection) -> None:
         self.connection = connection
         self.manager.metrics.connections += 1
+        self._request_deadline = self.manager.clock.callLater(
+            self.config.ws_timeout, self._no_request
+        )
+
+    def _no_request(self) -> None:
+        self._request_deadline = None
+        if self.stage is Stage.AWAIT_REQUEST:
+            self.error(
+                ErrorCode.NO_UPLOAD_REQUEST,
+                f"no MsgUploadReq within {self.config.ws_timeout:g} s",
+            )
+
+    def _stop_request_deadline(self) -> None:
+        if self._request_deadline is not None and self._request_deadline.active():
+            self._request_deadline.cancel()
+        self._request_deadline = None
 
     def connection_lost(self) -> None:
         self.manager.metrics.connections -= 1
+        self._stop_request_deadline()
         self.stage = Stage.ENDED
         if self.upload is not None:
             self.manager.disconnect(self.upload, self, self.paused)
@@ -118,7 +138,7 @@ class UploadSession:
             reason = data.get("Reason", "")
             self._cancel(reason if isinstance(reason, str) else "")
         else:  # MsgError
-            log.info("upload {id}: browser reports error {d!r}", id=self._id(), d=data)
+            log.info("upload {id}: browser reports error {d}", id=self._id(), d=clipped(repr(data)))
 
     def _upload_request(self, data: dict[str, Any]) -> None:
         ticket, length, name = data.get("Id"), data.get("LengthBytes"), data.get("Name", "")
@@ -130,6 +150,7 @@ class UploadSession:
             )
         if not isinstance(name, str):
             raise UploadError(ErrorCode.MALFORMED_MESSAGE, "Name is not a string")
+        self._stop_request_deadline()
         self.upload = self.manager.connect(ticket, self, length, name[:4096])
         self.stage = Stage.CONNECTING
         ensureDeferred(self._confirm(self.upload)).addErrback(self._internal_error)
@@ -167,30 +188,25 @@ class UploadSession:
         d.addCallbacks(stored, lambda _: None)  # a storage failure arrives as upload_failed
 
     def _cancel(self, reason: str) -> None:
+        """Acknowledged at once; the file's removal and the backend's notice follow."""
         assert self.upload is not None
-        self.stage = Stage.ENDED
-        d = ensureDeferred(self.manager.cancel_by_frontend(self.upload, reason))
-
-        def acknowledged(_: None) -> None:
-            self._send("MsgCancelAck", Ack=True)
-            self._close(websocket.NORMAL)
-
-        def refused(failure: Failure) -> None:
-            refusal = failure.value
-            if isinstance(refusal, UploadError):
-                self.stage = Stage.RECEIVING
-                self.error(refusal.code, refusal.message)
-            else:
-                self._internal_error(failure)
-
-        d.addCallbacks(acknowledged, refused)
+        try:
+            self.manager.cancel_by_frontend(self.upload, reason[:MAX_REASON_CHARS])
+        except UploadError as e:
+            self.error(e.code, e.message)
+            return
+        self._send("MsgCancelAck", Ack=True)
+        self._close(websocket.NORMAL)
 
     # Output
 
     def error(self, code: ErrorCode, text: str) -> None:
         """Tell the browser what went wrong and hang up; the upload stays as it is."""
         log.info(
-            "upload {id}: error {code} to browser: {text}", id=self._id(), code=int(code), text=text
+            "upload {id}: error {code} to browser: {text}",
+            id=self._id(),
+            code=int(code),
+            text=clipped(text),
         )
         self._send("MsgError", ErrorCode=int(code), Msg=text)
         self._close(websocket.POLICY)
