@@ -8,14 +8,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.defer import ensureDeferred
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 from incoming.config import Config
 
-from .harness import Backend, Server, start_backend, start_server
-
-CHUNK_KB = 4
-SEND_AHEAD = 3
+from .harness import CHUNK_KB, SEND_AHEAD, Backend, Server, start_backend, start_server
 
 
 @pytest.fixture
@@ -55,6 +53,19 @@ async def server(config: Config) -> AsyncIterator[Server]:
         await d
     await ensureDeferred(s.manager.shutdown())
     pool.stop()
+
+
+@pytest.fixture
+def server_log() -> Iterator[list[str]]:
+    """Every line the in-process server logs while the test runs."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.async_yield_fixture

@@ -30,6 +30,8 @@ from incoming.service import build_manager, build_site
 from incoming.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
+CHUNK_KB = 4  # small chunks and window: many chunks, many acks, in every test
+SEND_AHEAD = 3
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
@@ -43,7 +45,8 @@ class Backend:
     port: int = 0
     app: Klein = field(default_factory=Klein)
     answers: list[tuple[int, bytes]] = field(default_factory=list)  # used first, in order
-    hold: bool = False  # never answer: the handover hangs until the server gives up or dies
+    hold: bool = False  # do not answer until `release()`: the caller hangs meanwhile
+    held: list[Deferred[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         @self.app.route("/handover", methods=["POST"])
@@ -53,10 +56,18 @@ class Backend:
             fields["_query"] = request.uri.decode().partition("?")[2]
             self.posts.put(fields)
             if self.hold:
-                return Deferred()
+                held: Deferred[bytes] = Deferred()
+                self.held.append(held)
+                return held
             status, answer = self.answers.pop(0) if self.answers else (self.status, self.answer)
             request.setResponseCode(status)
             return answer
+
+    def release(self) -> None:
+        """Answer the held requests (`done`) and stop holding."""
+        self.hold = False
+        while self.held:
+            self.held.pop(0).callback(self.answer)
 
     @property
     def url(self) -> str:
@@ -158,19 +169,36 @@ class Daemon(ProcessProtocol):
 
 
 async def run_daemon(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, max_files: int | None = None
 ) -> tuple[Daemon, Any, int]:
+    """`twistd -n ARGS`; `max_files` lowers its limit of open files (RLIMIT_NOFILE)."""
     daemon = Daemon()
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    command = [TWISTD, "-n", "--pidfile=", *args]
+    if max_files is not None:
+        limit = (
+            f"import os, resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({max_files},) * 2)"
+        )
+        command = [sys.executable, "-c", f"{limit}; os.execv({TWISTD!r}, {command!r})"]
     process = reactor.spawnProcess(  # type: ignore[attr-defined]
-        daemon,
-        TWISTD,
-        [TWISTD, "-n", "--pidfile=", *args],
-        env=environment,
-        path=str(cwd),
+        daemon, command[0], command, env=environment, path=str(cwd)
     )
     port = await daemon.listening
     return daemon, process, port
+
+
+async def start_daemon(
+    storage: Path, cwd: Path, stopper: list[Any], *extra: str, max_files: int | None = None
+) -> tuple[Daemon, Any, Server]:
+    """`twistd -n incoming` on a free loopback port, with the tests' chunk settings."""
+    daemon, process, port = await run_daemon(
+        ["incoming", "--listen", "tcp:0:interface=127.0.0.1", "--storage-dir", str(storage),
+         "--chunk-size-kb", str(CHUNK_KB), "--send-ahead", str(SEND_AHEAD), *extra],
+        cwd,
+        max_files=max_files,
+    )  # fmt: skip
+    stopper.append(process)
+    return daemon, process, Server(manager=None, port=port, storage_dir=storage)  # type: ignore[arg-type]
 
 
 async def stop_daemon(daemon: Daemon, process: Any) -> None:

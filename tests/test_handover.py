@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 
 from incoming.handover import Backend as HandoverBackend
 from incoming.handover import HandoverFailed
+from incoming.manager import HANDOVER_FAILED_TEXT
 from incoming.uploads import ErrorCode, Upload
 
 from .harness import Backend, Server, upload_request, upload_small
@@ -181,12 +182,15 @@ async def raw_backend() -> AsyncIterator[Any]:
     await port.stopListening()
 
 
-async def upload_and_expect_handover_error(server: Server, url: str) -> str:
+async def upload_and_expect_handover_error(server: Server, url: str, log: list[str]) -> str:
+    """The browser gets a fixed text; the server's log says what the backend did."""
     ticket, client = await upload_small(server, url, b"abc", removeFileWhenFinished="false")
     data = await client.expect_error(ErrorCode.HANDOVER_FAILED)
-    assert server.files() == {}  # even with removeFileWhenFinished=false
+    assert data["Msg"] == HANDOVER_FAILED_TEXT
     await server.settled()
-    return str(data["Msg"])
+    assert server.files() == {}  # even with removeFileWhenFinished=false
+    [line] = [line for line in log if f"upload {ticket}: handover failed:" in line]
+    return line
 
 
 @pytest.mark.parametrize(
@@ -205,10 +209,10 @@ async def upload_and_expect_handover_error(server: Server, url: str) -> str:
 )
 @pytest_twisted.ensureDeferred
 async def test_broken_answers_fail_the_handover_cleanly(
-    server: Server, raw_backend: Any, raw: bytes, message: str
+    server: Server, raw_backend: Any, raw: bytes, message: str, server_log: list[str]
 ) -> None:
     Canned.answer = raw
-    text = await upload_and_expect_handover_error(server, raw_backend.url)
+    text = await upload_and_expect_handover_error(server, raw_backend.url, server_log)
     assert message in text
     assert raw_backend.posts >= 2  # the handover, then the cancellation notice
 
@@ -225,15 +229,15 @@ async def test_chunked_done_is_accepted(server: Server, raw_backend: Any) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_garbage_answer_cancels_and_notifies_backend(
-    server: Server, backend: Backend
+    server: Server, backend: Backend, server_log: list[str]
 ) -> None:
     backend.answer = b"I am a teapot"
-    message = await upload_and_expect_handover_error(server, backend.url)
-    assert "not done or wait" in message
+    message = await upload_and_expect_handover_error(server, backend.url, server_log)
+    assert "not done or wait" in message and "teapot" in message
     handover, notice = await backend.posts.get(), await backend.posts.get()
     assert handover["cancelled"] == "no" and handover["filename"].endswith(handover["id"])
     assert notice["cancelled"] == "yes" and notice["filename"] == ""
-    assert "not done or wait" in notice["cancelReason"]
+    assert notice["cancelReason"] == HANDOVER_FAILED_TEXT
 
 
 @pytest_twisted.ensureDeferred
@@ -282,3 +286,57 @@ def test_a_body_broken_midway_is_not_retried() -> None:
     d.addErrback(failures.append)
     assert failures[0].check(HandoverFailed)
     assert len(http.posts) == 1
+
+
+class EndlessBody(FakeResponse):
+    """Headers arrive; the body never ends."""
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(None)
+        protocol.dataReceived(b"do")
+
+
+def test_the_answer_and_its_body_share_one_deadline() -> None:
+    clock = Clock()
+    headers: Deferred[Any] = Deferred()
+    d = run(clock, HandoverBackend(ScriptedHTTP(headers), clock, timeout=55), an_upload())
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    clock.advance(50)
+    headers.callback(EndlessBody(200, b"done"))  # the status line comes late; the body stalls
+    clock.advance(4.9)
+    assert not failures
+    clock.advance(0.1)  # 55 s after the POST started, not 55 s after the headers
+    assert failures and failures[0].check(HandoverFailed)
+
+
+class AnswerLostOnce(Protocol):
+    """The first request is read and the connection dropped (as if the answer
+    was lost after the backend acted); later ones are answered `done`."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data or self.transport is None:
+            return
+        factory: Any = self.factory  # type: ignore[attr-defined]
+        factory.bodies.append(data.partition(b"\r\n\r\n")[2])
+        if len(factory.bodies) == 1:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+            self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handover_whose_answer_was_lost_is_posted_again(server: Server) -> None:
+    """At least once: the backend sees the same `id` twice and answers `done` again."""
+    factory = Factory.forProtocol(AnswerLostOnce)
+    factory.bodies = []  # type: ignore[attr-defined]
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    url = f"http://127.0.0.1:{port.getHost().port}/h"
+    ticket, client = await upload_small(server, url, b"abc", removeFileWhenFinished="false")
+    await client.expect("MsgAllDone")
+    await port.stopListening()
+    bodies = factory.bodies  # type: ignore[attr-defined]
+    assert len(bodies) == 2 and bodies[0] == bodies[1]
+    assert f"id={ticket}".encode() in bodies[0]
+    assert server.files() == {ticket: b"abc"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,16 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 
+from incoming import websocket
 from incoming.config import Config
+from incoming.files import write_all
 from incoming.manager import UploadManager
 from incoming.storage import Storage
 from incoming.uploads import ErrorCode, Phase, Registry, Upload
+from incoming.ws import UploadSession
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .harness import Backend, Server, connect, send_all, start_server, upload_request
@@ -54,11 +60,14 @@ class Session:
 
 
 def make_manager(
-    tmp_path: Path, pool: ThreadPool, backend: RecordingBackend
+    tmp_path: Path,
+    pool: ThreadPool,
+    backend: RecordingBackend,
+    storage_class: type[Storage] = Storage,
 ) -> tuple[UploadManager, Clock]:
     clock = Clock()
     config = Config(storage_dir=tmp_path, max_idle=100, handover_confirm_timeout=30)
-    storage = Storage(tmp_path, reactor, pool)
+    storage = storage_class(tmp_path, reactor, pool)
     return UploadManager(config, Registry(), storage, backend, clock), clock  # type: ignore[arg-type]
 
 
@@ -67,11 +76,16 @@ def data_files(path: Path) -> list[Path]:
 
 
 async def begin(
-    tmp_path: Path, pool: ThreadPool, answer: str, length: int, remove: bool
+    tmp_path: Path,
+    pool: ThreadPool,
+    answer: str,
+    length: int,
+    remove: bool,
+    storage_class: type[Storage] = Storage,
 ) -> tuple[UploadManager, Clock, RecordingBackend, Upload, Session]:
     """A manager on a Clock with one upload, its browser connected."""
     backend = RecordingBackend(answer)
-    manager, clock = make_manager(tmp_path, pool, backend)
+    manager, clock = make_manager(tmp_path, pool, backend, storage_class)
     upload = await ensureDeferred(manager.create("http://b/h", "", remove))
     session = Session()
     manager.connect(upload.id, session, length, "n")
@@ -194,3 +208,101 @@ async def test_length_beyond_free_space_is_refused(server: Server, backend: Back
     client, conf = await upload_request(server, ticket, 1)
     assert conf["FilePos"] == 0
     client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forgetting_a_finished_ticket_keeps_the_file_the_backend_kept(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    manager, clock, backend, upload, session = await begin(tmp_path, pool, "done", 3, False)
+    await manager.receive_chunk(upload, b"abc")
+    await settle(manager)
+    assert upload.phase is Phase.FINISHED
+    clock.advance(100)  # the finished ticket is forgotten
+    await settle(manager)
+    assert manager.registry.get(upload.id) is None
+    assert not (tmp_path / f"{upload.id}.json").exists()
+    assert (tmp_path / upload.id).read_bytes() == b"abc"  # the backend's now
+
+
+class SyncRecorder(Storage):
+    """Records, for each saved state, its phase and whether it was made durable."""
+
+    saves: list[tuple[object, bool]]
+
+    def _save_state(self, upload_id: str, record: Any, sync: bool) -> None:
+        self.saves = [*getattr(self, "saves", []), (record["phase"], sync)]
+        super()._save_state(upload_id, record, sync)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_handover_start_and_end_are_saved_durably(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    manager, clock, backend, upload, session = await begin(
+        tmp_path, pool, "done", 3, True, SyncRecorder
+    )
+    await manager.receive_chunk(upload, b"abc")
+    await settle(manager)
+    saves = manager.storage.saves  # type: ignore[attr-defined]
+    assert ("handover", True) in saves and ("finished", True) in saves
+
+
+def test_a_connection_without_upload_request_is_dropped_at_the_timeout(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    manager, clock = make_manager(tmp_path, pool, RecordingBackend())
+    transports = []
+    for _ in range(2):
+        transport = StringTransport()
+        connection = websocket.WebSocketConnection(
+            UploadSession(manager), clock, manager.config.ws_timeout, 1024
+        )
+        connection.makeConnection(transport)
+        transports.append(transport)
+    answering = transports[1]
+    clock.advance(manager.config.ws_timeout - 1)
+    assert not transports[0].disconnecting
+    clock.advance(1)
+    assert b'"ErrorCode":%d' % ErrorCode.NO_UPLOAD_REQUEST in transports[0].value()
+    assert transports[0].disconnecting
+    assert answering.disconnecting  # the other one said nothing either
+
+
+def test_short_writes_are_carried_on_until_every_byte_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        write_all(fd, b"0123456789" * 10, lambda fd, view: os.write(fd, view[:3]))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"0123456789" * 10
+
+
+def open_part_files(directory: Path) -> int:
+    """How many of this process's fds are upload files under `directory`."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the fd that listed the directory
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            count += link.startswith(str(directory)) and link.endswith(".part")
+    return count
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_files_stay_open_only_while_written_and_within_a_bound(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    storage = Storage(tmp_path, reactor, pool, max_open_files=2)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for upload_id in ids:
+        await storage.write(upload_id, 0, b"x")
+    await storage.drain_all()
+    assert open_part_files(tmp_path) == 2  # the least recently written one was closed
+    await storage.release(ids[2])  # its connection went away
+    assert open_part_files(tmp_path) == 1
+    await storage.write(ids[0], 1, b"y")  # reopened as needed
+    assert (tmp_path / f"{ids[0]}.part").read_bytes() == b"xy"
+    for upload_id in ids:
+        await storage.release(upload_id)
+    assert open_part_files(tmp_path) == 0

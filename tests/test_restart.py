@@ -15,13 +15,12 @@ from twisted.internet import threads
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .harness import (
     Backend,
-    Daemon,
     Server,
     acked_upload,
     complete_upload,
     connect,
-    run_daemon,
     send_all,
+    start_daemon,
     stop_daemon,
     upload_request,
     upload_small,
@@ -31,25 +30,13 @@ from .test_websocket import client_frame, handshake
 CHUNK = CHUNK_KB * 1024
 
 
-async def start(
-    storage: Path, cwd: Path, stopper: list[Any], *extra: str
-) -> tuple[Daemon, Any, Server]:
-    daemon, process, port = await run_daemon(
-        ["incoming", "--listen", "tcp:0:interface=127.0.0.1", "--storage-dir", str(storage),
-         "--chunk-size-kb", str(CHUNK_KB), "--send-ahead", str(SEND_AHEAD), *extra],
-        cwd,
-    )  # fmt: skip
-    stopper.append(process)
-    return daemon, process, Server(manager=None, port=port, storage_dir=storage)  # type: ignore[arg-type]
-
-
 @pytest_twisted.ensureDeferred
 async def test_sigkill_mid_upload_then_resume_is_byte_identical(
     tmp_path: Path, backend: Backend, stopper: list[Any]
 ) -> None:
     storage = tmp_path / "s"
     data = os.urandom(20 * CHUNK + 11)
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     ticket = await server.new_upload(backend.url, removeFileWhenFinished="false", backendSecret="k")
     client, _ = await upload_request(server, ticket, len(data), name="big.bin")
     client.send("MsgAck", Ack=True)
@@ -59,7 +46,7 @@ async def test_sigkill_mid_upload_then_resume_is_byte_identical(
     await daemon.kill(process)
     await client.closed
 
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     resumed, conf = await upload_request(server, ticket, len(data), name="big.bin")
     position = conf["FilePos"]
     assert 5 * CHUNK <= position <= (5 + SEND_AHEAD) * CHUNK
@@ -83,7 +70,7 @@ async def test_sigkill_during_handover_redoes_it_with_the_whole_file(
 ) -> None:
     storage = tmp_path / "s"
     data = os.urandom(3 * CHUNK)
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
     client, _ = await upload_request(server, ticket, len(data))
     client.send("MsgAck", Ack=True)
@@ -94,7 +81,7 @@ async def test_sigkill_during_handover_redoes_it_with_the_whole_file(
     await daemon.kill(process)
 
     backend.hold = False
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     again = await backend.posts.get()
     assert (again["id"], again["cancelled"], again["size"]) == (ticket, "no", str(len(data)))
     assert (storage / ticket).read_bytes() == data
@@ -114,7 +101,7 @@ async def test_sigkill_while_waiting_for_finish_upload(
     tmp_path: Path, backend: Backend, stopper: list[Any]
 ) -> None:
     storage = tmp_path / "s"
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     backend.answer = b"wait"
     ticket, client = await upload_small(server, backend.url, b"wxyz", backendSecret="k")
     first = await backend.posts.get()
@@ -122,7 +109,7 @@ async def test_sigkill_while_waiting_for_finish_upload(
     await daemon.logged(rb"handed over; backend asked to wait")
     await daemon.kill(process)
 
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     late, conf = await upload_request(server, ticket, 4)
     assert conf["FilePos"] == 4
     late.send("MsgAck", Ack=True)
@@ -140,7 +127,7 @@ async def test_uploads_expired_while_down_are_cancelled_at_start(
     tmp_path: Path, backend: Backend, stopper: list[Any]
 ) -> None:
     storage = tmp_path / "s"
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     ticket = await server.new_upload(backend.url, backendSecret="k")
     client, _ = await upload_request(server, ticket, 2 * CHUNK)
     client.send("MsgAck", Ack=True)
@@ -153,7 +140,7 @@ async def test_uploads_expired_while_down_are_cancelled_at_start(
     part = storage / f"{ticket}.part"
     os.utime(part, (part.stat().st_atime, part.stat().st_mtime - 43201))
 
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     notice = await backend.posts.get()
     assert (notice["id"], notice["cancelled"], notice["backendSecret"]) == (ticket, "yes", "k")
     assert "idle" in notice["cancelReason"]
@@ -169,7 +156,7 @@ async def test_sigterm_sends_browsers_away_with_1001_and_keeps_the_upload(
     tmp_path: Path, backend: Backend, stopper: list[Any]
 ) -> None:
     storage = tmp_path / "s"
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
     data = os.urandom(4 * CHUNK)
     sock = await threads.deferToThread(handshake, server.port)
@@ -200,7 +187,7 @@ async def test_sigterm_sends_browsers_away_with_1001_and_keeps_the_upload(
     close = received[received.rindex(b"\x88") :]
     assert struct.unpack_from("!H", close, 2)[0] == 1001
     await daemon.ended
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     resumed, conf = await upload_request(server, ticket, len(data))
     assert conf["FilePos"] == CHUNK
     await complete_upload(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
@@ -213,10 +200,10 @@ async def test_sigkill_right_after_ticket_creation_keeps_the_ticket(
     tmp_path: Path, backend: Backend, stopper: list[Any]
 ) -> None:
     storage = tmp_path / "s"
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     tickets = [await server.new_upload(backend.url, backendSecret=f"k{i}") for i in range(5)]
     await daemon.kill(process)
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     client, conf = await upload_request(server, tickets[3], 2)
     assert conf["FilePos"] == 0
     client.send("MsgAck", Ack=True)
@@ -233,7 +220,7 @@ async def test_an_upload_active_until_the_kill_is_not_expired_by_its_old_saved_d
     tmp_path: Path, backend: Backend, stopper: list[Any]
 ) -> None:
     storage = tmp_path / "s"
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     ticket, client, _ = await acked_upload(server, backend.url, 3 * CHUNK)
     await send_all(client, b"a" * CHUNK, CHUNK, SEND_AHEAD)
     await daemon.kill(process)
@@ -241,9 +228,31 @@ async def test_an_upload_active_until_the_kill_is_not_expired_by_its_old_saved_d
     record = json.loads(state.read_text())
     record["idle_deadline"] -= 43201  # saved at connect, long ago; bytes kept arriving since
     state.write_text(json.dumps(record))
-    daemon, process, server = await start(storage, tmp_path, stopper)
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
     resumed, conf = await upload_request(server, ticket, 3 * CHUNK)
     assert conf["FilePos"] == CHUNK
     await complete_upload(resumed, b"a" * 2 * CHUNK, CHUNK, SEND_AHEAD)
     assert backend.posts.pending[-1]["cancelled"] == "no"
     await stop_daemon(daemon, process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_the_backend_kept_outlives_its_forgotten_ticket(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
+    ticket, client = await upload_small(
+        server, backend.url, b"mine", removeFileWhenFinished="false"
+    )
+    await client.expect("MsgAllDone")
+    await daemon.kill(process)
+    state = storage / f"{ticket}.json"
+    record = json.loads(state.read_text())
+    record["idle_deadline"] -= 43201  # the finished ticket's time to be forgotten has come
+    state.write_text(json.dumps(record))
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
+    await daemon.logged(rf"upload {ticket} forgotten".encode())
+    await stop_daemon(daemon, process)
+    assert not state.exists()
+    assert (storage / ticket).read_bytes() == b"mine"  # the backend's file, untouched

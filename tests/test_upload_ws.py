@@ -253,8 +253,8 @@ async def test_frontend_cancel(server: Server, backend: Backend) -> None:
     client.send("MsgCancel", Reason="user changed their mind")
     assert await client.expect("MsgCancelAck") == {"Ack": True}
     assert await client.next() is None
+    notice = await backend.posts.get()  # told once the file is gone
     assert server.files() == {}
-    notice = await backend.posts.get()
     assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "user changed their mind")
     again = await connect(server.ws_url())
     again.send("MsgUploadReq", Id=ticket, LengthBytes=3 * CHUNK, Name="x")
@@ -299,3 +299,58 @@ async def test_cancel_of_an_upload_already_cancelled_says_so(
     upload.session = session
     client.send("MsgCancel", Reason="me too")
     await client.expect_error(ErrorCode.TICKET_CANCELLED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_cancel_while_chunks_stream_reaches_the_browser_as_msgcancel(
+    server: Server, backend: Backend
+) -> None:
+    ticket, client, _ = await acked_upload(server, backend.url, 400 * CHUNK, backendSecret="k")
+    for _ in range(SEND_AHEAD):
+        client.send_chunk(b"c" * CHUNK)
+    cancelled = None
+    messages = []
+    while (msg := await client.next()) is not None:
+        messages.append(msg["MsgType"])
+        if msg["MsgType"] == "MsgChunkAck":
+            client.send_chunk(b"c" * CHUNK)  # the window stays full: chunks are on the wire
+            if cancelled is None:
+                cancelled = treq.post(
+                    f"{server.base}/backend/cancel_upload",
+                    data={"id": ticket, "backendSecret": "k"},
+                )
+    assert (await cancelled).code == 200
+    assert messages[-1] == "MsgCancel"  # never MsgError 3 for chunks that were in flight
+    assert set(messages[:-1]) == {"MsgChunkAck"}
+    await server.settled()
+    assert server.files() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunks_behind_a_past_end_chunk_do_not_hide_its_error(
+    server: Server, backend: Backend
+) -> None:
+    ticket, client, _ = await acked_upload(server, backend.url, CHUNK)
+    client.send_chunk(b"a" * CHUNK)
+    client.send_chunk(b"b")  # past the end: the upload is cancelled
+    client.send_chunk(b"c")  # already on the wire: dropped quietly
+    messages = []
+    while (msg := await client.next()) is not None:
+        messages.append(msg)
+    assert messages[-1]["MsgType"] == "MsgError"
+    assert messages[-1]["MsgData"]["ErrorCode"] == ErrorCode.PAST_END
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_is_acknowledged_before_the_backend_answers_its_notice(
+    server: Server, backend: Backend
+) -> None:
+    ticket, client, _ = await acked_upload(server, backend.url, 3 * CHUNK)
+    backend.hold = True  # the backend never answers the cancellation notice
+    client.send("MsgCancel", Reason="x" * 20_000)
+    assert await client.expect("MsgCancelAck") == {"Ack": True}
+    notice = await backend.posts.get()
+    assert notice["cancelled"] == "yes"
+    assert notice["cancelReason"] == "x" * 500  # a browser's reason is kept short
+    assert server.manager.running  # the notice is still waiting for its answer
+    backend.release()
