@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from .metrics import Metrics
-from .uploads import Upload
+from .upload import Upload
 
 log = Logger()
 
@@ -60,23 +62,33 @@ def form_fields(upload: Upload, filename: str, cancel_reason: str | None) -> dic
     }
 
 
-class Backend:
-    """Talks to backends on behalf of uploads."""
+class Handover(Protocol):
+    """Tells backends about their uploads."""
+
+    async def hand_over(self, upload: Upload, filename: str) -> str:
+        """POST until the backend answers `done` or `wait` (returned), or raise HandoverFailed."""
+
+    async def notify_cancelled(self, upload: Upload, reason: str) -> None:
+        """One best-effort POST announcing a cancellation."""
+
+
+class HandoverClient:
+    """Handover over HTTP (treq), retrying within `timeout` seconds."""
 
     def __init__(
-        self, http: Any, clock: IReactorTime, timeout: float, metrics: Metrics | None = None
+        self, http: HTTPClient, clock: IReactorTime, timeout: float, metrics: Metrics
     ) -> None:
         self._http = http
         self._clock = clock
         self.timeout = timeout
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
 
     async def hand_over(self, upload: Upload, filename: str) -> str:
         """POST until the backend answers `done` or `wait` (returned), or raise."""
         try:
             return await self._hand_over(upload, filename)
         except HandoverFailed:
-            self.metrics.handover_failures += 1
+            self.metrics.handover_failures.inc()
             raise
 
     async def _hand_over(self, upload: Upload, filename: str) -> str:
@@ -101,7 +113,7 @@ class Backend:
 
     async def _attempt(self, upload: Upload, filename: str, deadline: float) -> str:
         """One POST; its answer, body included, must arrive by `deadline`."""
-        self.metrics.handover_attempts += 1
+        self.metrics.handover_attempts.inc()
         try:
             response = await self._post(upload, filename, None, deadline - self._clock.seconds())
             if response.code >= 500:
@@ -109,10 +121,12 @@ class Backend:
             if response.code != 200:
                 raise HandoverFailed(f"backend answered HTTP {response.code}")
             body = await self._read_answer(response, deadline - self._clock.seconds())
-        except _RETRYABLE as e:
-            raise _Retry(f"cannot reach backend: {e.__class__.__name__}") from None
         except (TimeoutError, CancelledError):
             raise HandoverFailed(f"backend gave no answer within {self.timeout:g} s") from None
+        except _RETRYABLE as e:
+            if self._clock.seconds() >= deadline:  # a request cut short by the deadline
+                raise HandoverFailed(f"backend gave no answer within {self.timeout:g} s") from None
+            raise _Retry(f"cannot reach backend: {e.__class__.__name__}") from None
         except (HandoverFailed, _Retry):
             raise
         # Anything else the backend can make happen (bad chunking, a short body,
@@ -158,7 +172,8 @@ class Backend:
         d = self._http.post(
             upload.signal_finish_url,
             data=form_fields(upload, filename, cancel_reason),
-            headers={"User-Agent": ["Incoming!!"]},
+            headers=Headers({"User-Agent": ["Incoming!!"]}),
+            allow_redirects=False,  # the backend answers itself; no hop to another URL
         )
         return _timed(d, timeout, self._clock)
 

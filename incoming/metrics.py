@@ -1,64 +1,79 @@
-"""Counters for `GET /incoming/metrics`, in Prometheus' text format."""
+"""What the server counts, for `GET /incoming/metrics` (Prometheus, via prometheus_client).
+
+Each service has its own registry (several servers in one process, as in the
+tests, must not share counters); the process collector adds CPU, memory and
+open file descriptors.
+"""
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 
-from .uploads import Phase, Upload
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from .upload import Phase
 
 WRITE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """What the server counts while it runs; uploads by state are read at render time."""
+    """The counters; uploads by state are counted when scraped."""
 
     def __init__(self) -> None:
-        self.tickets_created = 0
-        self.bytes_received = 0
-        self.chunks_stored = 0
-        self.handover_attempts = 0
-        self.handover_failures = 0
-        self.connections = 0
-        self.write_seconds_sum = 0.0
-        self.write_buckets = [0] * (len(WRITE_BUCKETS) + 1)
+        self.registry = registry = CollectorRegistry()
+        self.tickets_created = Counter(
+            "incoming_tickets_created", "Tickets given to backends.", registry=registry
+        )
+        self.bytes_received = Counter(
+            "incoming_bytes_received", "Bytes accepted from clients.", registry=registry
+        )
+        self.handover_attempts = Counter(
+            "incoming_handover_attempts", "POSTs to signalFinishURLs.", registry=registry
+        )
+        self.handover_failures = Counter(
+            "incoming_handover_failures", "Handovers that failed for good.", registry=registry
+        )
+        self.websocket_connections = Gauge(
+            "incoming_websocket_connections", "Open upload WebSockets.", registry=registry
+        )
+        self.chunk_write_seconds = Histogram(
+            "incoming_chunk_write_seconds",
+            "Time from a chunk's arrival to its being on disk.",
+            buckets=WRITE_BUCKETS,
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)
 
-    def observe_write(self, seconds: float) -> None:
-        """A chunk took `seconds` from arrival to being on disk."""
-        self.chunks_stored += 1
-        self.write_seconds_sum += seconds
-        self.write_buckets[bisect_left(WRITE_BUCKETS, seconds)] += 1
+    def count_uploads(self, phases: Callable[[], Tally[Phase]]) -> None:
+        """Count uploads by state from `phases` (once, by the one who has them)."""
+        self.registry.register(_UploadStates(phases))
 
-    def render(self, uploads: Iterable[Upload]) -> str:
-        states = dict.fromkeys((phase.value for phase in Phase), 0)
-        for upload in uploads:
-            states[upload.phase.value] += 1
-        lines = [
-            "# HELP incoming_uploads Uploads the server knows, by state.",
-            "# TYPE incoming_uploads gauge",
-            *(f'incoming_uploads{{state="{state}"}} {n}' for state, n in states.items()),
-            *_single("tickets_created_total", "counter", "Tickets given to backends.",
-                     self.tickets_created),
-            *_single("bytes_received_total", "counter", "Bytes accepted from browsers.",
-                     self.bytes_received),
-            *_single("handover_attempts_total", "counter", "POSTs to signalFinishURLs.",
-                     self.handover_attempts),
-            *_single("handover_failures_total", "counter", "Handovers that failed for good.",
-                     self.handover_failures),
-            *_single("websocket_connections", "gauge", "Open WebSocket connections.",
-                     self.connections),
-            "# HELP incoming_chunk_write_seconds Time from a chunk's arrival to its ack.",
-            "# TYPE incoming_chunk_write_seconds histogram",
-        ]  # fmt: skip
-        cumulative = 0
-        for bound, count in zip((*WRITE_BUCKETS, "+Inf"), self.write_buckets, strict=True):
-            cumulative += count
-            lines.append(f'incoming_chunk_write_seconds_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f"incoming_chunk_write_seconds_sum {self.write_seconds_sum:.6f}")
-        lines.append(f"incoming_chunk_write_seconds_count {self.chunks_stored}")
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def _single(name: str, kind: str, help_text: str, value: int) -> list[str]:
-    return [f"# HELP incoming_{name} {help_text}", f"# TYPE incoming_{name} {kind}",
-            f"incoming_{name} {value}"]  # fmt: skip
+class _UploadStates:
+    """`incoming_uploads{state=...}`, counted at scrape time."""
+
+    def __init__(self, phases: Callable[[], Tally[Phase]]) -> None:
+        self._phases = phases
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "incoming_uploads", "Uploads the server knows, by state.", labels=["state"]
+        )
+        counted = self._phases()
+        for phase in Phase:
+            gauge.add_metric([phase.value], counted[phase])
+        yield gauge

@@ -1,8 +1,7 @@
-"""`makeService`: composes the Incoming!! daemon from small builders."""
+"""`make_service`: composes the Incoming!! daemon from small builders."""
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 from treq.client import HTTPClient
@@ -13,21 +12,23 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import IResource
 
-from .api import IncomingApi, IncomingSite
+from .backend_api import BackendApi
+from .browser_api import BrowserApi
 from .config import Config
 from .frontend import Script
-from .handover import Backend
+from .handover import HandoverClient
 from .manager import UploadManager
 from .metrics import Metrics
-from .storage import Storage
-from .uploads import Registry
-from .websocket import WebSocketResource
-from .ws import UploadSession
+from .rfc6455 import WebSocketResource
+from .site import IncomingSite, url_tree
+from .storage import DiskStorage, Storage
+from .websocket_protocol import UploadProtocolSession
 
 
 class UploadService(Service):
-    """Runs the uploads: restores saved ones at start; at stop, sends browsers away
+    """Runs the uploads: restores saved ones at start; at stop, sends clients away
     (close code 1001), lets queued writes land, then stops the disk threads."""
 
     def __init__(self, manager: UploadManager, pool: ThreadPool) -> None:
@@ -38,10 +39,6 @@ class UploadService(Service):
         super().startService()
         self.pool.start()
         self.manager.restore()
-        # The start-up objects (modules, restored uploads) live as long as the
-        # process: keep them out of the garbage collector's full passes, which
-        # otherwise cost a ticket ~20 % more CPU once 20,000 tickets are open.
-        gc.freeze()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -58,37 +55,55 @@ def handover_client(reactor: Any) -> HTTPClient:
 
 
 def build_manager(
-    config: Config, reactor: Any, pool: ThreadPool, storage_class: type[Storage] = Storage
+    config: Config, reactor: Any, pool: ThreadPool, storage: Storage | None = None
 ) -> UploadManager:
+    """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
     metrics = Metrics()
-    storage = storage_class(config.storage_dir, reactor, pool)
-    storage.prepare()
-    backend = Backend(handover_client(reactor), reactor, config.handover_timeout, metrics)
-    return UploadManager(config, Registry(), storage, backend, reactor, metrics)
+    if storage is None:
+        disk = DiskStorage(config.storage_dir, reactor, pool)
+        disk.prepare()
+        storage = disk
+    handover = HandoverClient(handover_client(reactor), reactor, config.handover_timeout, metrics)
+    return UploadManager(
+        storage,
+        handover,
+        reactor,
+        metrics,
+        max_idle=config.max_idle,
+        confirm_timeout=config.handover_confirm_timeout,
+    )
 
 
 def build_site(
-    manager: UploadManager, reactor: Any, backend: bool = True, frontend: bool = True
+    manager: UploadManager,
+    config: Config,
+    reactor: Any,
+    backend: bool = True,
+    browser: bool = True,
 ) -> IncomingSite:
     """The HTTP site of one listener, serving the given roles."""
-    config = manager.config
-    upload_ws = WebSocketResource(
-        lambda request: UploadSession(manager),
-        reactor,
-        config.ws_timeout,
-        config.chunk_size,
-        config.allowed_origins,
-    )
-    api = IncomingApi(
-        manager,
-        backend=backend,
-        frontend=frontend,
-        script=Script.library(),
-        module=Script.library(module=True),
-        upload_ws=upload_ws,
-        handover_hosts=config.handover_hosts,
-    )
-    return IncomingSite(api.resource(), config.max_body_bytes, config.ws_timeout, reactor)
+    owners: dict[bytes, IResource] = {}
+    if backend:
+        api = BackendApi(manager, manager.metrics, config.handover_hosts).app.resource()
+        owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
+    if browser:
+        upload_ws = WebSocketResource(
+            lambda request: UploadProtocolSession(
+                manager,
+                reactor,
+                chunk_size_kb=config.chunk_size_kb,
+                send_ahead=config.send_ahead,
+                request_timeout=config.ws_timeout,
+                connections=manager.metrics.websocket_connections,
+            ),
+            reactor,
+            config.ws_timeout,
+            config.chunk_size,
+            config.allowed_origins,
+        )
+        side = BrowserApi(Script.library(), Script.library(module=True), upload_ws)
+        owners[b"frontend"] = side.app.resource()
+    return IncomingSite(url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor)
 
 
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:
@@ -97,9 +112,11 @@ def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     top = MultiService()
     UploadService(manager, pool).setServiceParent(top)
     separate = config.backend_listen is not None
-    listeners = [(config.listen, build_site(manager, reactor, backend=not separate))]
+    listeners = [(config.listen, build_site(manager, config, reactor, backend=not separate))]
     if config.backend_listen is not None:
-        listeners.append((config.backend_listen, build_site(manager, reactor, frontend=False)))
+        listeners.append(
+            (config.backend_listen, build_site(manager, config, reactor, browser=False))
+        )
     for endpoint, site in listeners:
         StreamServerEndpointService(serverFromString(reactor, endpoint), site).setServiceParent(top)
     return top

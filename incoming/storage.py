@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
@@ -43,10 +43,38 @@ class Saved:
     record: Record
     stored: int  # bytes in its file
     present: bool  # whether it has a file at all
-    modified: float | None  # when its file was last written
+    modified: float | None  # when its partial file was last written (bytes still arriving)
 
 
-class Storage:
+class Storage(Protocol):
+    """Upload files and saved state; every call for one upload runs after the earlier ones."""
+
+    def load(self) -> list[Saved]: ...
+
+    def free_bytes(self) -> int: ...
+
+    def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]: ...
+
+    def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]: ...
+
+    def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]: ...
+
+    def release(self, upload_id: str) -> Deferred[None]: ...
+
+    def drain(self, upload_id: str) -> Deferred[None]: ...
+
+    def drain_all(self) -> Deferred[list[None]]: ...
+
+    def complete(self, upload_id: str) -> Deferred[Path]: ...
+
+    def remove(self, upload_id: str) -> Deferred[None]: ...
+
+    async def discard(self, upload_id: str) -> None: ...
+
+    def forget(self, upload_id: str) -> None: ...
+
+
+class DiskStorage:
     """Writes, completes and removes upload files under one directory."""
 
     def __init__(
@@ -103,11 +131,12 @@ class Storage:
                 log.error("ignoring a record with a bad id {id!r}", id=upload_id)
                 continue
             part, final = self.part_path(upload_id), self.final_path(upload_id)
-            on_disk = part if part.exists() else final
+            partial = part.exists()
+            on_disk = part if partial else final
             stat = on_disk.stat() if on_disk.exists() else None
-            found.append(
-                Saved(record, stat.st_size if stat else 0, stat is not None, stat and stat.st_mtime)
-            )
+            size = stat.st_size if stat else 0
+            modified = stat.st_mtime if stat and partial else None
+            found.append(Saved(record, size, stat is not None, modified))
         return found
 
     def _run(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:

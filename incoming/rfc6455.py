@@ -307,9 +307,25 @@ class WebSocketConnection(TwistedProtocol):
         self.handler.text_received(text)
 
     def _received_close(self, payload: bytes) -> None:
-        code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else NORMAL
-        reply = code if 1000 <= code < 5000 and code not in (1004, 1005, 1006) else NORMAL
-        self.close(reply)
+        """Echo a valid close; answer a malformed one (RFC 6455 §5.5.1, §7.1.6, §7.4)."""
+        if not payload:
+            self.close(NORMAL)
+            return
+        code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 0
+        if not _valid_close_code(code):  # a one-byte payload has no code at all
+            self.close(PROTOCOL_ERROR)
+            return
+        try:
+            payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self.close(INVALID_DATA)
+            return
+        self.close(code)
+
+
+def _valid_close_code(code: int) -> bool:
+    """Codes a peer may send: the defined ones (not 1004-1006, 1015) and 3000-4999."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 def accept_key(key: str) -> str:

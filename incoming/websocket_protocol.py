@@ -1,4 +1,9 @@
-"""The browser's upload protocol over one WebSocket (SPEC: WebSocket upload protocol)."""
+"""The WebSocket upload protocol (SPEC: WebSocket upload protocol), one session per connection.
+
+A session reads the client's messages in their order (its `Stage`) and hands
+bytes and requests to the upload's life; what becomes of the upload reaches it
+as a `Transport` (stored, ended, going away). Only the session talks to its client.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,27 @@ import enum
 import json
 from typing import Any
 
+from prometheus_client import Gauge
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import websocket
+from . import rfc6455
+from .errors import ErrorCode, UploadError, clipped
 from .manager import UploadManager
-from .uploads import ErrorCode, Upload, UploadError, clipped
+from .upload import Ending, Upload
 
 log = Logger()
 
+CLIENT_MESSAGES = frozenset({"MsgUploadReq", "MsgAck", "MsgPause", "MsgCancel", "MsgError"})
+MAX_REASON_CHARS = 500  # of a client's cancel reason, kept and sent to the backend
+MAX_NAME_CHARS = 4096
+
 
 class Stage(enum.Enum):
+    """Where the client is in the protocol's message order."""
+
     AWAIT_REQUEST = 1  # nothing but MsgUploadReq is welcome
     CONNECTING = 2  # waiting for in-flight writes before MsgUploadConf
     AWAIT_ACK = 3  # MsgUploadConf sent
@@ -26,62 +39,53 @@ class Stage(enum.Enum):
     ENDED = 5
 
 
-CLIENT_MESSAGES = frozenset({"MsgUploadReq", "MsgAck", "MsgPause", "MsgCancel", "MsgError"})
-MAX_REASON_CHARS = 500  # of a browser's cancel reason, kept and sent to the backend
-
-
 def message(msg_type: str, **data: Any) -> str:
     return json.dumps({"MsgType": msg_type, "MsgData": data}, separators=(",", ":"))
 
 
-class UploadSession:
-    """Serves one browser connection: the `websocket.MessageHandler` of an upload."""
+class UploadProtocolSession:
+    """Serves one WebSocket: an `rfc6455.MessageHandler` and the upload's `Transport`."""
 
-    def __init__(self, manager: UploadManager) -> None:
+    def __init__(
+        self,
+        manager: UploadManager,
+        clock: IReactorTime,
+        *,
+        chunk_size_kb: int,
+        send_ahead: int,
+        request_timeout: float,
+        connections: Gauge,
+    ) -> None:
         self.manager = manager
-        self.config = manager.config
-        self.connection: websocket.WebSocketConnection | None = None
+        self.clock = clock
+        self.chunk_size_kb = chunk_size_kb
+        self.send_ahead = send_ahead
+        self.request_timeout = request_timeout
+        self.connections = connections
+        self.connection: rfc6455.WebSocketConnection | None = None
         self.upload: Upload | None = None
         self.stage = Stage.AWAIT_REQUEST
-        self.in_flight = 0
         self.paused = False
+        self.cancelling = False  # this client asked to cancel
         self._request_deadline: IDelayedCall | None = None
 
-    # websocket.MessageHandler
+    # rfc6455.MessageHandler
 
-    def connected(self, connection: websocket.WebSocketConnection) -> None:
+    def connected(self, connection: rfc6455.WebSocketConnection) -> None:
         self.connection = connection
-        self.manager.metrics.connections += 1
-        self._request_deadline = self.manager.clock.callLater(
-            self.config.ws_timeout, self._no_request
-        )
-
-    def _no_request(self) -> None:
-        self._request_deadline = None
-        if self.stage is Stage.AWAIT_REQUEST:
-            self.error(
-                ErrorCode.NO_UPLOAD_REQUEST,
-                f"no MsgUploadReq within {self.config.ws_timeout:g} s",
-            )
-
-    def _stop_request_deadline(self) -> None:
-        if self._request_deadline is not None and self._request_deadline.active():
-            self._request_deadline.cancel()
-        self._request_deadline = None
+        self.connections.inc()
+        self._request_deadline = self.clock.callLater(self.request_timeout, self._no_request)
 
     def connection_lost(self) -> None:
-        self.manager.metrics.connections -= 1
+        self.connections.dec()
         self._stop_request_deadline()
         self.stage = Stage.ENDED
         if self.upload is not None:
-            self.manager.disconnect(self.upload, self, self.paused)
+            self.upload.life.disconnect(self, self.paused)
 
     def message_refused(self, why: str, close_code: int) -> None:
-        code = (
-            ErrorCode.FRAME_TOO_LARGE
-            if close_code == websocket.TOO_BIG
-            else ErrorCode.MALFORMED_MESSAGE
-        )
+        too_big = close_code == rfc6455.TOO_BIG
+        code = ErrorCode.FRAME_TOO_LARGE if too_big else ErrorCode.MALFORMED_MESSAGE
         self._send("MsgError", ErrorCode=int(code), Msg=why)
         self.stage = Stage.ENDED
 
@@ -95,34 +99,48 @@ class UploadSession:
 
     def binary_received(self, data: bytes) -> None:
         if self.stage is Stage.ENDED:
+            return  # the upload ended: chunks already on the wire are dropped quietly
+        if self.stage is not Stage.RECEIVING:
+            self.error(ErrorCode.UNEXPECTED_MESSAGE, "a chunk is not expected before MsgAck")
             return
-        try:
-            self._chunk(data)
-        except UploadError as e:
-            if not e.cancels:  # a cancelling error reaches us through upload_failed
-                self.error(e.code, e.message)
+        assert self.upload is not None
+        if len(self.upload.pending) >= self.send_ahead:
+            self.error(
+                ErrorCode.SEND_AHEAD_EXCEEDED,
+                f"more than SendAhead={self.send_ahead} chunks unacknowledged",
+            )
+            return
+        self.upload.life.receive(data)
 
-    # uploads.Session: news about the upload from elsewhere
+    # upload.Transport
 
-    def upload_cancelled(self, reason: str) -> None:
-        self._send("MsgCancel", Reason=reason)
-        self._close(websocket.NORMAL)
+    def stored(self, size: int) -> None:
+        self._send("MsgChunkAck", ChunkSize=size)
 
-    def upload_failed(self, code: ErrorCode, text: str) -> None:
-        self.error(code, text)
-
-    def upload_done(self) -> None:
-        self._send("MsgAllDone", Success=True)
-        self._close(websocket.NORMAL)
+    def ended(self, ending: Ending) -> None:
+        if ending.finished:
+            self._send("MsgAllDone", Success=True)
+            self._close(rfc6455.NORMAL)
+        elif ending.code is ErrorCode.TICKET_CANCELLED and self.cancelling:
+            self._send("MsgCancelAck", Ack=True)
+            self._close(rfc6455.NORMAL)
+        elif ending.code is ErrorCode.TICKET_CANCELLED:
+            self._send("MsgCancel", Reason=ending.message)
+            self._close(rfc6455.NORMAL)
+        else:
+            assert ending.code is not None
+            self.error(ending.code, ending.message)
 
     def going_away(self) -> None:
-        self._close(websocket.GOING_AWAY)
+        self._close(rfc6455.GOING_AWAY)
 
     # Messages
 
     def _dispatch(self, msg_type: str, data: dict[str, Any]) -> None:
         if msg_type not in CLIENT_MESSAGES:
-            raise UploadError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown MsgType {msg_type!r}")
+            raise UploadError(
+                ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown MsgType {clipped(msg_type)!r}"
+            )
         if msg_type == "MsgUploadReq":
             if self.stage is not Stage.AWAIT_REQUEST:
                 raise _unexpected(msg_type)
@@ -136,9 +154,9 @@ class UploadSession:
             self.paused = True
         elif msg_type == "MsgCancel":
             reason = data.get("Reason", "")
-            self._cancel(reason if isinstance(reason, str) else "")
+            self._cancel(reason[:MAX_REASON_CHARS] if isinstance(reason, str) else "")
         else:  # MsgError
-            log.info("upload {id}: browser reports error {d}", id=self._id(), d=clipped(repr(data)))
+            log.info("upload {id}: client reports error {d}", id=self._id(), d=clipped(repr(data)))
 
     def _upload_request(self, data: dict[str, Any]) -> None:
         ticket, length, name = data.get("Id"), data.get("LengthBytes"), data.get("Name", "")
@@ -151,7 +169,7 @@ class UploadSession:
         if not isinstance(name, str):
             raise UploadError(ErrorCode.MALFORMED_MESSAGE, "Name is not a string")
         self._stop_request_deadline()
-        self.upload = self.manager.connect(ticket, self, length, name[:4096])
+        self.upload = self.manager.connect(ticket, self, length, name[:MAX_NAME_CHARS])
         self.stage = Stage.CONNECTING
         ensureDeferred(self._confirm(self.upload)).addErrback(self._internal_error)
 
@@ -162,54 +180,46 @@ class UploadSession:
         self.stage = Stage.AWAIT_ACK
         self._send(
             "MsgUploadConf",
-            ChunkSizeKB=self.config.chunk_size_kb,
+            ChunkSizeKB=self.chunk_size_kb,
             FilePos=position,
-            SendAhead=self.config.send_ahead,
+            SendAhead=self.send_ahead,
         )
-        self.manager.start_if_complete(upload)
-
-    def _chunk(self, data: bytes) -> None:
-        if self.stage is not Stage.RECEIVING:
-            raise _unexpected("a chunk", "before MsgAck")
-        if self.in_flight >= self.config.send_ahead:
-            raise UploadError(
-                ErrorCode.SEND_AHEAD_EXCEEDED,
-                f"more than SendAhead={self.config.send_ahead} chunks unacknowledged",
-            )
-        assert self.upload is not None
-        size = len(data)
-        d = self.manager.receive_chunk(self.upload, data)
-        self.in_flight += 1
-
-        def stored(_: None) -> None:
-            self.in_flight -= 1
-            self._send("MsgChunkAck", ChunkSize=size)
-
-        d.addCallbacks(stored, lambda _: None)  # a storage failure arrives as upload_failed
+        upload.life.ready()
 
     def _cancel(self, reason: str) -> None:
-        """Acknowledged at once; the file's removal and the backend's notice follow."""
+        """Acknowledged once the upload's life has ended it (at once)."""
         assert self.upload is not None
+        self.cancelling = True
         try:
-            self.manager.cancel_by_frontend(self.upload, reason[:MAX_REASON_CHARS])
+            self.upload.life.cancel_by_client(self, reason)
         except UploadError as e:
+            self.cancelling = False
             self.error(e.code, e.message)
-            return
-        self._send("MsgCancelAck", Ack=True)
-        self._close(websocket.NORMAL)
+
+    def _no_request(self) -> None:
+        self._request_deadline = None
+        if self.stage is Stage.AWAIT_REQUEST:
+            self.error(
+                ErrorCode.NO_UPLOAD_REQUEST, f"no MsgUploadReq within {self.request_timeout:g} s"
+            )
+
+    def _stop_request_deadline(self) -> None:
+        if self._request_deadline is not None and self._request_deadline.active():
+            self._request_deadline.cancel()
+        self._request_deadline = None
 
     # Output
 
     def error(self, code: ErrorCode, text: str) -> None:
-        """Tell the browser what went wrong and hang up; the upload stays as it is."""
+        """Tell the client what went wrong and hang up."""
         log.info(
-            "upload {id}: error {code} to browser: {text}",
+            "upload {id}: error {code} to client: {text}",
             id=self._id(),
             code=int(code),
             text=clipped(text),
         )
         self._send("MsgError", ErrorCode=int(code), Msg=text)
-        self._close(websocket.POLICY)
+        self._close(rfc6455.POLICY)
 
     def _internal_error(self, failure: Failure) -> None:
         log.failure("upload {id}: internal error", failure, id=self._id())

@@ -1,0 +1,587 @@
+"""An upload's life, from ticket to its end, as one transition table.
+
+Pure: no I/O and no clock. The inputs (`UploadLife`) come from the transport
+that carries the client's bytes, from the backend API, from storage, from the
+handover and from the timers. The outputs are calls on `Effects` (disk,
+backend, timers: `UploadManager` performs them and reports back as inputs) and
+on the connected `Transport`. Every (state, input) pair is declared below; an
+input that means nothing in a state is declared as ignored there.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from .errors import ErrorCode, UploadError, clipped
+from .files import Buffer
+
+log = Logger()
+HANDOVER_FAILED_TEXT = "handover failed: the backend did not take the file"
+
+
+class Phase(enum.Enum):
+    """The states of the table, as saved with an upload's state."""
+
+    RECEIVING = "receiving"  # bytes may arrive
+    HANDOVER = "handover"  # all bytes stored; the backend is being told
+    FINISH_REQUESTED = "finish_requested"  # finish_upload came before the handover's answer
+    AWAITING_FINISH = "awaiting_finish"  # the backend answered `wait`
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.FINISHED, Phase.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an upload ended, for its transport to tell the client."""
+
+    code: ErrorCode | None  # None: handed over and finished
+    message: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.code is None
+
+
+class Transport(Protocol):
+    """A connection carrying an upload's bytes: it hears what became of them."""
+
+    def stored(self, size: int) -> None:
+        """`size` more of the bytes this connection sent are on disk."""
+
+    def ended(self, ending: Ending) -> None:
+        """The upload ended (also when this connection asked to cancel it)."""
+
+    def going_away(self) -> None:
+        """The server is stopping; the client should resume later."""
+
+
+class Effects(Protocol):
+    """The I/O an upload's life asks for; each result comes back as an input."""
+
+    def write(self, upload: Upload, offset: int, data: Buffer) -> None:
+        """Queue a write; then `written`, or `storage_failed`."""
+
+    def touch(self, upload: Upload) -> None:
+        """Restart the idle clock: it expires live uploads and forgets ended ones."""
+
+    def save(self, upload: Upload, durable: bool = False) -> Deferred[None]:
+        """Save the upload's state (`durable`: fsynced); fires once saved."""
+
+    def release(self, upload: Upload) -> None:
+        """Nobody is sending: the upload's file need not stay open."""
+
+    def hand_over(self, upload: Upload) -> None:
+        """Make the file final and POST it; then `answered_done`, `answered_wait`,
+        `handover_failed` or `storage_failed`."""
+
+    def finalize(self, upload: Upload) -> None:
+        """Save the finished state durably, remove the file if asked; then `finalized`."""
+
+    def discard_file(self, upload: Upload, notice: str | None) -> None:
+        """Remove the file; then send the backend a `cancelled=yes` POST if `notice`."""
+
+    def arm_confirm(self, upload: Upload) -> None:
+        """`confirm_timeout` at the saved deadline, or the configured time from now."""
+
+    def disarm_confirm(self, upload: Upload) -> None: ...
+
+    def forget(self, upload: Upload) -> None:
+        """Drop the ended upload and its saved state (never a file the backend kept)."""
+
+
+class UploadLife(Protocol):
+    """Everything that can happen to an upload: the inputs of the table."""
+
+    def connect(self, transport: Transport, length: int, name: str, free_bytes: int) -> None:
+        """A connection will carry the bytes; raises UploadError if it may not."""
+
+    def disconnect(self, transport: Transport, paused: bool) -> None:
+        """The connection is gone (`paused`: its client said it would come back)."""
+
+    def ready(self) -> None:
+        """The connection told its client where to resume; no byte missing: hand over."""
+
+    def receive(self, data: Buffer) -> None:
+        """The next bytes, from the connected transport."""
+
+    def past_end(self, message: str) -> None:
+        """The connection sent more bytes than the upload's length."""
+
+    def written(self) -> None:
+        """The oldest queued write is on disk."""
+
+    def all_stored(self) -> None: ...
+
+    def storage_failed(self) -> None: ...
+
+    def answered_done(self) -> None: ...
+
+    def answered_wait(self) -> None: ...
+
+    def handover_failed(self) -> None: ...
+
+    def finish_upload(self) -> None:
+        """The backend's `finish_upload`; raises UploadError if it is refused."""
+
+    def finalized(self) -> None:
+        """The finished state is durable and the file removed if asked."""
+
+    def cancel_by_backend(self) -> None:
+        """Raises UploadError if too late."""
+
+    def cancel_by_client(self, transport: Transport, reason: str) -> None:
+        """Raises UploadError if too late."""
+
+    def idle_timeout(self, idle_seconds: float) -> None: ...
+
+    def confirm_timeout(self, waited_seconds: float) -> None: ...
+
+    def restored(self, file_present: bool) -> None:
+        """Taken up again after a restart."""
+
+
+_RECORDED = (
+    "id",
+    "signal_finish_url",
+    "backend_secret",
+    "remove_file_when_finished",
+    "length",
+    "browser_name",
+    "cancel_reason",
+    "idle_deadline",
+    "confirm_deadline",
+)
+
+
+@dataclass(eq=False)
+class Upload:
+    """One ticket: what is saved of it, and where its bytes stand."""
+
+    id: str
+    signal_finish_url: str
+    backend_secret: str
+    remove_file_when_finished: bool
+    length: int | None = None  # set by the first connection
+    browser_name: str = ""
+    phase: Phase = Phase.RECEIVING
+    cancel_reason: str = ""
+    idle_deadline: float = 0.0  # clock time when an idle upload expires (or is forgotten)
+    confirm_deadline: float | None = None  # clock time by which finish_upload must come
+    stored: int = 0  # bytes on disk, contiguous from the start
+    transport: Transport | None = field(default=None, repr=False)
+    # queued writes, oldest first: their sizes and the connections that sent them
+    pending: deque[tuple[int, Transport | None]] = field(default_factory=deque, repr=False)
+    pending_bytes: int = 0
+    life: UploadLife = field(init=False, repr=False)
+
+    @property
+    def received(self) -> int:
+        """Bytes accepted: stored, or queued for writing."""
+        return self.stored + self.pending_bytes
+
+    @property
+    def complete(self) -> bool:
+        return self.length is not None and self.stored == self.length
+
+    def to_record(self) -> dict[str, Any]:
+        """What survives a restart; the stored byte count is read from the file itself."""
+        record = {name: getattr(self, name) for name in _RECORDED}
+        record["phase"] = self.phase.value
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], stored: int) -> Upload:
+        upload = cls(**{name: record[name] for name in _RECORDED})
+        upload.phase, upload.stored = Phase(record["phase"]), stored
+        if upload.length is not None and stored > upload.length:
+            raise ValueError(f"{stored} bytes stored for a {upload.length}-byte upload")
+        return upload
+
+
+def new_ticket_id() -> str:
+    """A ticket: a random UUID4, the only name upload files get."""
+    return str(uuid.uuid4())
+
+
+@dataclass
+class _Core:
+    upload: Upload
+    effects: Effects
+
+
+def bring_to_life(upload: Upload, effects: Effects) -> UploadLife:
+    """Give an upload its table, in the state its phase names."""
+    upload.life = _Machine(_Core(upload, effects), _STATE[upload.phase])
+    return upload.life
+
+
+# The table.
+
+_builder = TypeMachineBuilder(UploadLife, _Core)
+receiving = _builder.state("receiving")
+handover = _builder.state("handover")
+finish_requested = _builder.state("finish_requested")
+awaiting_finish = _builder.state("awaiting_finish")
+finished = _builder.state("finished")
+cancelled = _builder.state("cancelled")
+_STATE = {
+    Phase.RECEIVING: receiving,
+    Phase.HANDOVER: handover,
+    Phase.FINISH_REQUESTED: finish_requested,
+    Phase.AWAITING_FINISH: awaiting_finish,
+    Phase.FINISHED: finished,
+    Phase.CANCELLED: cancelled,
+}
+_LIVE = (receiving, handover, finish_requested, awaiting_finish)
+_HANDING_OVER = (handover, finish_requested, awaiting_finish)
+_ENDED = (finished, cancelled)
+On = UploadLife  # the inputs, as the table names them
+
+
+def _ignored(states: tuple[Any, ...], *inputs: Any) -> None:
+    for state in states:
+        for each in inputs:
+            state.upon(each).loop().returns(None)
+
+
+# Connections come and go in every state; only live uploads take new ones.
+
+
+def _attach(upload: Upload, transport: Transport, length: int, name: str, free_bytes: int) -> None:
+    if upload.transport is not None:
+        raise UploadError(ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload")
+    if upload.length is not None and upload.length != length:
+        raise UploadError(
+            ErrorCode.LENGTH_MISMATCH,
+            f"LengthBytes {length} differs from the {upload.length} given before",
+        )
+    if upload.length is None and length > free_bytes:
+        raise UploadError(
+            ErrorCode.INSUFFICIENT_STORAGE, f"{length} bytes do not fit in the free storage space"
+        )
+    resumed = upload.length is not None
+    upload.length = length if upload.length is None else upload.length
+    upload.browser_name = upload.browser_name if resumed else name
+    upload.transport = transport
+    log.info(
+        "upload {id} {how}: {name!r}, {n} bytes",
+        id=upload.id,
+        how="resumed" if resumed else "connected",
+        name=clipped(name),
+        n=length,
+    )
+
+
+for _state in _LIVE:
+
+    @_state.upon(On.connect).loop()
+    def _connect(
+        life: UploadLife,
+        core: _Core,
+        transport: Transport,
+        length: int,
+        name: str,
+        free_bytes: int,
+    ) -> None:
+        _attach(core.upload, transport, length, name, free_bytes)
+        core.effects.touch(core.upload)
+        core.effects.save(core.upload)
+
+    @_state.upon(On.disconnect).loop()
+    def _disconnect(life: UploadLife, core: _Core, transport: Transport, paused: bool) -> None:
+        upload = core.upload
+        if upload.transport is transport:
+            upload.transport = None
+            core.effects.release(upload)
+            core.effects.save(upload)  # keeps the idle deadline
+            how = "paused" if paused else "disconnected"
+            log.info("upload {id} {how} at {n} bytes", id=upload.id, how=how, n=upload.received)
+
+
+@finished.upon(On.connect).loop()
+def _connect_finished(
+    life: UploadLife, core: _Core, transport: Transport, length: int, name: str, free_bytes: int
+) -> None:
+    raise UploadError(ErrorCode.TICKET_FINISHED, "this upload is already finished")
+
+
+@cancelled.upon(On.connect).loop()
+def _connect_cancelled(
+    life: UploadLife, core: _Core, transport: Transport, length: int, name: str, free_bytes: int
+) -> None:
+    reason = core.upload.cancel_reason
+    raise UploadError(ErrorCode.TICKET_CANCELLED, f"this upload was cancelled: {reason}")
+
+
+for _state in _ENDED:
+
+    @_state.upon(On.disconnect).loop()
+    def _detach(life: UploadLife, core: _Core, transport: Transport, paused: bool) -> None:
+        if core.upload.transport is transport:
+            core.upload.transport = None
+
+
+# Receiving bytes.
+
+
+@receiving.upon(On.ready).loop()
+def _ready(life: UploadLife, core: _Core) -> None:
+    if core.upload.complete:
+        life.all_stored()
+
+
+@receiving.upon(On.receive).loop()
+def _receive(life: UploadLife, core: _Core, data: Buffer) -> None:
+    upload, size = core.upload, len(data)
+    assert upload.length is not None
+    if upload.received + size > upload.length:
+        life.past_end(
+            f"chunk of {size} bytes at {upload.received} would grow the file "
+            f"past LengthBytes {upload.length}"
+        )
+        return
+    offset = upload.received
+    upload.pending.append((size, upload.transport))
+    upload.pending_bytes += size
+    core.effects.touch(upload)
+    core.effects.write(upload, offset, data)
+
+
+@receiving.upon(On.written).loop()
+def _written(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    size, sender = upload.pending.popleft()
+    upload.pending_bytes -= size
+    upload.stored += size
+    if sender is not None:
+        sender.stored(size)
+    if upload.complete:
+        life.all_stored()
+
+
+@receiving.upon(On.all_stored).to(handover)
+def _all_stored(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    upload.phase = Phase.HANDOVER
+    core.effects.save(upload, durable=True)
+    log.info("upload {id} complete: {n} bytes stored", id=upload.id, n=upload.stored)
+    core.effects.hand_over(upload)
+
+
+@receiving.upon(On.restored).loop()
+def _restored_receiving(life: UploadLife, core: _Core, file_present: bool) -> None:
+    if core.upload.complete:
+        life.all_stored()
+
+
+@receiving.upon(On.past_end).to(cancelled)
+def _past_end(life: UploadLife, core: _Core, message: str) -> None:
+    _end(core, Ending(ErrorCode.PAST_END, message), notice=message)
+
+
+for _state in (receiving, handover):  # a write, or making the file final, failed
+
+    @_state.upon(On.storage_failed).to(cancelled)
+    def _storage_failed(life: UploadLife, core: _Core) -> None:
+        message = "storage failed"
+        _end(core, Ending(ErrorCode.STORAGE_FAILED, message), notice=message)
+
+
+# The handover, and the backend's answer.
+
+
+@handover.upon(On.answered_done).to(finished)
+def _done(life: UploadLife, core: _Core) -> None:
+    _finish(core)
+
+
+@handover.upon(On.answered_wait).to(awaiting_finish)
+def _wait(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    upload.phase = Phase.AWAITING_FINISH
+    core.effects.arm_confirm(upload)
+    saved = core.effects.save(upload, durable=True)
+    saved.addCallback(
+        lambda _: log.info("upload {id} handed over; backend asked to wait", id=upload.id)
+    )
+
+
+@handover.upon(On.handover_failed).to(cancelled)
+def _handover_failed(life: UploadLife, core: _Core) -> None:
+    # The details are in the log only: a page may aim a ticket at any URL.
+    _end(core, Ending(ErrorCode.HANDOVER_FAILED, HANDOVER_FAILED_TEXT), HANDOVER_FAILED_TEXT)
+
+
+@handover.upon(On.finish_upload).to(finish_requested)
+def _finish_early(life: UploadLife, core: _Core) -> None:
+    """The backend said `wait` and called `finish_upload` before we read the answer."""
+    core.upload.phase = Phase.FINISH_REQUESTED
+    core.effects.save(core.upload, durable=True)
+    log.info("upload {id}: finish_upload before the handover's answer", id=core.upload.id)
+
+
+for _input in (On.answered_done, On.answered_wait, On.handover_failed):
+    # The backend confirmed it has the file, whatever else its handover answer says.
+    @finish_requested.upon(_input).to(finished)
+    def _confirmed(life: UploadLife, core: _Core) -> None:
+        _finish(core)
+
+
+finish_requested.upon(On.finish_upload).loop().returns(None)
+
+
+@awaiting_finish.upon(On.finish_upload).to(finished)
+def _finish_upload(life: UploadLife, core: _Core) -> None:
+    core.effects.disarm_confirm(core.upload)
+    _finish(core)
+
+
+@awaiting_finish.upon(On.confirm_timeout).to(cancelled)
+def _confirm_timeout(life: UploadLife, core: _Core, waited_seconds: float) -> None:
+    message = f"backend did not call finish_upload within {waited_seconds:g} s"
+    _end(core, Ending(ErrorCode.HANDOVER_FAILED, message), notice=message)
+
+
+for _state in (handover, finish_requested):
+
+    @_state.upon(On.restored).loop()
+    def _restored_handover(life: UploadLife, core: _Core, file_present: bool) -> None:
+        if file_present:
+            core.effects.hand_over(core.upload)  # again, with the whole file
+        else:  # the backend took the file away: it answered; we died before saving that
+            life.answered_done()
+
+
+@awaiting_finish.upon(On.restored).loop()
+def _restored_awaiting(life: UploadLife, core: _Core, file_present: bool) -> None:
+    core.effects.arm_confirm(core.upload)
+
+
+@receiving.upon(On.finish_upload).loop()
+def _finish_upload_too_soon(life: UploadLife, core: _Core) -> None:
+    raise UploadError(ErrorCode.NOT_WAITING, "upload is receiving, not waiting for finish_upload")
+
+
+for _state in _ENDED:
+
+    @_state.upon(On.finish_upload).loop()
+    def _finish_upload_ended(life: UploadLife, core: _Core) -> None:
+        raise UploadError(
+            ErrorCode.NOT_WAITING,
+            f"upload is {core.upload.phase.value}, not waiting for finish_upload",
+        )
+
+
+# Finished.
+
+
+def _finish(core: _Core) -> None:
+    core.upload.phase = Phase.FINISHED
+    core.effects.touch(core.upload)
+    core.effects.finalize(core.upload)  # durable before anybody hears of it
+
+
+@finished.upon(On.finalized).loop()
+def _finalized(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    log.info("upload {id} handed over and finished", id=upload.id)
+    if upload.transport is not None:
+        upload.transport.ended(Ending(None))
+
+
+# Cancelling: the connected client hears at once; the file goes next, the backend last.
+
+
+@receiving.upon(On.cancel_by_backend).to(cancelled)
+def _cancel_by_backend(life: UploadLife, core: _Core) -> None:
+    reason = "cancelled by the backend"
+    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=None)  # not echoed
+
+
+@receiving.upon(On.cancel_by_client).to(cancelled)
+def _cancel_by_client(life: UploadLife, core: _Core, transport: Transport, reason: str) -> None:
+    reason = reason or "cancelled by the user"
+    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=reason)
+
+
+@receiving.upon(On.idle_timeout).to(cancelled)
+def _expired(life: UploadLife, core: _Core, idle_seconds: float) -> None:
+    log.info("upload {id} expired after {s:g} s idle", id=core.upload.id, s=idle_seconds)
+    reason = f"upload idle for {idle_seconds:g} s"
+    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=reason)
+
+
+def _too_late(core: _Core) -> None:
+    if core.upload.phase is Phase.CANCELLED:
+        raise UploadError(ErrorCode.TICKET_CANCELLED, "this upload is already cancelled")
+    raise UploadError(
+        ErrorCode.TOO_LATE, f"upload is {core.upload.phase.value}; too late to cancel"
+    )
+
+
+for _state in (*_HANDING_OVER, *_ENDED):
+
+    @_state.upon(On.cancel_by_backend).loop()
+    def _backend_too_late(life: UploadLife, core: _Core) -> None:
+        _too_late(core)
+
+    @_state.upon(On.cancel_by_client).loop()
+    def _client_too_late(life: UploadLife, core: _Core, transport: Transport, reason: str) -> None:
+        _too_late(core)
+
+
+def _end(core: _Core, ending: Ending, notice: str | None) -> None:
+    """Cancel: `ending` reaches the client now; then the file goes and the backend hears
+    `notice` (none when the backend asked for the cancel itself)."""
+    upload = core.upload
+    upload.phase = Phase.CANCELLED
+    upload.cancel_reason = ending.message
+    core.effects.disarm_confirm(upload)
+    core.effects.touch(upload)
+    core.effects.save(upload)
+    log.info("upload {id} cancelled: {reason}", id=upload.id, reason=clipped(ending.message))
+    if upload.transport is not None:
+        upload.transport.ended(ending)
+    core.effects.discard_file(upload, notice)
+
+
+# Time passes.
+
+for _state in _HANDING_OVER:  # the handover has timeouts of its own
+
+    @_state.upon(On.idle_timeout).loop()
+    def _still_handing_over(life: UploadLife, core: _Core, idle_seconds: float) -> None:
+        core.effects.touch(core.upload)
+
+
+for _state in _ENDED:
+
+    @_state.upon(On.idle_timeout).loop()
+    def _forget(life: UploadLife, core: _Core, idle_seconds: float) -> None:
+        core.effects.forget(core.upload)
+
+
+# Inputs that mean nothing in a state: bytes, acks and answers that come too late.
+
+_ignored((*_HANDING_OVER, *_ENDED), On.ready, On.receive, On.past_end, On.written, On.all_stored)
+_ignored(
+    (receiving, awaiting_finish, *_ENDED), On.answered_done, On.answered_wait, On.handover_failed
+)
+_ignored((finish_requested, awaiting_finish, *_ENDED), On.storage_failed)
+_ignored((receiving, handover, finish_requested, *_ENDED), On.confirm_timeout)
+_ignored((*_LIVE, cancelled), On.finalized)
+_ignored(_ENDED, On.restored)
+
+_Machine = _builder.build()
