@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,22 @@ class Backend:
     answers: list[tuple[int, bytes]] = field(default_factory=list)  # used first, in order
     hold: bool = False  # do not answer until `release()`: the caller hangs meanwhile
     held: list[Deferred[bytes]] = field(default_factory=list)
+    # run before answering a handover (a backend's worker calling finish_upload, say)
+    before_answer: Callable[[dict[str, str]], Awaitable[object]] | None = None
 
     def __post_init__(self) -> None:
         @self.app.route("/handover", methods=["POST"])
-        def handover(request: Any) -> bytes:
+        async def handover(request: Any) -> bytes:
             body = request.content.read().decode()
             fields = {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
             fields["_query"] = request.uri.decode().partition("?")[2]
             self.posts.put(fields)
+            if self.before_answer is not None and fields["cancelled"] == "no":
+                await self.before_answer(fields)
             if self.hold:
                 held: Deferred[bytes] = Deferred()
                 self.held.append(held)
-                return held
+                return await held
             status, answer = self.answers.pop(0) if self.answers else (self.status, self.answer)
             request.setResponseCode(status)
             return answer
@@ -119,12 +124,13 @@ class Server:
 
 
 async def start_server(
-    config: Config, storage_class: type[Storage] = Storage
+    config: Config, storage: Storage | None = None
 ) -> tuple[Server, Any, ThreadPool]:
+    """The site on a loopback port; storage on disk unless another is given."""
     pool = ThreadPool(minthreads=1, maxthreads=4, name="test-storage")
     pool.start()
-    manager = build_manager(config, reactor, pool, storage_class)
-    site = build_site(manager, reactor)
+    manager = build_manager(config, reactor, pool, storage)
+    site = build_site(manager, config, reactor)
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(site)
     return Server(manager, port.getHost().port, config.storage_dir), port, pool

@@ -11,7 +11,8 @@ import pytest_twisted
 import treq
 from twisted.internet import threads
 
-from incoming.uploads import ErrorCode, Phase
+from incoming.errors import ErrorCode
+from incoming.upload import Phase
 
 from .harness import Backend, Server, connect, send_all, upload_request, upload_small
 
@@ -35,7 +36,7 @@ async def test_new_upload_returns_a_uuid4_as_plain_text(server: Server, prefix: 
     assert code == 200
     assert uuid.UUID(body).version == 4 and str(uuid.UUID(body)) == body
     assert headers.getRawHeaders("content-type")[0].startswith("text/plain")
-    upload = server.manager.registry.get(body)
+    upload = server.manager.get(body)
     assert upload is not None
     assert (upload.signal_finish_url, upload.backend_secret) == ("http://example.com/x", "")
     assert upload.remove_file_when_finished is True
@@ -54,7 +55,7 @@ async def test_parameters_from_query_string_and_body_wins(server: Server) -> Non
         data={"backendSecret": "frombody"},
     )
     assert code == 200
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None
     assert upload.signal_finish_url == "http://query.example/a?x=1"
     assert upload.backend_secret == "frombody"
@@ -82,7 +83,7 @@ async def test_new_upload_refuses_bad_parameters(
     code, body, _ = await post(server, "new_upload", data=params)
     assert code == 400
     assert message in body
-    assert len(server.manager.registry) == 0
+    assert len(server.manager) == 0
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ async def test_remove_file_when_finished_takes_go_booleans(
         },
     )
     assert code == 200
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None and upload.remove_file_when_finished is expected
 
 
@@ -124,7 +125,7 @@ async def test_id_and_secret_are_checked(server: Server, backend: Backend, path:
     assert (code, body) == (403, "wrong backendSecret")
     code, body, _ = await post(server, path, data={"id": ticket})
     assert code == 403
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None and upload.phase is Phase.RECEIVING
 
 
@@ -169,7 +170,7 @@ async def test_wait_then_finish_upload(server: Server, backend: Backend, remove:
     post_fields = await backend.posts.get()
     assert post_fields["cancelled"] == "no"
     await server.settled()
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None and upload.phase is Phase.AWAITING_FINISH
     # cancelling is too late now
     code, _, _ = await post(server, "cancel_upload", data={"id": ticket, "backendSecret": "k"})
@@ -188,7 +189,7 @@ async def test_oversized_body_is_refused_with_413(server: Server) -> None:
         server, "new_upload", data={"signalFinishURL": "http://e.com/", "pad": "x" * 100_000}
     )
     assert (code, body) == (413, "request body too large")
-    assert len(server.manager.registry) == 0
+    assert len(server.manager) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -207,10 +208,37 @@ async def test_oversized_chunked_body_is_refused_with_413(server: Server) -> Non
 
     answer = await threads.deferToThread(send)
     assert answer.startswith(b"HTTP/1.1 413")
-    assert len(server.manager.registry) == 0
+    assert len(server.manager) == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_backend_routes_take_only_post(server: Server) -> None:
     response = await treq.get(f"{server.base}/backend/new_upload")
     assert response.code == 405
+
+
+@pytest.mark.parametrize("answer", [b"wait", b"done"])
+@pytest_twisted.ensureDeferred
+async def test_finish_upload_racing_the_handovers_answer_is_accepted(
+    server: Server, backend: Backend, answer: bytes
+) -> None:
+    """A backend whose worker calls finish_upload before the handover POST is answered."""
+    finished: list[tuple[int, str]] = []
+
+    async def worker(fields: dict[str, str]) -> None:
+        code, body, _ = await post(
+            server, "finish_upload", data={"id": fields["id"], "backendSecret": "k"}
+        )
+        finished.append((code, body))
+
+    backend.before_answer = worker
+    backend.answer = answer
+    ticket, client = await upload_small(
+        server, backend.url, b"hello", backendSecret="k", removeFileWhenFinished="false"
+    )
+    assert await client.expect("MsgAllDone") == {"Success": True}
+    assert finished == [(200, "ok")]
+    await server.settled()
+    upload = server.manager.get(ticket)
+    assert upload is not None and upload.phase is Phase.FINISHED
+    assert server.files() == {ticket: b"hello"}

@@ -36,17 +36,18 @@ async def test_metrics_count_what_happened(server: Server, backend: Backend) -> 
     response = await treq.get(f"{server.base}/metrics")
     text = await response.text()
     assert response.code == 200
-    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=0.0.4")
-    figures = dict(re.findall(r"^(\S+) (\S+)$", text, re.M))
-    assert figures['incoming_uploads{state="finished"}'] == "1"
-    assert figures['incoming_uploads{state="receiving"}'] == "1"
-    assert figures["incoming_tickets_created_total"] == "2"
-    assert figures["incoming_bytes_received_total"] == str(len(data))
-    assert figures["incoming_handover_attempts_total"] == "1"
-    assert figures["incoming_handover_failures_total"] == "0"
-    assert figures["incoming_websocket_connections"] == "0"
-    assert figures["incoming_chunk_write_seconds_count"] == "4"
-    assert figures['incoming_chunk_write_seconds_bucket{le="+Inf"}'] == "4"
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain; version=")
+    figures = {k: float(v) for k, v in re.findall(r"^(\S+) (\S+)$", text, re.M)}
+    assert figures['incoming_uploads{state="finished"}'] == 1
+    assert figures['incoming_uploads{state="receiving"}'] == 1
+    assert figures["incoming_tickets_created_total"] == 2
+    assert figures["incoming_bytes_received_total"] == len(data)
+    assert figures["incoming_handover_attempts_total"] == 1
+    assert figures["incoming_handover_failures_total"] == 0
+    assert figures["incoming_websocket_connections"] == 0
+    assert figures["incoming_chunk_write_seconds_count"] == 4
+    assert figures['incoming_chunk_write_seconds_bucket{le="+Inf"}'] == 4
+    assert figures["process_open_fds"] > 0 and figures["process_resident_memory_bytes"] > 0
 
 
 @pytest_twisted.ensureDeferred
@@ -62,8 +63,8 @@ async def split(config: Config) -> AsyncIterator[tuple[Server, str]]:
     pool.start()
     manager = build_manager(config, reactor, pool)
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-    public = await endpoint.listen(build_site(manager, reactor, backend=False))
-    private = await endpoint.listen(build_site(manager, reactor, frontend=False))
+    public = await endpoint.listen(build_site(manager, config, reactor, backend=False))
+    private = await endpoint.listen(build_site(manager, config, reactor, browser=False))
     yield (
         Server(manager, public.getHost().port, config.storage_dir),
         f"http://127.0.0.1:{private.getHost().port}/incoming",

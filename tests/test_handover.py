@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 import pytest_twisted
+from treq.testing import HasHeaders, RequestSequence, StringStubbingResource, StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.protocol import Factory, Protocol
@@ -16,48 +18,61 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestTransmissionFailed,
-    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
-from incoming.handover import Backend as HandoverBackend
-from incoming.handover import HandoverFailed
-from incoming.manager import HANDOVER_FAILED_TEXT
-from incoming.uploads import ErrorCode, Upload
+from incoming.errors import ErrorCode
+from incoming.handover import HandoverClient, HandoverFailed
+from incoming.metrics import Metrics
+from incoming.upload import HANDOVER_FAILED_TEXT, Upload
 
 from .harness import Backend, Server, upload_request, upload_small
 
-
-class FakeResponse:
-    def __init__(self, code: int, body: bytes) -> None:
-        self.code = code
-        self.headers = Headers()
-        self.length = len(body)
-        self._body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(None)
-        protocol.dataReceived(self._body)
-        protocol.connectionLost(Failure(ResponseDone()))
+HOLD = object()  # never answer
+STALL = object()  # answer 200 and send part of the body, never the rest
 
 
-class ScriptedHTTP:
-    """Answers each POST with the next scripted result; records what was sent."""
+class BackendStub(Resource):
+    """A backend behind StubTreq: records each POST's form and gives the next answer."""
 
-    def __init__(self, *results: Any) -> None:
-        self.results = list(results)
+    isLeaf = True
+
+    def __init__(self, *answers: Any) -> None:
+        super().__init__()
+        self.answers = list(answers)
         self.posts: list[dict[str, str]] = []
 
-    def post(self, url: str, data: dict[str, str], headers: Any) -> Deferred[Any]:
-        self.posts.append(data)
-        result = self.results.pop(0)
-        if isinstance(result, Deferred):
-            return result
-        if isinstance(result, Exception):
-            return fail(result)
-        return succeed(result)
+    def render_POST(self, request: Any) -> bytes | int:
+        self.posts.append({k: v for k, v in parse_qsl(request.content.read().decode(), True)})
+        answer = self.answers.pop(0)
+        if answer is HOLD:
+            return NOT_DONE_YET
+        if answer is STALL:
+            request.setHeader("content-length", "4")
+            request.write(b"do")
+            return NOT_DONE_YET
+        status, body = answer
+        request.setResponseCode(status)
+        return bytes(body)
+
+
+class Unreachable:
+    """The first POSTs fail at the connection (with `errors`); then `http` answers."""
+
+    def __init__(self, http: Any, *errors: Exception) -> None:
+        self.http = http
+        self.errors = list(errors)
+        self.failed: list[Exception] = []
+
+    def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        if self.errors:
+            self.failed.append(self.errors.pop(0))
+            return fail(self.failed[-1])
+        result: Deferred[Any] = self.http.post(url, **kwargs)
+        return result
 
 
 def an_upload() -> Upload:
@@ -66,25 +81,22 @@ def an_upload() -> Upload:
     return upload
 
 
-def run(clock: Clock, backend: HandoverBackend, upload: Upload) -> Deferred[str]:
-    return ensureDeferred(backend.hand_over(upload, "/store/file"))
+def client(http: Any, clock: Clock, timeout: float = 55) -> HandoverClient:
+    return HandoverClient(http, clock, timeout, Metrics())
 
 
-def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
-    clock = Clock()
-    http = ScriptedHTTP(
-        ConnectionRefusedError(), FakeResponse(503, b"busy"), FakeResponse(200, b"done\n")
-    )
-    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
-    assert len(http.posts) == 1 and not d.called
-    clock.advance(0.25)
-    assert len(http.posts) == 2 and not d.called
-    clock.advance(0.4)
-    assert len(http.posts) == 2  # the delay doubled to 0.5 s
-    clock.advance(0.1)
-    assert d.result == "done"
-    assert http.posts[0] == {
-        "id": "0b5a6fcd-7f5b-4f5e-9bb0-4de4b1fd5c39",
+def hand_over(handover: HandoverClient, stub: StubTreq | None = None) -> Deferred[str]:
+    d = ensureDeferred(handover.hand_over(an_upload(), "/store/file"))
+    if stub is not None:
+        stub.flush()
+    return d
+
+
+def test_the_handover_posts_the_six_fields_and_the_size() -> None:
+    upload = an_upload()
+    upload.signal_finish_url = "http://b.example/h?app=42"
+    fields = {
+        "id": upload.id,
         "filename": "/store/file",
         "filenameFromBrowser": "photo.jpg",
         "backendSecret": "sec",
@@ -92,25 +104,54 @@ def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
         "cancelReason": "",
         "size": "0",
     }
+    params = {b"app": [b"42"], **{k.encode(): [v.encode()] for k, v in fields.items()}}
+    headers = HasHeaders({b"user-agent": [b"Incoming!!"]})
+    expected = (b"post", "http://b.example/h", params, headers, urlencode(fields).encode())
+    failures: list[str] = []
+    sequence = RequestSequence([(expected, (200, {}, b"done\n"))], failures.append)
+    stub = StubTreq(StringStubbingResource(sequence))
+    with sequence.consume(pytest.fail):
+        d = ensureDeferred(client(stub, Clock()).hand_over(upload, "/store/file"))
+        stub.flush()
+        assert d.result == "done"
+    assert failures == []
+
+
+def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
+    clock = Clock()
+    backend = BackendStub((503, b"busy"), (200, b"done\n"))
+    stub = StubTreq(backend)
+    http = Unreachable(stub, ConnectionRefusedError())
+    d = hand_over(client(http, clock), stub)
+    assert len(http.failed) == 1 and not d.called
+    clock.advance(0.25)
+    stub.flush()
+    assert len(backend.posts) == 1 and not d.called  # 503
+    clock.advance(0.4)
+    stub.flush()
+    assert len(backend.posts) == 1  # the delay doubled to 0.5 s
+    clock.advance(0.1)
+    stub.flush()
+    assert d.result == "done"
 
 
 def test_retries_stop_at_the_handover_timeout() -> None:
     clock = Clock()
-    http = ScriptedHTTP(*[ConnectionRefusedError()] * 100)
-    d = run(clock, HandoverBackend(http, clock, timeout=10), an_upload())
+    http = Unreachable(None, *[ConnectionRefusedError()] * 100)
+    d = hand_over(client(http, clock, timeout=10))
     failures: list[Failure] = []
     d.addErrback(failures.append)
     for _ in range(100):
         clock.advance(1)
     assert failures and failures[0].check(HandoverFailed)
     assert "cannot reach backend" in str(failures[0].value)
-    assert 3 < len(http.posts) < 10
+    assert 3 < len(http.failed) < 10
 
 
 def test_a_backend_that_never_answers_fails_at_the_timeout() -> None:
     clock = Clock()
-    http = ScriptedHTTP(Deferred())
-    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+    stub = StubTreq(BackendStub(HOLD))
+    d = hand_over(client(stub, clock), stub)
     failures: list[Failure] = []
     d.addErrback(failures.append)
     clock.advance(54)
@@ -120,41 +161,87 @@ def test_a_backend_that_never_answers_fails_at_the_timeout() -> None:
     assert "no answer within 55 s" in str(failures[0].value)
 
 
+def test_the_answer_and_its_body_share_one_deadline() -> None:
+    clock = Clock()
+    backend = BackendStub(STALL)
+    stub = StubTreq(backend)
+    d = ensureDeferred(client(stub, clock).hand_over(an_upload(), "/store/file"))
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    clock.advance(50)
+    stub.flush()  # the status line comes late; the body stalls after two bytes
+    clock.advance(4.9)
+    assert not failures
+    clock.advance(0.1)  # 55 s after the POST started, not 55 s after the headers
+    assert failures and failures[0].check(HandoverFailed)
+
+
 @pytest.mark.parametrize(
-    "response, message",
+    "answer, message",
     [
-        (FakeResponse(200, b""), "not done or wait"),
-        (FakeResponse(200, b"don"), "not done or wait"),
-        (FakeResponse(200, b"OK"), "not done or wait"),
-        (FakeResponse(404, b"done"), "HTTP 404"),
-        (FakeResponse(302, b"done"), "HTTP 302"),
+        ((200, b""), "not done or wait"),
+        ((200, b"don"), "not done or wait"),
+        ((200, b"OK"), "not done or wait"),
+        ((404, b"done"), "HTTP 404"),
+        ((302, b"done"), "HTTP 302"),
     ],
 )
-def test_other_answers_fail_without_retry(response: FakeResponse, message: str) -> None:
-    clock = Clock()
-    http = ScriptedHTTP(response)
-    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
+def test_other_answers_fail_without_retry(answer: tuple[int, bytes], message: str) -> None:
+    backend = BackendStub(answer)
+    stub = StubTreq(backend)
+    d = hand_over(client(stub, Clock()), stub)
     failures: list[Failure] = []
     d.addErrback(failures.append)
     assert failures[0].check(HandoverFailed) and message in str(failures[0].value)
-    assert len(http.posts) == 1
+    assert len(backend.posts) == 1
 
 
 @pytest.mark.parametrize("answer", [b"done", b"wait", b"done and then some", b"wait\r\n"])
 def test_answers_starting_with_done_or_wait(answer: bytes) -> None:
-    clock = Clock()
-    d = run(clock, HandoverBackend(ScriptedHTTP(FakeResponse(200, answer)), clock, 55), an_upload())
-    assert d.result == answer[:4].decode()
+    stub = StubTreq(BackendStub((200, answer)))
+    assert hand_over(client(stub, Clock()), stub).result == answer[:4].decode()
 
 
 def test_cancel_notice_is_one_post_and_swallows_errors() -> None:
-    clock = Clock()
-    http = ScriptedHTTP(ConnectionRefusedError())
-    d = ensureDeferred(HandoverBackend(http, clock, 55).notify_cancelled(an_upload(), "why"))
+    backend = BackendStub((500, b"oops"))
+    stub = StubTreq(backend)
+    d = ensureDeferred(client(stub, Clock()).notify_cancelled(an_upload(), "why"))
+    stub.flush()
     assert d.called and d.result is None
-    assert len(http.posts) == 1
-    assert (http.posts[0]["cancelled"], http.posts[0]["cancelReason"]) == ("yes", "why")
-    assert http.posts[0]["filename"] == ""
+    [notice] = backend.posts
+    assert (notice["cancelled"], notice["cancelReason"], notice["filename"]) == ("yes", "why", "")
+    unreachable = Unreachable(None, ConnectionRefusedError())
+    d = ensureDeferred(client(unreachable, Clock()).notify_cancelled(an_upload(), "why"))
+    assert d.called and d.result is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RequestTransmissionFailed([Failure(ConnectionLost())]),  # a stale keep-alive connection
+        ResponseNeverReceived([Failure(ConnectionLost())]),
+        DNSLookupError("nope.invalid"),
+    ],
+)
+def test_posts_that_got_no_answer_are_retried(error: Exception) -> None:
+    clock = Clock()
+    stub = StubTreq(BackendStub((200, b"done")))
+    http = Unreachable(stub, error)
+    d = hand_over(client(http, clock))
+    clock.advance(0.25)
+    stub.flush()
+    assert d.result == "done"
+    assert len(http.failed) == 1
+
+
+def test_a_body_broken_midway_is_not_retried() -> None:
+    clock = Clock()
+    http = Unreachable(None, ResponseFailed([Failure(ConnectionLost())]))
+    d = hand_over(client(http, clock))
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(HandoverFailed)
+    assert len(http.failed) == 1
 
 
 # Against real backends on loopback
@@ -259,55 +346,6 @@ async def test_signal_finish_url_query_string_is_kept(server: Server, backend: B
     post = await backend.posts.get()
     assert post["_query"] == "app=42&x=%20y"
     assert post["id"] == ticket
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        RequestTransmissionFailed([Failure(ConnectionLost())]),  # a stale keep-alive connection
-        ResponseNeverReceived([Failure(ConnectionLost())]),
-        DNSLookupError("nope.invalid"),
-    ],
-)
-def test_posts_the_backend_never_saw_are_retried(error: Exception) -> None:
-    clock = Clock()
-    http = ScriptedHTTP(error, FakeResponse(200, b"done"))
-    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
-    clock.advance(0.25)
-    assert d.result == "done"
-    assert len(http.posts) == 2
-
-
-def test_a_body_broken_midway_is_not_retried() -> None:
-    clock = Clock()
-    http = ScriptedHTTP(ResponseFailed([Failure(ConnectionLost())]), FakeResponse(200, b"done"))
-    d = run(clock, HandoverBackend(http, clock, timeout=55), an_upload())
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    assert failures[0].check(HandoverFailed)
-    assert len(http.posts) == 1
-
-
-class EndlessBody(FakeResponse):
-    """Headers arrive; the body never ends."""
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(None)
-        protocol.dataReceived(b"do")
-
-
-def test_the_answer_and_its_body_share_one_deadline() -> None:
-    clock = Clock()
-    headers: Deferred[Any] = Deferred()
-    d = run(clock, HandoverBackend(ScriptedHTTP(headers), clock, timeout=55), an_upload())
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    clock.advance(50)
-    headers.callback(EndlessBody(200, b"done"))  # the status line comes late; the body stalls
-    clock.advance(4.9)
-    assert not failures
-    clock.advance(0.1)  # 55 s after the POST started, not 55 s after the headers
-    assert failures and failures[0].check(HandoverFailed)
 
 
 class AnswerLostOnce(Protocol):

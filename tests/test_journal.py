@@ -11,7 +11,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.python.threadpool import ThreadPool
 
 from incoming.journal import TicketJournal
-from incoming.storage import Storage
+from incoming.storage import DiskStorage
 
 IDS = [f"00000000-0000-4000-8000-{n:012d}" for n in range(40)]
 
@@ -81,7 +81,7 @@ async def test_many_live_tickets_are_appended_not_rewritten(
 
 @pytest_twisted.ensureDeferred
 async def test_storage_load_prefers_state_files(tmp_path: Path, pool: ThreadPool) -> None:
-    storage = Storage(tmp_path, reactor, pool)
+    storage = DiskStorage(tmp_path, reactor, pool)
     storage.prepare()
     assert storage.load() == []
     await storage.record_ticket(IDS[0], {"id": IDS[0], "phase": "receiving"})
@@ -90,7 +90,7 @@ async def test_storage_load_prefers_state_files(tmp_path: Path, pool: ThreadPool
     await storage.write(IDS[1], 0, b"12345")
     await ensureDeferred(storage.discard(IDS[0]))
     storage.journal.close()
-    again = Storage(tmp_path, reactor, pool)
+    again = DiskStorage(tmp_path, reactor, pool)
     [saved] = again.load()
     assert (saved.record, saved.stored, saved.present) == (
         {"id": IDS[1], "phase": "handover"},

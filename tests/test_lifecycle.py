@@ -1,171 +1,262 @@
-"""Timeouts and storage failures, with task.Clock standing in for time."""
+"""An upload's life on in-memory storage and handover, with task.Clock standing in
+for time: timeouts, the handover's answers, cancels and failures, in exact order."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 
-from incoming import websocket
+from incoming import rfc6455
 from incoming.config import Config
+from incoming.errors import ErrorCode, UploadError
 from incoming.files import write_all
 from incoming.manager import UploadManager
-from incoming.storage import Storage
-from incoming.uploads import ErrorCode, Phase, Registry, Upload
-from incoming.ws import UploadSession
+from incoming.metrics import Metrics
+from incoming.storage import DiskStorage, Saved
+from incoming.upload import HANDOVER_FAILED_TEXT, Phase, Upload, bring_to_life
+from incoming.websocket_protocol import UploadProtocolSession
 
 from .conftest import CHUNK_KB, SEND_AHEAD
+from .fakes import MemoryStorage, RecordingHandover, RecordingTransport
 from .harness import Backend, Server, connect, send_all, start_server, upload_request
 
 
-class RecordingBackend:
-    """Stands in for incoming.handover.Backend: answers handovers as told."""
-
-    def __init__(self, answer: str = "done") -> None:
-        self.answer = answer
-        self.handovers: list[str] = []
-        self.cancel_notices: list[tuple[str, str]] = []
-
-    async def hand_over(self, upload: Upload, filename: str) -> str:
-        self.handovers.append(filename)
-        return self.answer
-
-    async def notify_cancelled(self, upload: Upload, reason: str) -> None:
-        self.cancel_notices.append((upload.id, reason))
-
-
-class Session:
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-
-    def upload_cancelled(self, reason: str) -> None:
-        self.events.append(("cancelled", reason))
-
-    def upload_failed(self, code: ErrorCode, message: str) -> None:
-        self.events.append(("failed", code, message))
-
-    def upload_done(self) -> None:
-        self.events.append(("done",))
-
-
 def make_manager(
-    tmp_path: Path,
-    pool: ThreadPool,
-    backend: RecordingBackend,
-    storage_class: type[Storage] = Storage,
-) -> tuple[UploadManager, Clock]:
-    clock = Clock()
-    config = Config(storage_dir=tmp_path, max_idle=100, handover_confirm_timeout=30)
-    storage = storage_class(tmp_path, reactor, pool)
-    return UploadManager(config, Registry(), storage, backend, clock), clock  # type: ignore[arg-type]
+    handover: RecordingHandover | None = None, storage: MemoryStorage | None = None
+) -> tuple[UploadManager, Clock, MemoryStorage, RecordingHandover]:
+    clock, storage, handover = Clock(), storage or MemoryStorage(), handover or RecordingHandover()
+    manager = UploadManager(storage, handover, clock, Metrics(), max_idle=100, confirm_timeout=30)
+    return manager, clock, storage, handover
 
 
-def data_files(path: Path) -> list[Path]:
-    return [p for p in path.iterdir() if p.suffix not in (".json", ".journal")]
+def new_ticket(manager: UploadManager, remove: bool) -> Upload:
+    """A ticket, created at once on the synchronous fakes."""
+    upload: Upload = ensureDeferred(manager.create("http://b/h", "", remove)).result
+    return upload
 
 
-async def begin(
-    tmp_path: Path,
-    pool: ThreadPool,
-    answer: str,
-    length: int,
-    remove: bool,
-    storage_class: type[Storage] = Storage,
-) -> tuple[UploadManager, Clock, RecordingBackend, Upload, Session]:
-    """A manager on a Clock with one upload, its browser connected."""
-    backend = RecordingBackend(answer)
-    manager, clock = make_manager(tmp_path, pool, backend, storage_class)
-    upload = await ensureDeferred(manager.create("http://b/h", "", remove))
-    session = Session()
-    manager.connect(upload.id, session, length, "n")
-    return manager, clock, backend, upload, session
+def begin(
+    answer: str = "done", length: int = 3, remove: bool = True, hold: bool = False
+) -> tuple[UploadManager, Clock, MemoryStorage, RecordingHandover, Upload, RecordingTransport]:
+    """A manager on a Clock with one upload, its client connected."""
+    manager, clock, storage, handover = make_manager(RecordingHandover(answer, hold))
+    upload = new_ticket(manager, remove)
+    transport = RecordingTransport()
+    manager.connect(upload.id, transport, length, "n")
+    return manager, clock, storage, handover, upload, transport
 
 
-async def settle(manager: UploadManager) -> None:
-    while manager.running:
-        for d in list(manager.running):
-            await d
+def test_bytes_are_written_in_order_and_acknowledged_to_their_sender() -> None:
+    manager, clock, storage, handover, upload, transport = begin(length=5, hold=True)
+    upload.life.receive(b"ab")
+    upload.life.receive(b"cde")
+    assert transport.events == [("stored", 2), ("stored", 3)]
+    assert storage.finals[upload.id] == b"abcde"
+    handover.answer("done")
+    assert transport.events[-1] == ("ended", None, "")
+    assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
+    assert upload.phase is Phase.FINISHED
+    assert upload.id not in storage.finals  # removeFileWhenFinished
+    assert [(phase, durable) for _, phase, durable in storage.saves] == [
+        ("receiving", False),  # connected
+        ("handover", True),
+        ("finished", True),  # durable before the client hears of it
+    ]
 
 
-@pytest_twisted.ensureDeferred
-async def test_idle_upload_expires_then_is_forgotten(tmp_path: Path, pool: ThreadPool) -> None:
-    manager, clock, backend, upload, session = await begin(tmp_path, pool, "done", 10, True)
-    await manager.receive_chunk(upload, b"12345")
-    assert (tmp_path / f"{upload.id}.part").exists()
+def test_idle_upload_expires_then_is_forgotten() -> None:
+    manager, clock, storage, handover, upload, transport = begin(length=10)
+    upload.life.receive(b"12345")
     clock.advance(99)
-    assert upload.phase is Phase.RECEIVING
-    await manager.receive_chunk(upload, b"6")  # activity restarts the idle clock
+    upload.life.receive(b"6")  # activity restarts the idle clock
     clock.advance(99)
     assert upload.phase is Phase.RECEIVING
     clock.advance(1)
-    await settle(manager)
     assert upload.phase is Phase.CANCELLED
-    assert session.events == [("cancelled", "upload idle for 100 s")]
-    assert backend.cancel_notices == [(upload.id, "upload idle for 100 s")]
-    assert data_files(tmp_path) == []
-    assert manager.registry.get(upload.id) is upload  # still known (412) until the next timeout
+    assert transport.events[-1] == ("ended", ErrorCode.TICKET_CANCELLED, "upload idle for 100 s")
+    assert handover.notices == [(upload.id, "upload idle for 100 s")]
+    assert storage.parts == {}
+    assert manager.get(upload.id) is upload  # still known (412) until the next timeout
     clock.advance(100)
-    assert manager.registry.get(upload.id) is None
+    assert manager.get(upload.id) is None
+    assert upload.id not in storage.states
 
 
-@pytest_twisted.ensureDeferred
-async def test_wait_without_finish_upload_fails_at_confirm_timeout(
-    tmp_path: Path, pool: ThreadPool
-) -> None:
-    manager, clock, backend, upload, session = await begin(tmp_path, pool, "wait", 3, False)
-    await manager.receive_chunk(upload, b"abc")
-    await settle(manager)
+def test_wait_without_finish_upload_fails_at_confirm_timeout() -> None:
+    manager, clock, storage, handover, upload, transport = begin("wait", remove=False)
+    upload.life.receive(b"abc")
     assert upload.phase is Phase.AWAITING_FINISH
-    assert backend.handovers == [str(tmp_path / upload.id)]
     clock.advance(29)
     assert upload.phase is Phase.AWAITING_FINISH
     clock.advance(1)
-    await settle(manager)
     assert upload.phase is Phase.CANCELLED
-    assert session.events[0][:2] == ("failed", ErrorCode.HANDOVER_FAILED)
-    assert "finish_upload within 30 s" in session.events[0][2]
-    assert backend.cancel_notices and data_files(tmp_path) == []
+    message = "backend did not call finish_upload within 30 s"
+    assert transport.events[-1] == ("ended", ErrorCode.HANDOVER_FAILED, message)
+    assert handover.notices == [(upload.id, message)]
+    assert storage.finals == {}
 
 
-@pytest_twisted.ensureDeferred
-async def test_finish_upload_in_time_cancels_the_confirm_timer(
-    tmp_path: Path, pool: ThreadPool
-) -> None:
-    manager, clock, backend, upload, session = await begin(tmp_path, pool, "wait", 0, False)
-    manager.start_if_complete(upload)
-    await settle(manager)
-    await ensureDeferred(manager.finish_upload(upload))
+def test_finish_upload_in_time_cancels_the_confirm_timer() -> None:
+    manager, clock, storage, handover, upload, transport = begin("wait", length=0, remove=False)
+    upload.life.ready()  # a zero-byte file is complete at once
+    upload.life.finish_upload()
     clock.advance(30)
-    await settle(manager)
     assert upload.phase is Phase.FINISHED
-    assert session.events == [("done",)]
-    assert (tmp_path / upload.id).read_bytes() == b""  # a zero-byte file, kept
-    assert backend.cancel_notices == []
+    assert transport.events == [("ended", None, "")]
+    assert storage.finals == {upload.id: b""}  # a zero-byte file, kept
+    assert handover.notices == []
 
 
-class DiskFullAfter(Storage):
-    """Storage whose disk fills up after the first 8 KiB of any upload."""
+@pytest.mark.parametrize("answer", ["wait", "done", "fail"])
+def test_finish_upload_before_the_handovers_answer_is_applied_when_it_comes(answer: str) -> None:
+    """A backend that starts its work, calls finish_upload from a worker and answers
+    `wait`: the two race; finish_upload must not get 412."""
+    manager, clock, storage, handover, upload, transport = begin(hold=True, remove=False)
+    upload.life.receive(b"abc")
+    assert upload.phase is Phase.HANDOVER
+    upload.life.finish_upload()  # accepted: the backend has the file
+    assert upload.phase is Phase.FINISH_REQUESTED
+    assert transport.events == [("stored", 3)]
+    handover.answer(answer)
+    assert upload.phase is Phase.FINISHED
+    assert transport.events == [("stored", 3), ("ended", None, "")]
+    clock.advance(30)  # no confirm timeout is left behind
+    assert upload.phase is Phase.FINISHED
+    assert storage.finals == {upload.id: b"abc"}
 
-    def _write(self, upload_id: str, offset: int, data: Any) -> None:
-        if offset + len(data) > 8192:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        super()._write(upload_id, offset, data)
+
+def test_a_failed_handover_tells_the_client_a_fixed_text() -> None:
+    manager, clock, storage, handover, upload, transport = begin("fail", remove=False)
+    upload.life.receive(b"abc")
+    assert transport.events[-1] == ("ended", ErrorCode.HANDOVER_FAILED, HANDOVER_FAILED_TEXT)
+    assert handover.notices == [(upload.id, HANDOVER_FAILED_TEXT)]
+    assert storage.finals == {}  # even with removeFileWhenFinished=false
+
+
+def test_past_end_and_storage_failure_reach_the_client_with_their_codes() -> None:
+    manager, clock, storage, handover, upload, transport = begin(length=4)
+    upload.life.receive(b"abc")
+    upload.life.receive(b"de")
+    upload.life.receive(b"f")  # on the wire behind it: dropped
+    assert transport.events[-1][:2] == ("ended", ErrorCode.PAST_END)
+    assert upload.phase is Phase.CANCELLED and storage.parts == {}
+    manager, clock, storage, handover, upload, transport = begin(length=9000)
+    storage.full_at = 4096
+    upload.life.receive(b"x" * 5000)
+    assert transport.events == [("ended", ErrorCode.STORAGE_FAILED, "storage failed")]
+    assert handover.notices == [(upload.id, "storage failed")]
+
+
+def test_cancels_are_refused_once_the_handover_runs() -> None:
+    manager, clock, storage, handover, upload, transport = begin("wait")
+    upload.life.receive(b"abc")
+    for cancel in (
+        upload.life.cancel_by_backend,
+        lambda: upload.life.cancel_by_client(transport, ""),
+    ):
+        with pytest.raises(UploadError) as refused:
+            cancel()
+        assert refused.value.code is ErrorCode.TOO_LATE
+    upload.life.finish_upload()
+    with pytest.raises(UploadError) as refused:
+        upload.life.finish_upload()
+    assert refused.value.code is ErrorCode.NOT_WAITING
+
+
+def test_a_second_connection_is_refused_and_the_first_ones_bytes_stay_its_own() -> None:
+    manager, clock, storage, handover, upload, transport = begin(length=10)
+    other = RecordingTransport()
+    with pytest.raises(UploadError) as refused:
+        manager.connect(upload.id, other, 10, "n")
+    assert refused.value.code is ErrorCode.ALREADY_CONNECTED
+    landing: Deferred[None] = Deferred()
+    storage.write = lambda *args: landing  # type: ignore[method-assign]
+    upload.life.receive(b"12345")  # in flight when the connection drops
+    upload.life.disconnect(transport, False)
+    manager.connect(upload.id, other, 10, "n")
+    landing.callback(None)
+    assert transport.events == [("stored", 5)] and other.events == []
+    assert upload.stored == 5
+    with pytest.raises(UploadError) as refused:
+        manager.connect(upload.id, RecordingTransport(), 10, "n")
+    assert refused.value.code is ErrorCode.ALREADY_CONNECTED
+
+
+def test_forgetting_a_finished_ticket_keeps_the_file_the_backend_kept() -> None:
+    manager, clock, storage, handover, upload, transport = begin(remove=False)
+    upload.life.receive(b"abc")
+    assert upload.phase is Phase.FINISHED
+    clock.advance(100)  # the finished ticket is forgotten
+    assert manager.get(upload.id) is None and upload.id not in storage.states
+    assert storage.finals == {upload.id: b"abc"}  # the backend's now
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
+    """The table is complete: no input is left undeclared in any state."""
+    arguments: dict[str, tuple[Any, ...]] = {
+        "connect": (RecordingTransport(), 3, "n", 10),
+        "disconnect": (RecordingTransport(), False),
+        "receive": (b"",),
+        "past_end": ("too long",),
+        "cancel_by_client": (RecordingTransport(), "why"),
+        "idle_timeout": (100.0,),
+        "confirm_timeout": (30.0,),
+        "restored": (True,),
+    }
+    inputs = (
+        "connect disconnect ready receive past_end written all_stored storage_failed "
+        "answered_done answered_wait handover_failed finish_upload finalized "
+        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
+    )
+    for name in inputs.split():
+        manager, clock, storage, handover = make_manager()
+        upload = Upload(str(uuid.uuid4()), "http://b/h", "", True, length=3, phase=phase)
+        upload.pending.append((0, None))
+        life = bring_to_life(upload, manager)
+        manager._uploads[upload.id] = upload  # as `restore` would
+        with contextlib.suppress(UploadError):
+            getattr(life, name)(*arguments.get(name, ()))
+
+
+def test_restart_redoes_an_interrupted_handover_or_sees_it_was_taken() -> None:
+    storage = MemoryStorage()
+    manager, clock, _, handover = make_manager(storage=storage)
+    upload = new_ticket(manager, False)
+    storage.states[upload.id] = {**upload.to_record(), "phase": "handover", "length": 3}
+    storage.finals[upload.id] = b"abc"
+    taken = new_ticket(manager, False)
+    storage.states[taken.id] = {**taken.to_record(), "phase": "handover", "length": 3}
+    again, clock, _, handover = make_manager(storage=storage)
+    storage.load = lambda: [  # type: ignore[method-assign]
+        Saved(storage.states[upload.id], 3, True, None),
+        Saved(storage.states[taken.id], 0, False, None),  # the backend moved the file away
+    ]
+    again.restore()
+    assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
+    assert again.lookup(upload.id).phase is Phase.FINISHED
+    assert again.lookup(taken.id).phase is Phase.FINISHED
+
+
+# Over loopback, with the disk.
 
 
 @pytest_twisted.async_yield_fixture
 async def full_server(config: Config) -> AsyncIterator[Server]:
-    s, port, pool = await start_server(config, DiskFullAfter)
+    """A server whose storage fills up after the first 8 KiB of any upload."""
+    s, port, pool = await start_server(config, MemoryStorage(full_at=8192))
     yield s
     await port.stopListening()
     await s.settled()
@@ -194,7 +285,8 @@ async def test_disk_full_cancels_only_that_upload(full_server: Server, backend: 
     data = os.urandom(chunk)
     await send_all(small_client, data, chunk, SEND_AHEAD)
     await small_client.expect("MsgAllDone")
-    assert server.files() == {small: data}
+    storage: MemoryStorage = server.manager.storage  # type: ignore[assignment]
+    assert storage.finals == {small: data} and storage.parts == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -203,70 +295,33 @@ async def test_length_beyond_free_space_is_refused(server: Server, backend: Back
     client = await connect(server.ws_url())
     client.send("MsgUploadReq", Id=ticket, LengthBytes=2**62, Name="huge")
     await client.expect_error(ErrorCode.INSUFFICIENT_STORAGE)
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None and upload.length is None and upload.phase is Phase.RECEIVING
     client, conf = await upload_request(server, ticket, 1)
     assert conf["FilePos"] == 0
     client.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_forgetting_a_finished_ticket_keeps_the_file_the_backend_kept(
-    tmp_path: Path, pool: ThreadPool
-) -> None:
-    manager, clock, backend, upload, session = await begin(tmp_path, pool, "done", 3, False)
-    await manager.receive_chunk(upload, b"abc")
-    await settle(manager)
-    assert upload.phase is Phase.FINISHED
-    clock.advance(100)  # the finished ticket is forgotten
-    await settle(manager)
-    assert manager.registry.get(upload.id) is None
-    assert not (tmp_path / f"{upload.id}.json").exists()
-    assert (tmp_path / upload.id).read_bytes() == b"abc"  # the backend's now
-
-
-class SyncRecorder(Storage):
-    """Records, for each saved state, its phase and whether it was made durable."""
-
-    saves: list[tuple[object, bool]]
-
-    def _save_state(self, upload_id: str, record: Any, sync: bool) -> None:
-        self.saves = [*getattr(self, "saves", []), (record["phase"], sync)]
-        super()._save_state(upload_id, record, sync)
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_handover_start_and_end_are_saved_durably(
-    tmp_path: Path, pool: ThreadPool
-) -> None:
-    manager, clock, backend, upload, session = await begin(
-        tmp_path, pool, "done", 3, True, SyncRecorder
-    )
-    await manager.receive_chunk(upload, b"abc")
-    await settle(manager)
-    saves = manager.storage.saves  # type: ignore[attr-defined]
-    assert ("handover", True) in saves and ("finished", True) in saves
-
-
-def test_a_connection_without_upload_request_is_dropped_at_the_timeout(
-    tmp_path: Path, pool: ThreadPool
-) -> None:
-    manager, clock = make_manager(tmp_path, pool, RecordingBackend())
+def test_a_connection_without_upload_request_is_dropped_at_the_timeout() -> None:
+    manager, clock, storage, handover = make_manager()
     transports = []
     for _ in range(2):
         transport = StringTransport()
-        connection = websocket.WebSocketConnection(
-            UploadSession(manager), clock, manager.config.ws_timeout, 1024
+        session = UploadProtocolSession(
+            manager,
+            clock,
+            chunk_size_kb=4,
+            send_ahead=2,
+            request_timeout=58,
+            connections=manager.metrics.websocket_connections,
         )
-        connection.makeConnection(transport)
+        rfc6455.WebSocketConnection(session, clock, 58, 4096).makeConnection(transport)
         transports.append(transport)
-    answering = transports[1]
-    clock.advance(manager.config.ws_timeout - 1)
+    clock.advance(57)
     assert not transports[0].disconnecting
     clock.advance(1)
     assert b'"ErrorCode":%d' % ErrorCode.NO_UPLOAD_REQUEST in transports[0].value()
-    assert transports[0].disconnecting
-    assert answering.disconnecting  # the other one said nothing either
+    assert all(t.disconnecting for t in transports)
 
 
 def test_short_writes_are_carried_on_until_every_byte_is_written(tmp_path: Path) -> None:
@@ -293,7 +348,7 @@ def open_part_files(directory: Path) -> int:
 async def test_upload_files_stay_open_only_while_written_and_within_a_bound(
     tmp_path: Path, pool: ThreadPool
 ) -> None:
-    storage = Storage(tmp_path, reactor, pool, max_open_files=2)
+    storage = DiskStorage(tmp_path, reactor, pool, max_open_files=2)
     ids = [str(uuid.uuid4()) for _ in range(3)]
     for upload_id in ids:
         await storage.write(upload_id, 0, b"x")

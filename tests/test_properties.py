@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from incoming.uploads import Phase
+from incoming.upload import Phase
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .harness import Backend, Client, Server, connect
@@ -105,7 +105,7 @@ class Run:
                 self.ended = True
 
     def check(self) -> None:
-        upload = self.server.manager.registry.get(self.ticket)
+        upload = self.server.manager.get(self.ticket)
         assert upload is not None
         assert self.acked <= upload.stored <= self.sent_max <= len(self.data)
         for name in (f"{self.ticket}.part", self.ticket):
@@ -159,7 +159,7 @@ async def play(server: Server, backend: Backend, length: int, steps: list[Any]) 
     await server.settled()
     await server.manager.storage.drain(run.ticket)
     run.check()
-    upload = server.manager.registry.get(run.ticket)
+    upload = server.manager.get(run.ticket)
     assert upload is not None
     if upload.phase is Phase.FINISHED:  # kept (removeFileWhenFinished=false): all of it
         assert (server.storage_dir / run.ticket).read_bytes() == data

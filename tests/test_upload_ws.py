@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 import treq
 
-from incoming.uploads import ErrorCode
+from incoming.errors import ErrorCode
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .harness import (
@@ -108,8 +108,8 @@ async def test_bad_upload_requests_get_their_error(
     client.send_raw(first_message % ticket)
     data = await client.expect_error(code)
     assert data["Msg"]
-    upload = server.manager.registry.get(ticket)
-    assert upload is not None and upload.length is None and upload.session is None
+    upload = server.manager.get(ticket)
+    assert upload is not None and upload.length is None and upload.transport is None
 
 
 @pytest_twisted.ensureDeferred
@@ -240,7 +240,7 @@ async def test_chunk_before_ack_and_too_many_chunks_ahead(server: Server, backen
     assert messages[-1]["MsgType"] == "MsgError"
     assert messages[-1]["MsgData"]["ErrorCode"] == ErrorCode.SEND_AHEAD_EXCEEDED
     await server.manager.storage.drain(ticket)
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None and not upload.phase.final  # still resumable
     assert upload.stored == SEND_AHEAD * CHUNK
 
@@ -288,15 +288,15 @@ async def test_cancel_of_an_upload_already_cancelled_says_so(
     server: Server, backend: Backend
 ) -> None:
     ticket, client, _ = await acked_upload(server, backend.url, 10, backendSecret="k")
-    upload = server.manager.registry.get(ticket)
+    upload = server.manager.get(ticket)
     assert upload is not None
-    session = upload.session
-    upload.session = None  # the backend's cancel lands before the browser hears of it
+    session = upload.transport
+    upload.transport = None  # the backend's cancel lands before the browser hears of it
     response = await treq.post(
         f"{server.base}/backend/cancel_upload", data={"id": ticket, "backendSecret": "k"}
     )
     assert response.code == 200
-    upload.session = session
+    upload.transport = session
     client.send("MsgCancel", Reason="me too")
     await client.expect_error(ErrorCode.TICKET_CANCELLED)
 

@@ -13,8 +13,8 @@ from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from incoming import websocket
-from incoming.uploads import ErrorCode
+from incoming import rfc6455
+from incoming.errors import ErrorCode
 
 from .harness import Backend, Server
 
@@ -39,7 +39,7 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
 
-    def connected(self, connection: websocket.WebSocketConnection) -> None:
+    def connected(self, connection: rfc6455.WebSocketConnection) -> None:
         self.events.append(("connected", None))
 
     def text_received(self, text: str) -> None:
@@ -57,9 +57,9 @@ class Recorder:
 
 def make(
     max_binary: int = 1000, timeout: float = 10
-) -> tuple[websocket.WebSocketConnection, Recorder, StringTransport, Clock]:
+) -> tuple[rfc6455.WebSocketConnection, Recorder, StringTransport, Clock]:
     recorder, clock, transport = Recorder(), Clock(), StringTransport()
-    connection = websocket.WebSocketConnection(recorder, clock, timeout, max_binary)
+    connection = rfc6455.WebSocketConnection(recorder, clock, timeout, max_binary)
     connection.makeConnection(transport)
     return connection, recorder, transport, clock
 
@@ -74,14 +74,14 @@ def close_code(written: bytes) -> int:
 def test_binary_frames_of_every_length_encoding_arrive_unmasked(size: int) -> None:
     connection, recorder, _, _ = make(max_binary=max(size, 1))
     payload = os.urandom(size)
-    connection.dataReceived(client_frame(websocket.BINARY, payload, mask=os.urandom(4)))
+    connection.dataReceived(client_frame(rfc6455.BINARY, payload, mask=os.urandom(4)))
     assert recorder.events[-1] == ("binary", payload)
 
 
 def test_frames_split_at_every_byte_boundary_are_reassembled() -> None:
     connection, recorder, _, _ = make()
-    stream = client_frame(websocket.TEXT, "héllo".encode()) + client_frame(
-        websocket.BINARY, b"\x00" * 300
+    stream = client_frame(rfc6455.TEXT, "héllo".encode()) + client_frame(
+        rfc6455.BINARY, b"\x00" * 300
     )
     for i in range(len(stream)):
         connection.dataReceived(stream[i : i + 1])
@@ -91,42 +91,42 @@ def test_frames_split_at_every_byte_boundary_are_reassembled() -> None:
 def test_fragmented_messages_with_interleaved_ping() -> None:
     connection, recorder, transport, _ = make()
     connection.dataReceived(
-        client_frame(websocket.BINARY, b"ab", fin=False)
-        + client_frame(websocket.PING, b"p")
-        + client_frame(websocket.CONTINUATION, b"cd", fin=True)
+        client_frame(rfc6455.BINARY, b"ab", fin=False)
+        + client_frame(rfc6455.PING, b"p")
+        + client_frame(rfc6455.CONTINUATION, b"cd", fin=True)
     )
     assert recorder.events[-1] == ("binary", b"abcd")
-    assert transport.value() == websocket.frame(websocket.PONG, b"p")
+    assert transport.value() == rfc6455.frame(rfc6455.PONG, b"p")
 
 
 def test_oversized_frame_is_refused_from_its_header() -> None:
     connection, recorder, transport, _ = make(max_binary=1000)
-    header = client_frame(websocket.BINARY, b"x" * 1001)[:8]  # header + mask, no payload
+    header = client_frame(rfc6455.BINARY, b"x" * 1001)[:8]  # header + mask, no payload
     connection.dataReceived(header)
-    assert ("refused", websocket.TOO_BIG) in recorder.events
-    assert close_code(transport.value()) == websocket.TOO_BIG
+    assert ("refused", rfc6455.TOO_BIG) in recorder.events
+    assert close_code(transport.value()) == rfc6455.TOO_BIG
     assert transport.disconnecting
 
 
 def test_fragments_count_towards_the_limit() -> None:
     connection, recorder, transport, _ = make(max_binary=1000)
-    connection.dataReceived(client_frame(websocket.BINARY, b"x" * 600, fin=False))
-    connection.dataReceived(client_frame(websocket.CONTINUATION, b"x" * 600)[:8])
-    assert close_code(transport.value()) == websocket.TOO_BIG
+    connection.dataReceived(client_frame(rfc6455.BINARY, b"x" * 600, fin=False))
+    connection.dataReceived(client_frame(rfc6455.CONTINUATION, b"x" * 600)[:8])
+    assert close_code(transport.value()) == rfc6455.TOO_BIG
 
 
 @pytest.mark.parametrize(
     "frame_bytes, code",
     [
-        (client_frame(websocket.TEXT, b"\xff\xfe"), websocket.INVALID_DATA),
-        (client_frame(websocket.BINARY, b"x")[:1] + b"\x01x", websocket.PROTOCOL_ERROR),  # unmasked
+        (client_frame(rfc6455.TEXT, b"\xff\xfe"), rfc6455.INVALID_DATA),
+        (client_frame(rfc6455.BINARY, b"x")[:1] + b"\x01x", rfc6455.PROTOCOL_ERROR),  # unmasked
         (
-            bytes([0x80 | 0x40 | websocket.BINARY]) + client_frame(websocket.BINARY, b"x")[1:],
-            websocket.PROTOCOL_ERROR,
+            bytes([0x80 | 0x40 | rfc6455.BINARY]) + client_frame(rfc6455.BINARY, b"x")[1:],
+            rfc6455.PROTOCOL_ERROR,
         ),  # reserved bit
-        (client_frame(0x3, b"x"), websocket.PROTOCOL_ERROR),  # unknown opcode
-        (client_frame(websocket.CONTINUATION, b"x"), websocket.PROTOCOL_ERROR),
-        (client_frame(websocket.PING, b"x", fin=False), websocket.PROTOCOL_ERROR),
+        (client_frame(0x3, b"x"), rfc6455.PROTOCOL_ERROR),  # unknown opcode
+        (client_frame(rfc6455.CONTINUATION, b"x"), rfc6455.PROTOCOL_ERROR),
+        (client_frame(rfc6455.PING, b"x", fin=False), rfc6455.PROTOCOL_ERROR),
     ],
 )
 def test_broken_frames_close_with_their_code(frame_bytes: bytes, code: int) -> None:
@@ -139,15 +139,35 @@ def test_broken_frames_close_with_their_code(frame_bytes: bytes, code: int) -> N
 
 def test_close_frame_is_answered_and_connection_dropped() -> None:
     connection, _, transport, _ = make()
-    connection.dataReceived(client_frame(websocket.CLOSE, struct.pack("!H", 1001)))
+    connection.dataReceived(client_frame(rfc6455.CLOSE, struct.pack("!H", 1001)))
     assert close_code(transport.value()) == 1001
     assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "payload, answer",
+    [
+        (b"", 1000),  # no code: a normal close
+        (struct.pack("!H", 3000) + "bye é".encode(), 3000),  # an application's code, echoed
+        (b"\x03", 1002),  # one byte cannot hold a code (RFC 6455 §5.5.1)
+        (struct.pack("!H", 1000) + b"\xff\xfe", 1007),  # the reason is not UTF-8 (§7.1.6)
+        (struct.pack("!H", 1005), 1002),  # never sent on the wire (§7.4.1)
+        (struct.pack("!H", 999), 1002),
+        (struct.pack("!H", 2000), 1002),
+    ],
+)
+def test_close_frames_are_echoed_or_refused(payload: bytes, answer: int) -> None:
+    connection, recorder, transport, _ = make()
+    connection.dataReceived(client_frame(rfc6455.CLOSE, payload))
+    assert close_code(transport.value()) == answer
+    assert transport.disconnecting
+    assert ("text", None) not in recorder.events
 
 
 def test_silent_peer_is_pinged_then_dropped_within_the_timeout() -> None:
     connection, _, transport, clock = make(timeout=10)
     clock.advance(5)
-    assert transport.value() == websocket.frame(websocket.PING, b"incoming")
+    assert transport.value() == rfc6455.frame(rfc6455.PING, b"incoming")
     assert not transport.disconnecting
     clock.advance(5)
     assert transport.disconnecting  # abortConnection on a StringTransport
@@ -157,7 +177,7 @@ def test_a_peer_that_answers_pings_stays() -> None:
     connection, _, transport, clock = make(timeout=10)
     for _ in range(10):
         clock.advance(5)
-        connection.dataReceived(client_frame(websocket.PONG, b"incoming"))
+        connection.dataReceived(client_frame(rfc6455.PONG, b"incoming"))
     assert not transport.disconnecting
 
 
@@ -200,8 +220,8 @@ async def test_oversized_frame_over_loopback_gets_msgerror_and_1009(
         with handshake(server.port) as s:
             request = {"Id": ticket, "LengthBytes": 99999999, "Name": "n"}
             text = json.dumps({"MsgType": "MsgUploadReq", "MsgData": request})
-            s.sendall(client_frame(websocket.TEXT, text.encode()))
-            s.sendall(client_frame(websocket.TEXT, b'{"MsgType":"MsgAck","MsgData":{"Ack":true}}'))
+            s.sendall(client_frame(rfc6455.TEXT, text.encode()))
+            s.sendall(client_frame(rfc6455.TEXT, b'{"MsgType":"MsgAck","MsgData":{"Ack":true}}'))
             # announce 100 MiB but send only the header: the server must not wait for it
             s.sendall(struct.pack("!BBQ", 0x82, 0xFF, 100 << 20) + b"mask")
             return read_all(s)
@@ -209,8 +229,8 @@ async def test_oversized_frame_over_loopback_gets_msgerror_and_1009(
     written = await threads.deferToThread(talk)
     assert b'"MsgType":"MsgUploadConf"' in written
     assert b'"ErrorCode":%d' % ErrorCode.FRAME_TOO_LARGE in written
-    assert close_code(written) == websocket.TOO_BIG
-    upload = server.manager.registry.get(ticket)
+    assert close_code(written) == rfc6455.TOO_BIG
+    upload = server.manager.get(ticket)
     assert upload is not None and upload.stored == 0 and not upload.phase.final
 
 
@@ -251,7 +271,7 @@ def test_half_sent_http_requests_are_dropped_at_the_timeout() -> None:
     from twisted.internet.address import IPv4Address
     from twisted.web.resource import Resource
 
-    from incoming.api import IncomingSite
+    from incoming.site import IncomingSite
 
     clock = Clock()
     site = IncomingSite(Resource(), max_body=1024, timeout=58, reactor=clock)

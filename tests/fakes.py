@@ -1,0 +1,131 @@
+"""In-memory stand-ins for the parts an upload's life talks to (storage, the
+handover, a transport). They answer at once, so a test sees exactly the order
+in which inputs and outputs happen."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from incoming.files import Buffer
+from incoming.handover import HandoverFailed
+from incoming.storage import Record, Saved
+from incoming.upload import Ending, Upload
+
+
+class MemoryStorage:
+    """`incoming.storage.Storage` in memory; writes fail (ENOSPC) past `full_at` bytes."""
+
+    def __init__(self, free: int = 1 << 40, full_at: int | None = None) -> None:
+        self.free = free
+        self.full_at = full_at
+        self.parts: dict[str, bytearray] = {}  # files being written
+        self.finals: dict[str, bytes] = {}  # complete files
+        self.journal: dict[str, Record] = {}
+        self.states: dict[str, Record] = {}
+        self.saves: list[tuple[str, object, bool]] = []  # (id, phase, durable), in order
+        self.open: set[str] = set()  # uploads whose file is open
+
+    def load(self) -> list[Saved]:
+        records = {**self.journal, **self.states}
+        return [
+            Saved(record, len(self.parts.get(i, self.finals.get(i, b""))), True, None)
+            for i, record in records.items()
+        ]
+
+    def free_bytes(self) -> int:
+        return self.free
+
+    def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
+        self.journal[upload_id] = record
+        return succeed(None)
+
+    def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
+        self.states[upload_id] = record
+        self.saves.append((upload_id, record["phase"], sync))
+        return succeed(None)
+
+    def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]:
+        if self.full_at is not None and offset + len(data) > self.full_at:
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
+        part = self.parts.setdefault(upload_id, bytearray())
+        part[offset : offset + len(data)] = data
+        self.open.add(upload_id)
+        return succeed(None)
+
+    def release(self, upload_id: str) -> Deferred[None]:
+        self.open.discard(upload_id)
+        return succeed(None)
+
+    def drain(self, upload_id: str) -> Deferred[None]:
+        return succeed(None)
+
+    def drain_all(self) -> Deferred[list[None]]:
+        return succeed([])
+
+    def complete(self, upload_id: str) -> Deferred[Path]:
+        self.finals[upload_id] = bytes(self.parts.pop(upload_id, b""))
+        self.open.discard(upload_id)
+        return succeed(Path("/memory") / upload_id)
+
+    def remove(self, upload_id: str) -> Deferred[None]:
+        self.parts.pop(upload_id, None)
+        self.finals.pop(upload_id, None)
+        self.open.discard(upload_id)
+        return succeed(None)
+
+    async def discard(self, upload_id: str) -> None:
+        self.journal.pop(upload_id, None)
+        self.states.pop(upload_id, None)
+        self.parts.pop(upload_id, None)
+
+    def forget(self, upload_id: str) -> None:
+        pass
+
+
+class RecordingHandover:
+    """`incoming.handover.Handover` that answers as told: `done`, `wait`, or `fail`;
+    with `hold`, each handover waits for `answer(...)`."""
+
+    def __init__(self, answer: str = "done", hold: bool = False) -> None:
+        self.default = answer
+        self.hold = hold
+        self.handovers: list[tuple[str, str]] = []  # (id, filename)
+        self.notices: list[tuple[str, str]] = []  # (id, reason)
+        self.waiting: list[Deferred[str]] = []
+
+    async def hand_over(self, upload: Upload, filename: str) -> str:
+        self.handovers.append((upload.id, filename))
+        answer = self.default
+        if self.hold:
+            waiting: Deferred[str] = Deferred()
+            self.waiting.append(waiting)
+            answer = await waiting
+        if answer == "fail":
+            raise HandoverFailed("backend answered b'nope'")
+        return answer
+
+    def answer(self, answer: str) -> None:
+        self.waiting.pop(0).callback(answer)
+
+    async def notify_cancelled(self, upload: Upload, reason: str) -> None:
+        self.notices.append((upload.id, reason))
+
+
+class RecordingTransport:
+    """`incoming.upload.Transport` that writes down what it hears."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def stored(self, size: int) -> None:
+        self.events.append(("stored", size))
+
+    def ended(self, ending: Ending) -> None:
+        self.events.append(("ended", ending.code, ending.message))
+
+    def going_away(self) -> None:
+        self.events.append(("going away",))
