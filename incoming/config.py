@@ -28,7 +28,8 @@ class Config:
     handover_confirm_timeout: float = 600.0
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
     handover_hosts: frozenset[str] = frozenset()  # allowed signalFinishURL hosts; empty: any
-    allowed_origins: frozenset[str] = frozenset()  # allowed WebSocket Origins; empty: any
+    allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
+    max_upload_bytes: int | None = None  # the largest upload a client may announce
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -92,6 +93,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "backend_listen": ("backend-listen", "BackendListen", _text),
     "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
     "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
+    "max_upload_bytes": ("max-upload-size", "MaxUploadBytes", _int_in(0, 2**63 - 1)),
 }
 
 
@@ -155,9 +157,10 @@ class Options(usage.Options):
             "allowed-origins",
             None,
             None,
-            "Comma-separated Origins allowed to open upload WebSockets, e.g. "
+            "Comma-separated Origins allowed to upload (WebSocket and tus), e.g. "
             "https://app.example.com [any]",
         ],
+        ["max-upload-size", None, None, "Largest upload in bytes a client may announce [none]"],
     ]
 
     def postOptions(self) -> None:

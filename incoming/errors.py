@@ -29,6 +29,7 @@ class ErrorCode(enum.IntEnum):
     NOT_WAITING = 17  # finish_upload for an upload that is not waiting for it
     STORAGE_FAILED = 20  # disk full, permissions... (upload cancelled)
     INSUFFICIENT_STORAGE = 21  # LengthBytes exceeds the free space
+    TOO_LARGE = 22  # LengthBytes exceeds the configured MaxUploadBytes
     HANDOVER_FAILED = 30  # the backend did not take the file (upload cancelled)
     INTERNAL_ERROR = 99
 

@@ -8,9 +8,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
 STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
+
+
+class Digest(Protocol):
+    """A hashlib hash, fed as bytes are written."""
+
+    def update(self, data: Buffer, /) -> None: ...
+
+    def digest(self) -> bytes: ...
 
 
 def write_all(fd: int, data: Buffer, write: Callable[[int, Buffer], int] = os.write) -> None:

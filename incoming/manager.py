@@ -17,11 +17,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .errors import ErrorCode, UploadError
-from .files import Buffer
+from .files import Buffer, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
 from .storage import Storage
-from .upload import Phase, Transport, Upload, bring_to_life, new_ticket_id
+from .upload import Phase, Room, Transport, Upload, bring_to_life, new_ticket_id
 
 log = Logger()
 
@@ -38,6 +38,7 @@ class UploadManager:
         *,
         max_idle: float,
         confirm_timeout: float,
+        max_upload: int | None = None,
     ) -> None:
         self.storage = storage
         self.handover = handover
@@ -45,6 +46,7 @@ class UploadManager:
         self.metrics = metrics
         self.max_idle = max_idle
         self.confirm_timeout = confirm_timeout
+        self.max_upload = max_upload
         self._uploads: dict[str, Upload] = {}
         self._idle: dict[str, IDelayedCall] = {}
         self._confirm: dict[str, IDelayedCall] = {}
@@ -128,8 +130,12 @@ class UploadManager:
     def connect(self, upload_id: str, transport: Transport, length: int, name: str) -> Upload:
         """Attach a connection to its upload, or raise UploadError."""
         upload = self.lookup(upload_id)
-        upload.life.connect(transport, length, name, self.storage.free_bytes())
+        upload.life.connect(transport, length, name, self.room())
         return upload
+
+    def room(self) -> Room:
+        """How large a new upload may be, now."""
+        return Room(self.storage.free_bytes(), self.max_upload)
 
     async def resume_position(self, upload: Upload) -> int:
         """Bytes stored, once every write still in flight (an earlier connection's) landed."""
@@ -142,7 +148,7 @@ class UploadManager:
 
     # Effects (upload.Effects)
 
-    def write(self, upload: Upload, offset: int, data: Buffer) -> None:
+    def write(self, upload: Upload, offset: int, data: Buffer, digests: tuple[Digest, ...]) -> None:
         self.metrics.bytes_received.inc(len(data))
         arrived = self.clock.seconds()
 
@@ -154,7 +160,7 @@ class UploadManager:
             log.error("upload {id}: storage failed: {e}", id=upload.id, e=failure.value)
             upload.life.storage_failed()
 
-        self.storage.write(upload.id, offset, data).addCallbacks(stored, failed)
+        self.storage.write(upload.id, offset, data, digests).addCallbacks(stored, failed)
 
     def touch(self, upload: Upload) -> None:
         self._arm_idle(upload, self.max_idle)
@@ -231,6 +237,11 @@ class UploadManager:
         timer = self._confirm.pop(upload.id, None)
         if timer is not None and timer.active():
             timer.cancel()
+
+    def truncate(self, upload: Upload, size: int) -> None:
+        self.storage.truncate(upload.id, size).addErrback(
+            lambda f: log.error("upload {id}: cannot truncate: {e}", id=upload.id, e=f.value)
+        )
 
     def forget(self, upload: Upload) -> None:
         del self._uploads[upload.id]

@@ -47,6 +47,9 @@ class Metrics:
         self.websocket_connections = Gauge(
             "incoming_websocket_connections", "Open upload WebSockets.", registry=registry
         )
+        self.tus_patches = Gauge(
+            "incoming_tus_patches", "tus request bodies being written.", registry=registry
+        )
         self.chunk_write_seconds = Histogram(
             "incoming_chunk_write_seconds",
             "Time from a chunk's arrival to its being on disk.",

@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .rfc6455 import WebSocketResource
 from .site import IncomingSite, url_tree
 from .storage import DiskStorage, Storage
+from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
 
 
@@ -71,6 +72,7 @@ def build_manager(
         metrics,
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
+        max_upload=config.max_upload_bytes,
     )
 
 
@@ -83,6 +85,7 @@ def build_site(
 ) -> IncomingSite:
     """The HTTP site of one listener, serving the given roles."""
     owners: dict[bytes, IResource] = {}
+    streams = None
     if backend:
         api = BackendApi(manager, manager.metrics, config.handover_hosts).app.resource()
         owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
@@ -103,7 +106,20 @@ def build_site(
         )
         side = BrowserApi(Script.library(), Script.library(module=True), upload_ws)
         owners[b"frontend"] = side.app.resource()
-    return IncomingSite(url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor)
+        tus = TusApi(
+            manager,
+            reactor,
+            block_size=config.chunk_size,
+            max_pending=config.chunk_size * config.send_ahead,
+            allowed_origins=config.allowed_origins,
+            max_upload=config.max_upload_bytes,
+            patches=manager.metrics.tus_patches,
+        )
+        owners[b"tus"] = tus.app.resource()
+        streams = tus.stream
+    return IncomingSite(
+        url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor, streams
+    )
 
 
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 from twisted.web import http, server
@@ -39,64 +40,126 @@ class _Prefix(Resource):
         return owner
 
 
-class CappedRequest(server.Request):
-    """A request whose body may not exceed the site's `max_body` bytes (413)."""
+class BodyStream(Protocol):
+    """Takes a request's body as it arrives (a tus PATCH), where twisted.web would
+    otherwise hold all of it (spooled to a file past 100 KB) before the route runs."""
 
-    _refused = False
+    def body_received(self, data: bytes) -> None: ...
+
+    def body_ended(self) -> None: ...
+
+    def connection_lost(self) -> None: ...
+
+
+# Given a request whose headers have arrived, its method and path: a stream for its body.
+BodyStreams = Callable[["IncomingRequest", bytes, bytes], BodyStream | None]
+
+
+class IncomingRequest(server.Request):
+    """A request whose body is streamed to a `BodyStream` when the site has one for it,
+    and otherwise may not exceed the site's `max_body` bytes (413).
+
+    `X-HTTP-Method-Override` (tus) replaces the method of a POST.
+    """
+
+    body_stream: BodyStream | None = None
+    _body_ended = False
+    answered = False  # an answer went out before the body had ended (`answer_now`)
     _body_size = 0
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._max_body():
-            self._refuse()
+        site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
+        # The request line is known here only to the channel (Twisted is pinned <27).
+        method = self._effective_method(self.channel._command)
+        path = self.channel._path
+        self.method, self.path = method, path.partition(b"?")[0]  # for an early answer's log
+        if site.body_streams is not None:
+            self.body_stream = site.body_streams(self, method, path)
+        if self.body_stream is not None:
+            super().gotLength(0)  # nothing is buffered
+            return
+        if length is not None and length > site.max_body:
+            self.answer_now(413, "Payload Too Large", {}, "request body too large")
             length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
+        if self.body_stream is not None:
+            if not self.answered:
+                self.body_stream.body_received(data)
+            return
+        if self.answered:
             return
         self._body_size += len(data)
-        if self._body_size > self._max_body():
-            self._refuse()
+        site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
+        if self._body_size > site.max_body:
+            self.answer_now(413, "Payload Too Large", {}, "request body too large")
             return
         super().handleContentChunk(data)
 
-    def _max_body(self) -> int:
-        site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
-        return site.max_body
-
-    def _refuse(self) -> None:
-        self._refused = True
-        body = b"request body too large"
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        transport.loseConnection()
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.body_stream is not None and not self.answered:
+            self._body_ended = True
+            self.body_stream.body_ended()
+        super().requestReceived(command, path, version)
 
     def process(self) -> None:
-        if not self._refused:
-            super().process()
+        if self.answered:
+            return
+        self.method = self._effective_method(self.method)
+        super().process()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.body_stream is not None and not self._body_ended and not self.answered:
+            self.body_stream.connection_lost()
+        super().connectionLost(reason)
+
+    def _effective_method(self, method: bytes) -> bytes:
+        override = self.requestHeaders.getRawHeaders(b"x-http-method-override")
+        if method == b"POST" and override:
+            return override[0].strip().upper()
+        return method
+
+    def answer_now(self, status: int, reason: str, headers: dict[str, str], text: str) -> None:
+        """Answer before the body has arrived (a refused upload), and hang up."""
+        self.answered = True
+        body = text.encode("utf-8")
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines += ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
+        lines += ["Connection: close", "", ""]
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write("\r\n".join(lines).encode("latin-1") + body)
+        transport.loseConnection()
+        self.code = status
+        site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
+        site.log(self)
 
 
 class IncomingSite(server.Site):
-    """Capped request bodies, no tracebacks shown to clients, failures access-logged.
+    """Streamed or capped request bodies, no tracebacks shown, failures access-logged.
 
     Form bodies are parsed by the routes, not by twisted.web, whose Content-Type
     parsing cost more than the rest of a ticket request.
     """
 
-    requestFactory = CappedRequest
+    requestFactory = IncomingRequest
     displayTracebacks = False
 
     def __init__(
-        self, resource: IResource, max_body: int, timeout: float, reactor: Any = None
+        self,
+        resource: IResource,
+        max_body: int,
+        timeout: float,
+        reactor: Any = None,
+        body_streams: BodyStreams | None = None,
     ) -> None:
-        # `timeout` drops connections idle before or between requests (slowloris);
-        # upgraded WebSockets have their own ping timeout.
+        # `timeout` drops connections idle before, between or within requests
+        # (slowloris); upgraded WebSockets have their own ping timeout.
         super().__init__(resource, timeout=timeout, parsePOSTFormSubmission=False, reactor=reactor)
         self.max_body = max_body
+        self.body_streams = body_streams
 
     def log(self, request: http.Request) -> None:
         """Access-log failed requests only, by path and status: never the query string

@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from .files import DATA_MODE, DIRECTORY_MODE, Buffer, fsync_dir, replace_file
+from .files import DATA_MODE, DIRECTORY_MODE, Buffer, Digest, fsync_dir, replace_file
 from .journal import TicketJournal
 
 T = TypeVar("T")
@@ -57,7 +57,11 @@ class Storage(Protocol):
 
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]: ...
 
-    def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]: ...
+    def write(
+        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Digest, ...] = ()
+    ) -> Deferred[None]: ...
+
+    def truncate(self, upload_id: str, size: int) -> Deferred[None]: ...
 
     def release(self, upload_id: str) -> Deferred[None]: ...
 
@@ -144,9 +148,16 @@ class DiskStorage:
         lock = self._locks.setdefault(upload_id, DeferredLock())
         return lock.run(deferToThreadPool, self._reactor, self._pool, call, *args)
 
-    def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]:
+    def write(
+        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Digest, ...] = ()
+    ) -> Deferred[None]:
+        """Write `data` at `offset`, feeding `digests` with it in the same thread."""
         self._opening(upload_id)
-        return self._run(upload_id, self._write, upload_id, offset, data)
+        return self._run(upload_id, self._write, upload_id, offset, data, digests)
+
+    def truncate(self, upload_id: str, size: int) -> Deferred[None]:
+        """Cut the partial file to `size` bytes, after queued writes."""
+        return self._run(upload_id, self._truncate, upload_id, size)
 
     def _opening(self, upload_id: str) -> None:
         """Note that the upload's file is open; close the least recent past the bound."""
@@ -229,13 +240,20 @@ class DiskStorage:
         if fd is not None:
             os.close(fd)
 
-    def _write(self, upload_id: str, offset: int, data: Buffer) -> None:
+    def _write(
+        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Digest, ...]
+    ) -> None:
+        for digest in digests:
+            digest.update(data)
         fd = self._fd(upload_id)
         view = memoryview(data).cast("B")
         while view:
             written = os.pwrite(fd, view, offset)
             offset += written
             view = view[written:]
+
+    def _truncate(self, upload_id: str, size: int) -> None:
+        os.ftruncate(self._fd(upload_id), size)
 
     def _complete(self, upload_id: str) -> Path:
         final = self.final_path(upload_id)

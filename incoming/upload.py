@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .errors import ErrorCode, UploadError, clipped
-from .files import Buffer
+from .files import Buffer, Digest
 
 log = Logger()
 HANDOVER_FAILED_TEXT = "handover failed: the backend did not take the file"
@@ -54,8 +54,20 @@ class Ending:
         return self.code is None
 
 
+@dataclass(frozen=True)
+class Room:
+    """How large a new upload may be: the free storage, and the configured limit."""
+
+    free_bytes: int
+    max_bytes: int | None = None
+
+
 class Transport(Protocol):
     """A connection carrying an upload's bytes: it hears what became of them."""
+
+    # Hashes its bytes also feed, as they are written (a tus checksum). While it has
+    # any, its bytes await that check: no handover starts until it calls `ready`.
+    digests: tuple[Digest, ...]
 
     def stored(self, size: int) -> None:
         """`size` more of the bytes this connection sent are on disk."""
@@ -70,8 +82,8 @@ class Transport(Protocol):
 class Effects(Protocol):
     """The I/O an upload's life asks for; each result comes back as an input."""
 
-    def write(self, upload: Upload, offset: int, data: Buffer) -> None:
-        """Queue a write; then `written`, or `storage_failed`."""
+    def write(self, upload: Upload, offset: int, data: Buffer, digests: tuple[Digest, ...]) -> None:
+        """Queue a write (feeding `digests` too); then `written`, or `storage_failed`."""
 
     def touch(self, upload: Upload) -> None:
         """Restart the idle clock: it expires live uploads and forgets ended ones."""
@@ -97,6 +109,9 @@ class Effects(Protocol):
 
     def disarm_confirm(self, upload: Upload) -> None: ...
 
+    def truncate(self, upload: Upload, size: int) -> None:
+        """Cut the upload's partial file to `size` bytes."""
+
     def forget(self, upload: Upload) -> None:
         """Drop the ended upload and its saved state (never a file the backend kept)."""
 
@@ -104,7 +119,11 @@ class Effects(Protocol):
 class UploadLife(Protocol):
     """Everything that can happen to an upload: the inputs of the table."""
 
-    def connect(self, transport: Transport, length: int, name: str, free_bytes: int) -> None:
+    def declare(self, length: int, name: str, room: Room) -> None:
+        """A client announces the upload's length and name (tus creation); raises
+        UploadError if they do not fit or differ from what was announced before."""
+
+    def connect(self, transport: Transport, length: int, name: str, room: Room) -> None:
         """A connection will carry the bytes; raises UploadError if it may not."""
 
     def disconnect(self, transport: Transport, paused: bool) -> None:
@@ -118,6 +137,9 @@ class UploadLife(Protocol):
 
     def past_end(self, message: str) -> None:
         """The connection sent more bytes than the upload's length."""
+
+    def rewind(self, offset: int) -> None:
+        """Bytes from `offset` on failed their check: they are void (no writes pending)."""
 
     def written(self) -> None:
         """The oldest queued write is on disk."""
@@ -141,7 +163,7 @@ class UploadLife(Protocol):
     def cancel_by_backend(self) -> None:
         """Raises UploadError if too late."""
 
-    def cancel_by_client(self, transport: Transport, reason: str) -> None:
+    def cancel_by_client(self, reason: str) -> None:
         """Raises UploadError if too late."""
 
     def idle_timeout(self, idle_seconds: float) -> None: ...
@@ -194,6 +216,21 @@ class Upload:
     @property
     def complete(self) -> bool:
         return self.length is not None and self.stored == self.length
+
+    @property
+    def receiving(self) -> bool:
+        return self.phase is Phase.RECEIVING
+
+    @property
+    def cancelled(self) -> bool:
+        return self.phase is Phase.CANCELLED
+
+    @property
+    def offset(self) -> int:
+        """Where a client resumes: the bytes stored, or all of them once received."""
+        if self.phase is Phase.RECEIVING or self.length is None:
+            return self.stored
+        return self.length
 
     def to_record(self) -> dict[str, Any]:
         """What survives a restart; the stored byte count is read from the file itself."""
@@ -259,21 +296,31 @@ def _ignored(states: tuple[Any, ...], *inputs: Any) -> None:
 # Connections come and go in every state; only live uploads take new ones.
 
 
-def _attach(upload: Upload, transport: Transport, length: int, name: str, free_bytes: int) -> None:
-    if upload.transport is not None:
-        raise UploadError(ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload")
-    if upload.length is not None and upload.length != length:
+def _describe(upload: Upload, length: int, name: str, room: Room) -> bool:
+    """Take the length and name of a new upload; True if it had them already."""
+    if upload.length is not None:
+        if upload.length != length:
+            raise UploadError(
+                ErrorCode.LENGTH_MISMATCH,
+                f"LengthBytes {length} differs from the {upload.length} given before",
+            )
+        return True
+    if room.max_bytes is not None and length > room.max_bytes:
         raise UploadError(
-            ErrorCode.LENGTH_MISMATCH,
-            f"LengthBytes {length} differs from the {upload.length} given before",
+            ErrorCode.TOO_LARGE, f"{length} bytes exceed the limit of {room.max_bytes} bytes"
         )
-    if upload.length is None and length > free_bytes:
+    if length > room.free_bytes:
         raise UploadError(
             ErrorCode.INSUFFICIENT_STORAGE, f"{length} bytes do not fit in the free storage space"
         )
-    resumed = upload.length is not None
-    upload.length = length if upload.length is None else upload.length
-    upload.browser_name = upload.browser_name if resumed else name
+    upload.length, upload.browser_name = length, name
+    return False
+
+
+def _attach(upload: Upload, transport: Transport, length: int, name: str, room: Room) -> None:
+    if upload.transport is not None:
+        raise UploadError(ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload")
+    resumed = _describe(upload, length, name, room)
     upload.transport = transport
     log.info(
         "upload {id} {how}: {name!r}, {n} bytes",
@@ -288,16 +335,17 @@ for _state in _LIVE:
 
     @_state.upon(On.connect).loop()
     def _connect(
-        life: UploadLife,
-        core: _Core,
-        transport: Transport,
-        length: int,
-        name: str,
-        free_bytes: int,
+        life: UploadLife, core: _Core, transport: Transport, length: int, name: str, room: Room
     ) -> None:
-        _attach(core.upload, transport, length, name, free_bytes)
+        _attach(core.upload, transport, length, name, room)
         core.effects.touch(core.upload)
         core.effects.save(core.upload)
+
+    @_state.upon(On.declare).loop()
+    def _declare(life: UploadLife, core: _Core, length: int, name: str, room: Room) -> None:
+        if not _describe(core.upload, length, name, room):
+            core.effects.touch(core.upload)
+            core.effects.save(core.upload)
 
     @_state.upon(On.disconnect).loop()
     def _disconnect(life: UploadLife, core: _Core, transport: Transport, paused: bool) -> None:
@@ -310,19 +358,24 @@ for _state in _LIVE:
             log.info("upload {id} {how} at {n} bytes", id=upload.id, how=how, n=upload.received)
 
 
-@finished.upon(On.connect).loop()
-def _connect_finished(
-    life: UploadLife, core: _Core, transport: Transport, length: int, name: str, free_bytes: int
-) -> None:
-    raise UploadError(ErrorCode.TICKET_FINISHED, "this upload is already finished")
-
-
-@cancelled.upon(On.connect).loop()
-def _connect_cancelled(
-    life: UploadLife, core: _Core, transport: Transport, length: int, name: str, free_bytes: int
-) -> None:
+def _refuse_ended(core: _Core) -> None:
+    if core.upload.phase is Phase.FINISHED:
+        raise UploadError(ErrorCode.TICKET_FINISHED, "this upload is already finished")
     reason = core.upload.cancel_reason
     raise UploadError(ErrorCode.TICKET_CANCELLED, f"this upload was cancelled: {reason}")
+
+
+for _state in _ENDED:
+
+    @_state.upon(On.connect).loop()
+    def _connect_ended(
+        life: UploadLife, core: _Core, transport: Transport, length: int, name: str, room: Room
+    ) -> None:
+        _refuse_ended(core)
+
+    @_state.upon(On.declare).loop()
+    def _declare_ended(life: UploadLife, core: _Core, length: int, name: str, room: Room) -> None:
+        _refuse_ended(core)
 
 
 for _state in _ENDED:
@@ -352,11 +405,11 @@ def _receive(life: UploadLife, core: _Core, data: Buffer) -> None:
             f"past LengthBytes {upload.length}"
         )
         return
-    offset = upload.received
-    upload.pending.append((size, upload.transport))
+    offset, sender = upload.received, upload.transport
+    upload.pending.append((size, sender))
     upload.pending_bytes += size
     core.effects.touch(upload)
-    core.effects.write(upload, offset, data)
+    core.effects.write(upload, offset, data, sender.digests if sender is not None else ())
 
 
 @receiving.upon(On.written).loop()
@@ -367,8 +420,17 @@ def _written(life: UploadLife, core: _Core) -> None:
     upload.stored += size
     if sender is not None:
         sender.stored(size)
-    if upload.complete:
+    if upload.complete and not (sender is not None and sender.digests):
         life.all_stored()
+
+
+@receiving.upon(On.rewind).loop()
+def _rewind(life: UploadLife, core: _Core, offset: int) -> None:
+    upload = core.upload
+    assert not upload.pending and offset <= upload.stored
+    log.info("upload {id}: bytes from {n} on failed their check", id=upload.id, n=offset)
+    upload.stored = offset
+    core.effects.truncate(upload, offset)
 
 
 @receiving.upon(On.all_stored).to(handover)
@@ -511,7 +573,7 @@ def _cancel_by_backend(life: UploadLife, core: _Core) -> None:
 
 
 @receiving.upon(On.cancel_by_client).to(cancelled)
-def _cancel_by_client(life: UploadLife, core: _Core, transport: Transport, reason: str) -> None:
+def _cancel_by_client(life: UploadLife, core: _Core, reason: str) -> None:
     reason = reason or "cancelled by the user"
     _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=reason)
 
@@ -538,7 +600,7 @@ for _state in (*_HANDING_OVER, *_ENDED):
         _too_late(core)
 
     @_state.upon(On.cancel_by_client).loop()
-    def _client_too_late(life: UploadLife, core: _Core, transport: Transport, reason: str) -> None:
+    def _client_too_late(life: UploadLife, core: _Core, reason: str) -> None:
         _too_late(core)
 
 
@@ -575,7 +637,15 @@ for _state in _ENDED:
 
 # Inputs that mean nothing in a state: bytes, acks and answers that come too late.
 
-_ignored((*_HANDING_OVER, *_ENDED), On.ready, On.receive, On.past_end, On.written, On.all_stored)
+_ignored(
+    (*_HANDING_OVER, *_ENDED),
+    On.ready,
+    On.receive,
+    On.past_end,
+    On.written,
+    On.all_stored,
+    On.rewind,
+)
 _ignored(
     (receiving, awaiting_finish, *_ENDED), On.answered_done, On.answered_wait, On.handover_failed
 )

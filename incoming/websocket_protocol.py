@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from . import rfc6455
 from .errors import ErrorCode, UploadError, clipped
+from .files import Digest
 from .manager import UploadManager
 from .upload import Ending, Upload
 
@@ -45,6 +46,8 @@ def message(msg_type: str, **data: Any) -> str:
 
 class UploadProtocolSession:
     """Serves one WebSocket: an `rfc6455.MessageHandler` and the upload's `Transport`."""
+
+    digests: tuple[Digest, ...] = ()  # upload.Transport: chunks need no check but their size
 
     def __init__(
         self,
@@ -191,7 +194,7 @@ class UploadProtocolSession:
         assert self.upload is not None
         self.cancelling = True
         try:
-            self.upload.life.cancel_by_client(self, reason)
+            self.upload.life.cancel_by_client(reason)
         except UploadError as e:
             self.cancelling = False
             self.error(e.code, e.message)

@@ -48,7 +48,11 @@ class MemoryStorage:
         self.saves.append((upload_id, record["phase"], sync))
         return succeed(None)
 
-    def write(self, upload_id: str, offset: int, data: Buffer) -> Deferred[None]:
+    def write(
+        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Any, ...] = ()
+    ) -> Deferred[None]:
+        for digest in digests:
+            digest.update(data)
         if self.full_at is not None and offset + len(data) > self.full_at:
             return fail(OSError(errno.ENOSPC, "No space left on device"))
         part = self.parts.setdefault(upload_id, bytearray())
@@ -81,6 +85,10 @@ class MemoryStorage:
         self.journal.pop(upload_id, None)
         self.states.pop(upload_id, None)
         self.parts.pop(upload_id, None)
+
+    def truncate(self, upload_id: str, size: int) -> Deferred[None]:
+        del self.parts.setdefault(upload_id, bytearray())[size:]
+        return succeed(None)
 
     def forget(self, upload_id: str) -> None:
         pass
@@ -117,6 +125,8 @@ class RecordingHandover:
 
 class RecordingTransport:
     """`incoming.upload.Transport` that writes down what it hears."""
+
+    digests = ()
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []

@@ -25,7 +25,7 @@ from incoming.files import write_all
 from incoming.manager import UploadManager
 from incoming.metrics import Metrics
 from incoming.storage import DiskStorage, Saved
-from incoming.upload import HANDOVER_FAILED_TEXT, Phase, Upload, bring_to_life
+from incoming.upload import HANDOVER_FAILED_TEXT, Phase, Room, Upload, bring_to_life
 from incoming.websocket_protocol import UploadProtocolSession
 
 from .conftest import CHUNK_KB, SEND_AHEAD
@@ -164,7 +164,7 @@ def test_cancels_are_refused_once_the_handover_runs() -> None:
     upload.life.receive(b"abc")
     for cancel in (
         upload.life.cancel_by_backend,
-        lambda: upload.life.cancel_by_client(transport, ""),
+        lambda: upload.life.cancel_by_client(""),
     ):
         with pytest.raises(UploadError) as refused:
             cancel()
@@ -207,24 +207,28 @@ def test_forgetting_a_finished_ticket_keeps_the_file_the_backend_kept() -> None:
 def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
     """The table is complete: no input is left undeclared in any state."""
     arguments: dict[str, tuple[Any, ...]] = {
-        "connect": (RecordingTransport(), 3, "n", 10),
+        "connect": (RecordingTransport(), 3, "n", Room(10)),
+        "declare": (3, "n", Room(10)),
+        "rewind": (0,),
         "disconnect": (RecordingTransport(), False),
         "receive": (b"",),
         "past_end": ("too long",),
-        "cancel_by_client": (RecordingTransport(), "why"),
+        "cancel_by_client": ("why",),
         "idle_timeout": (100.0,),
         "confirm_timeout": (30.0,),
         "restored": (True,),
     }
     inputs = (
-        "connect disconnect ready receive past_end written all_stored storage_failed "
+        "declare connect disconnect ready receive past_end rewind written all_stored "
+        "storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
         "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
     )
     for name in inputs.split():
         manager, clock, storage, handover = make_manager()
         upload = Upload(str(uuid.uuid4()), "http://b/h", "", True, length=3, phase=phase)
-        upload.pending.append((0, None))
+        if name == "written":
+            upload.pending.append((0, None))
         life = bring_to_life(upload, manager)
         manager._uploads[upload.id] = upload  # as `restore` would
         with contextlib.suppress(UploadError):
