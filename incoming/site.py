@@ -13,6 +13,7 @@ from twisted.web.resource import IResource, Resource
 from .errors import clipped
 
 access_log = Logger(namespace="incoming.access")
+MAX_DROPPED = 1024 * 1024  # body bytes read (and dropped) after an early answer
 
 
 def url_tree(owners: dict[bytes, IResource]) -> Resource:
@@ -65,7 +66,7 @@ class IncomingRequest(server.Request):
     body_stream: BodyStream | None = None
     _body_ended = False
     answered = False  # an answer went out before the body had ended (`answer_now`)
-    _body_size = 0
+    _body_size = 0  # bytes of the body so far (buffered, or dropped after `answer_now`)
 
     def gotLength(self, length: int | None) -> None:
         site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
@@ -84,11 +85,13 @@ class IncomingRequest(server.Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_stream is not None:
-            if not self.answered:
-                self.body_stream.body_received(data)
-            return
         if self.answered:
+            self._body_size += len(data)
+            if self._body_size > MAX_DROPPED:  # the client does not stop: give up on it
+                self._hang_up()
+            return
+        if self.body_stream is not None:
+            self.body_stream.body_received(data)
             return
         self._body_size += len(data)
         site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
@@ -98,7 +101,10 @@ class IncomingRequest(server.Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self.body_stream is not None and not self.answered:
+        if self.answered:
+            self._hang_up()  # the body has all arrived; its answer went out before
+            return
+        if self.body_stream is not None:
             self._body_ended = True
             self.body_stream.body_ended()
         super().requestReceived(command, path, version)
@@ -114,6 +120,11 @@ class IncomingRequest(server.Request):
             self.body_stream.connection_lost()
         super().connectionLost(reason)
 
+    def _hang_up(self) -> None:
+        transport = self.channel.transport
+        if transport is not None:
+            transport.loseConnection()
+
     def _effective_method(self, method: bytes) -> bytes:
         override = self.requestHeaders.getRawHeaders(b"x-http-method-override")
         if method == b"POST" and override:
@@ -121,8 +132,10 @@ class IncomingRequest(server.Request):
         return method
 
     def answer_now(self, status: int, reason: str, headers: dict[str, str], text: str) -> None:
-        """Answer before the body has arrived (a refused upload), and hang up."""
-        self.answered = True
+        """Answer before the body has arrived (a refused upload), then drop what comes of
+        the body and hang up at its end: closing at once would make the client's kernel
+        reset the connection, answer unread, while it still sends."""
+        self.answered, self._body_size = True, 0
         body = text.encode("utf-8")
         lines = [f"HTTP/1.1 {status} {reason}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -131,7 +144,6 @@ class IncomingRequest(server.Request):
         transport = self.channel.transport
         assert transport is not None
         transport.write("\r\n".join(lines).encode("latin-1") + body)
-        transport.loseConnection()
         self.code = status
         site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
         site.log(self)

@@ -160,8 +160,6 @@ class TusApi:
         try:
             self.check(request)
             upload = self.created(ticket)
-            if upload.cancelled:
-                raise TusError(410, f"this upload was cancelled: {upload.cancel_reason}")
             await self.manager.resume_position(upload)  # writes still in flight land first
             answer = Answer(200, headers={"Cache-Control": "no-store"})
             answer.headers["Upload-Offset"] = str(upload.offset)
@@ -236,6 +234,8 @@ class TusApi:
     def created(self, ticket: str) -> Upload:
         """The upload of a ticket that a creation has given a length."""
         upload = self.manager.get(ticket)
+        if upload is not None and upload.cancelled:
+            raise TusError(410, f"this upload was cancelled: {upload.cancel_reason}")
         if upload is None or upload.length is None:
             raise TusError(404, "no such upload; create it with the ticket first")
         return upload
@@ -308,6 +308,8 @@ class PatchStream:
         self._waiting = True  # for the upload's in-flight writes, before the first byte
         self._early: list[bytes] = []  # body that came meanwhile (the socket is paused)
         self._paused = False
+        self._released = False  # its bytes stand (see `holding`)
+        self._refusal: TusError | None = None  # the body will be refused once written
         self._ended = False  # the body has all arrived
         self._done = False  # this stream answered and let go of the upload
         self._attached = False
@@ -397,17 +399,13 @@ class PatchStream:
         if self._waiting:
             self._early.append(data)
             return
-        if self._done or self._discard:
+        if self._done or self._discard or self._refusal is not None:
             return
         upload = self.upload
         assert upload is not None and upload.length is not None
-        room = upload.length - self._start - self._sent - len(self._buffer)
-        if len(data) > room:  # a body without Content-Length that passes Upload-Length
-            self._buffer += data[:room]
-            self._flush()
-            self._refuse_when_written(
-                TusError(413, f"the body passes Upload-Length {upload.length}")
-            )
+        if self._start + self._sent + len(self._buffer) + len(data) > upload.length:
+            # a body without Content-Length that passes Upload-Length: none of it stands
+            self._refuse(TusError(413, f"the body passes Upload-Length {upload.length}"))
             return
         self._buffer += data
         if len(self._buffer) >= self.api.block_size:
@@ -423,23 +421,29 @@ class PatchStream:
         self._maybe_complete()
 
     def connection_lost(self) -> None:
-        """Bytes that arrived are kept (unless they await a checksum)."""
+        """Bytes that arrived are kept, unless they await a checksum."""
         if self._done:
             return
         self._ended = True
-        self._flush()
         if self.digests:
-            self._refuse_when_written(TusError(400, "connection lost before the checksum"))
-        else:
-            self._let_go()
+            self._refuse(TusError(400, "the connection broke before the checksum's end"))
+            return
+        self._flush()
+        self._release()
+        self._let_go()
 
     def _flush(self) -> None:
         if self._buffer and self.upload is not None and not self._done:
-            data, self._buffer = bytes(self._buffer), bytearray()
+            data, self._buffer = self._buffer, bytearray()
             self._sent += len(data)
             self.upload.life.receive(data)
 
     # upload.Transport
+
+    @property
+    def holding(self) -> bool:
+        """Until its body has all arrived (and passed its checksum), it may be voided."""
+        return not self._released
 
     def stored(self, size: int) -> None:
         self._acked += size
@@ -448,12 +452,14 @@ class PatchStream:
             self._resume()
         self._maybe_complete()
 
+    def waiting(self) -> None:
+        self.ended(Ending(None))  # the backend has the file: that answers the final PATCH
+
     def ended(self, ending: Ending) -> None:
         upload = self.upload
         assert upload is not None
         if ending.finished:
-            headers = {"Upload-Offset": str(upload.length)}
-            self._finish(Answer(204 if not self.creating else 201, headers=headers))
+            self._finish(self._stored_answer(upload))
         else:
             assert ending.code is not None
             self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message))
@@ -464,21 +470,37 @@ class PatchStream:
     # The answer
 
     def _maybe_complete(self) -> None:
-        """All of the body is on disk: check it, then answer (after the handover if it
-        completed the upload)."""
+        """All of the body is on disk: check it, then answer (after the handover's
+        answer, if it completed the upload)."""
         upload = self.upload
         if self._done or not self._ended or self._acked < self._sent or upload is None:
             return
-        if self.digests:
-            digest, self.digests = self.digests[0].digest(), ()
-            if digest != self._expected_digest:
+        if self._refusal is not None:
+            if self._sent:
                 upload.life.rewind(self._start)
-                self._finish(Answer(460, "the body does not match Upload-Checksum"))
-                return
-        if upload.complete and not self._discard:
-            upload.life.ready()  # all there (and checked): the handover starts; `ended` answers
-        else:
+            self._finish(self._refusal.answer)
+            return
+        if self.digests and self.digests[0].digest() != self._expected_digest:
+            self._refusal = TusError(460, "the body does not match Upload-Checksum")
+            self._maybe_complete()
+            return
+        self.digests = ()
+        self._release()
+        if not upload.complete or self._discard:
             self._finish(self._stored_answer(upload))
+        # else the handover has started: `waiting` or `ended` answers
+
+    def _release(self) -> None:
+        """Its bytes stand: if they complete the upload, the handover starts."""
+        if not self._released:
+            self._released = True
+            if self.upload is not None:
+                self.upload.life.ready()
+
+    def _refuse(self, refusal: TusError) -> None:
+        """Answer `refusal` once this body's writes have landed, voiding its bytes."""
+        self._refusal, self._ended, self._buffer = refusal, True, bytearray()
+        self._maybe_complete()
 
     def _stored_answer(self, upload: Upload) -> Answer:
         headers = {"Upload-Offset": str(upload.offset)}
@@ -488,20 +510,6 @@ class PatchStream:
             headers["Location"] = _location(self.request, upload.id)
             return Answer(201, headers=headers)
         return Answer(204, headers=headers)
-
-    def _refuse_when_written(self, refusal: TusError) -> None:
-        """Answer `refusal` once this body's writes landed, voiding unchecked bytes."""
-        self._ended = self._discard = True
-        upload = self.upload
-        assert upload is not None
-
-        def landed(_: object) -> None:
-            if self.digests:
-                self.digests = ()
-                upload.life.rewind(self._start)
-            self._finish(refusal.answer)
-
-        ensureDeferred(self.api.manager.settled(upload)).addCallback(landed)
 
     def _finish(self, answer: Answer) -> None:
         if self._done:

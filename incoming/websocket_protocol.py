@@ -47,7 +47,9 @@ def message(msg_type: str, **data: Any) -> str:
 class UploadProtocolSession:
     """Serves one WebSocket: an `rfc6455.MessageHandler` and the upload's `Transport`."""
 
-    digests: tuple[Digest, ...] = ()  # upload.Transport: chunks need no check but their size
+    # upload.Transport: a chunk needs no check but its size, and stands once written
+    digests: tuple[Digest, ...] = ()
+    holding = False
 
     def __init__(
         self,
@@ -133,6 +135,9 @@ class UploadProtocolSession:
         else:
             assert ending.code is not None
             self.error(ending.code, ending.message)
+
+    def waiting(self) -> None:
+        pass  # the client hears MsgAllDone once the backend calls finish_upload
 
     def going_away(self) -> None:
         self._close(rfc6455.GOING_AWAY)

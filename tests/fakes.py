@@ -127,6 +127,7 @@ class RecordingTransport:
     """`incoming.upload.Transport` that writes down what it hears."""
 
     digests = ()
+    holding = False
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
@@ -136,6 +137,9 @@ class RecordingTransport:
 
     def ended(self, ending: Ending) -> None:
         self.events.append(("ended", ending.code, ending.message))
+
+    def waiting(self) -> None:
+        self.events.append(("waiting",))
 
     def going_away(self) -> None:
         self.events.append(("going away",))
