@@ -8,11 +8,16 @@ chunks and with the whole file in one PATCH (chunkSize Infinity). For each: the
 client's MB/s (from its first request to its last answer), the server process's
 CPU seconds per GiB (utime + stime from /proc/PID/stat; for Node the `node`
 process serving @tus/server, libuv's threads included) and its peak RSS (VmHWM),
-as median, min and max of several runs, each series on a fresh server process.
-Then the peak RSS of ours during one 1 GiB upload in one PATCH.
+as median, min and max of several runs. Each series has fresh server processes,
+whose runs alternate (a drift of the machine's speed meets both alike), each run
+after os.sync() (none pays for the dirty pages of another). Then ours on one 1 GiB
+upload in one PATCH, for its peak RSS. The disk's write speed (with fsync) and
+loopback TCP's are measured first, as the limits.
 
 Ours answers the final PATCH after its backend (a thread here) answered the
-handover, having fsynced and renamed the file; @tus/server does neither.
+handover, having fsynced and renamed the file (the fsync's writeback is counted in
+its CPU time); @tus/server does neither (the kernel writes its pages back later, in
+threads of its own).
 
     python bench/tus_bench.py [--runs 3] [--quick] [--json out.json]
 """
