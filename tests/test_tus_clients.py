@@ -166,9 +166,17 @@ def assert_one_handover(
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("chunk_size", [None, 1 * MiB], ids=["one-patch", "1MiB-chunks"])
+@pytest.mark.parametrize(
+    "chunk_size, with_creation",
+    [(None, False), (1 * MiB, False), (1 * MiB, True)],
+    ids=["one-patch", "1MiB-chunks", "creation-with-upload"],
+)
 async def test_tus_js_client_uploads_with_the_ticket_and_the_backend_has_it_first(
-    tmp_path: Path, backend: Backend, stopper: list[Any], chunk_size: int | None
+    tmp_path: Path,
+    backend: Backend,
+    stopper: list[Any],
+    chunk_size: int | None,
+    with_creation: bool,
 ) -> None:
     storage = tmp_path / "s"
     daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
@@ -177,7 +185,7 @@ async def test_tus_js_client_uploads_with_the_ticket_and_the_backend_has_it_firs
     backend.hold = True  # the final PATCH must wait for the backend's answer
     client = tus_js(server, [{"file": tmp_path / "photo.jpg",
                               "metadata": {"ticket": ticket, "filename": "Ferien 2024.jpg"}}],
-                    chunkSize=chunk_size)  # fmt: skip
+                    chunkSize=chunk_size, uploadDataDuringCreation=with_creation)  # fmt: skip
     post = await backend.posts.get()
     assert_one_handover(post, ticket, storage / ticket, "Ferien 2024.jpg", len(data))
     assert post["backendSecret"] == "k"
