@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench load system-packages
+.PHONY: run test lint bench bench-tus load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -19,17 +19,30 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy incoming
 
 # Debian packages the tests need: chromium for the browser tests (never a
-# downloaded browser build), node for the library's unit tests.
+# downloaded browser build), node for the library's unit tests and the tus
+# clients, npm to install those.
 system-packages:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 	@command -v node >/dev/null || { apt-get update -q && apt-get install -y -q nodejs; }
+	@command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q npm; }
 
-test: lint system-packages
+# Test and benchmark tools from npm, at the exact versions of package-lock.json:
+# tus-js-client, Uppy (bundled for the browser by esbuild during the tests) and
+# @tus/server (bench-tus's reference). No install scripts run.
+node_modules/.installed: package.json package-lock.json | system-packages
+	npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+test: lint system-packages node_modules/.installed
 	node --test tests/js/
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) bench/upload_bench.py
+
+# tus-js-client against @tus/server and against ours (bench/tus_bench.py).
+bench-tus: $(VENV)/.installed node_modules/.installed
+	$(PY) bench/tus_bench.py $(ARGS)
 
 load: $(VENV)/.installed
 	cd bench && $(abspath $(PY)) load.py
