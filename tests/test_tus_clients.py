@@ -239,9 +239,8 @@ async def test_tus_js_client_resumes_after_the_daemon_is_sigkilled_mid_patch(
     assert_one_handover(post, ticket, storage / ticket, "big.bin", size)
     assert (storage / ticket).read_bytes() == data
     assert not part.exists()
-    await deferLater(reactor, 0.2)
-    assert len(backend.posts.pending) == 0  # exactly one handover
     await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0  # exactly one handover, up to the daemon's end
 
 
 @pytest_twisted.ensureDeferred
@@ -339,9 +338,8 @@ async def test_tus_js_client_gets_404_and_410_for_unknown_finished_and_cancelled
             assert patched.code == 410
         else:
             assert (head.code, patched.code) == (410, 410)
-    await deferLater(reactor, 0.2)
-    assert len(backend.posts.pending) == 0  # a backend's own cancel is not echoed
     await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0  # a backend's own cancel is not echoed
 
 
 @pytest_twisted.ensureDeferred
@@ -432,13 +430,6 @@ async def test_checksum_mismatch_is_460_and_stores_nothing(
     await stop_daemon(daemon, process)
 
 
-@pytest.mark.xfail(
-    reason="server bug: a final PATCH whose Upload-Checksum mismatches is answered 460, but "
-    "upload._written still starts the handover (it reads sender.digests after "
-    "PatchStream.stored() cleared them), after the queued rewind: the backend gets the "
-    "truncated file as complete and HEAD says Upload-Offset = Upload-Length",
-    strict=True,
-)
 @pytest_twisted.ensureDeferred
 async def test_a_final_patch_failing_its_checksum_hands_nothing_over(
     tmp_path: Path, backend: Backend, stopper: list[Any]
@@ -452,9 +443,8 @@ async def test_a_final_patch_failing_its_checksum_hands_nothing_over(
     wrong = {"Upload-Checksum": checksum("sha1", b"not the body")}
     assert (await patch(url, 60, b"b" * 40, **wrong))[0] == 460
     try:
-        assert await offset_of(url) == 60  # the bug: 100
-        await deferLater(reactor, 0.3)
-        assert len(backend.posts.pending) == 0  # the bug: a handover of 60 bytes as complete
+        assert await offset_of(url) == 60  # the 460 came after the bytes were voided
+        assert len(backend.posts.pending) == 0  # and no handover of 60 bytes as complete
         good = {"Upload-Checksum": checksum("sha1", b"b" * 40)}
         assert (await patch(url, 60, b"b" * 40, **good))[0] == 204
         assert (storage / ticket).read_bytes() == b"a" * 60 + b"b" * 40
@@ -526,13 +516,6 @@ async def test_a_body_past_upload_length_is_refused_and_nothing_past_it_is_writt
     await stop_daemon(daemon, process)
 
 
-@pytest.mark.xfail(
-    reason="server bug: a PATCH body without Content-Length (chunked) that passes "
-    "Upload-Length is answered 204, not refused, and the upload is handed over with the "
-    "body cut at Upload-Length (PatchStream._maybe_complete answers from stored() before "
-    "the refusal of _refuse_when_written lands)",
-    strict=True,
-)
 @pytest_twisted.ensureDeferred
 async def test_a_chunked_body_past_upload_length_is_refused(
     tmp_path: Path, backend: Backend, stopper: list[Any]
@@ -545,11 +528,9 @@ async def test_a_chunked_body_past_upload_length_is_refused(
     assert (await patch(url, 0, b"a" * 60))[0] == 204
     try:
         code, _, text = await patch(url, 60, Chunked(b"c" * 30, b"d" * 30))  # 20 bytes too many
-        assert code == 413, (code, text)  # the bug: 204
-        await deferLater(reactor, 0.3)
-        # refused: not handed over as if it were the file (cancelled, as a WebSocket's
-        # PAST_END, would be another answer)
-        assert [p for p in backend.posts.pending if p["cancelled"] == "no"] == []
+        assert code == 413, (code, text)
+        assert await offset_of(url) == 60  # none of the refused body stands
+        assert backend.posts.pending == []  # not handed over as if it were the file
     finally:
         await stop_daemon(daemon, process)
 
@@ -624,6 +605,5 @@ async def test_tuspy_resumes_after_the_daemon_is_sigkilled_mid_upload(
     post = await backend.posts.get()
     assert_one_handover(post, ticket, storage / ticket, "py.bin", size)
     assert (storage / ticket).read_bytes() == data
-    await deferLater(reactor, 0.2)
-    assert len(backend.posts.pending) == 0
     await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0  # one handover, up to the daemon's end
