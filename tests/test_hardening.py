@@ -3,6 +3,8 @@ file descriptors, and memory per connection whatever a client sends."""
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
 import stat
 import struct
@@ -183,3 +185,48 @@ async def test_a_client_that_never_reads_its_pongs_is_not_read_either(
     await stop_daemon(daemon, process)
     assert sent < 64 * MiB  # kernel buffers, not the server's memory
     assert grown < 32 * MiB
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_tus_patch_is_written_as_it_arrives_in_bounded_memory(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """256 MiB in one PATCH: the server's peak memory grows by a few MB, not by the body."""
+    daemon, process, server = await start_daemon(
+        tmp_path / "s", tmp_path, stopper, "--chunk-size-kb", "512", "--send-ahead", "4"
+    )
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    size = 256 * MiB
+    response = await treq.post(
+        f"{server.base}/tus/",
+        headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(size),
+                 "Upload-Metadata": "ticket " + base64.b64encode(ticket.encode()).decode()},
+    )  # fmt: skip
+    assert response.code == 201
+    before = resident_bytes(process.pid)
+
+    def send() -> bytes:
+        block = os.urandom(MiB)
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(
+                f"PATCH /incoming/tus/{ticket} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                f"Content-Length: {size}\r\n\r\n".encode()
+            )
+            for _ in range(size // MiB):
+                s.sendall(block)
+            return s.recv(4096)
+
+    answer = await threads.deferToThread(send)
+    assert answer.startswith(b"HTTP/1.1 204")
+    peak = peak_bytes(process.pid)
+    await stop_daemon(daemon, process)
+    assert (tmp_path / "s" / ticket).stat().st_size == size
+    assert peak - before < 16 * MiB  # the body is 256 MiB; per upload: chunk x send-ahead
+
+
+def peak_bytes(pid: int) -> int:
+    """The process's peak resident memory (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kib) * 1024

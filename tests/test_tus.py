@@ -479,3 +479,71 @@ async def test_the_socket_is_paused_while_writes_queue_up(
     # what waits for the disk: at most the window, or one socket read past it
     assert 0 < upload.pending_bytes <= CHUNK * SEND_AHEAD + 256 * 1024
     assert sum(sent) < 32 * 1024 * 1024  # kernel buffers; the rest was never read
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_its_answer_changes_nothing(
+    server: Server, backend: Backend
+) -> None:
+    ticket = await created(server, backend, 3, removeFileWhenFinished="false")
+
+    def send_and_never_read() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(
+            f"PATCH /incoming/tus/{ticket} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+            f"Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\nContent-Length: 3\r\n\r\n"
+            "abc".encode()
+        )
+        return s
+
+    quiet = await threads.deferToThread(send_and_never_read)
+    try:
+        post = await backend.posts.get()
+        assert (post["id"], post["size"]) == (ticket, "3")
+        await server.settled()
+        assert server.files() == {ticket: b"abc"}
+        upload = server.manager.get(ticket)
+        assert upload is not None and upload.transport is None  # answered, let go
+    finally:
+        quiet.close()
+
+
+def test_a_patch_body_that_stalls_is_dropped_at_the_timeout(tmp_path: Any) -> None:
+    """Slowloris: a PATCH whose body stops coming is cut at the site's timeout; the
+    bytes that came are kept."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from incoming.manager import UploadManager
+    from incoming.metrics import Metrics
+    from incoming.service import build_site
+
+    from .fakes import RecordingHandover
+
+    clock, storage = Clock(), MemoryStorage()
+    manager = UploadManager(
+        storage, RecordingHandover(), clock, Metrics(), max_idle=3600, confirm_timeout=60
+    )
+    config = Config(chunk_size_kb=CHUNK_KB, send_ahead=SEND_AHEAD, ws_timeout=58)
+    upload = ensureDeferred(manager.create("http://b/h", "", False)).result
+    upload.life.declare(100_000, "slow.bin", manager.room())
+    site = build_site(manager, config, clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    head_lines = (
+        f"PATCH /incoming/tus/{upload.id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\nContent-Length: 100000\r\n\r\n"
+    )
+    channel.dataReceived(head_lines.encode() + b"s" * 5000)
+    assert upload.transport is not None
+    clock.advance(57)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert upload.transport is None
+    assert bytes(storage.parts[upload.id]) == b"s" * 5000
