@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
+
+
+class Pieces:
+    """Bytes that arrived in several reads, written with one `pwritev`: never joined."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Chunk = Buffer | Pieces  # what an upload's transport hands on to be written
 STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
 
 
@@ -27,6 +41,19 @@ def write_all(fd: int, data: Buffer, write: Callable[[int, Buffer], int] = os.wr
     view = memoryview(data).cast("B")
     while view:
         view = view[write(fd, view) :]
+
+
+def pwrite_all(fd: int, data: Chunk, offset: int) -> None:
+    """Write every byte of `data` at `offset` (carrying on after short writes)."""
+    views = [memoryview(p).cast("B") for p in (data.parts if isinstance(data, Pieces) else [data])]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
 
 
 def replace_file(path: Path, data: bytes, sync: bool = False, mode: int = STATE_MODE) -> None:

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .errors import ErrorCode, UploadError
-from .files import Buffer, Digest
+from .files import Chunk, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
 from .storage import Storage
@@ -148,7 +148,7 @@ class UploadManager:
 
     # Effects (upload.Effects)
 
-    def write(self, upload: Upload, offset: int, data: Buffer, digests: tuple[Digest, ...]) -> None:
+    def write(self, upload: Upload, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
         self.metrics.bytes_received.inc(len(data))
         arrived = self.clock.seconds()
 

@@ -27,7 +27,16 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from .files import DATA_MODE, DIRECTORY_MODE, Buffer, Digest, fsync_dir, replace_file
+from .files import (
+    DATA_MODE,
+    DIRECTORY_MODE,
+    Chunk,
+    Digest,
+    Pieces,
+    fsync_dir,
+    pwrite_all,
+    replace_file,
+)
 from .journal import TicketJournal
 
 T = TypeVar("T")
@@ -58,7 +67,7 @@ class Storage(Protocol):
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]: ...
 
     def write(
-        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Digest, ...] = ()
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]: ...
 
     def truncate(self, upload_id: str, size: int) -> Deferred[None]: ...
@@ -149,7 +158,7 @@ class DiskStorage:
         return lock.run(deferToThreadPool, self._reactor, self._pool, call, *args)
 
     def write(
-        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Digest, ...] = ()
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]:
         """Write `data` at `offset`, feeding `digests` with it in the same thread."""
         self._opening(upload_id)
@@ -240,17 +249,11 @@ class DiskStorage:
         if fd is not None:
             os.close(fd)
 
-    def _write(
-        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Digest, ...]
-    ) -> None:
-        for digest in digests:
-            digest.update(data)
-        fd = self._fd(upload_id)
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(fd, view, offset)
-            offset += written
-            view = view[written:]
+    def _write(self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+        for part in data.parts if isinstance(data, Pieces) else [data]:
+            for digest in digests:
+                digest.update(part)
+        pwrite_all(self._fd(upload_id), data, offset)
 
     def _truncate(self, upload_id: str, size: int) -> None:
         os.ftruncate(self._fd(upload_id), size)

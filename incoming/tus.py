@@ -26,7 +26,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 
 from .errors import ErrorCode, UploadError, clipped
-from .files import Digest
+from .files import Digest, Pieces
 from .manager import UploadManager
 from .site import IncomingRequest
 from .upload import Ending, Upload
@@ -303,7 +303,8 @@ class PatchStream:
         self._start = 0  # the upload's offset where this body begins
         self._sent = 0  # bytes of the body handed to the upload
         self._acked = 0  # of those, bytes on disk
-        self._buffer = bytearray()
+        self._pieces: list[bytes] = []  # arrived, not yet handed to the upload
+        self._piled = 0  # their size
         self._discard = False  # the body is not for the upload (it had the bytes already)
         self._waiting = True  # for the upload's in-flight writes, before the first byte
         self._early: list[bytes] = []  # body that came meanwhile (the socket is paused)
@@ -311,6 +312,7 @@ class PatchStream:
         self._released = False  # its bytes stand (see `holding`)
         self._refusal: TusError | None = None  # the body will be refused once written
         self._ended = False  # the body has all arrived
+        self._lost = False  # the connection broke
         self._done = False  # this stream answered and let go of the upload
         self._attached = False
 
@@ -337,7 +339,9 @@ class PatchStream:
         for data in self._early:
             self.body_received(data)
         self._early.clear()
-        if self._ended:
+        if self._lost:
+            self.connection_lost()
+        elif self._ended:
             self.body_ended()
         elif not self._done:
             self._resume()
@@ -403,12 +407,13 @@ class PatchStream:
             return
         upload = self.upload
         assert upload is not None and upload.length is not None
-        if self._start + self._sent + len(self._buffer) + len(data) > upload.length:
+        if self._start + self._sent + self._piled + len(data) > upload.length:
             # a body without Content-Length that passes Upload-Length: none of it stands
             self._refuse(TusError(413, f"the body passes Upload-Length {upload.length}"))
             return
-        self._buffer += data
-        if len(self._buffer) >= self.api.block_size:
+        self._pieces.append(data)
+        self._piled += len(data)
+        if self._piled >= self.api.block_size:
             self._flush()
         if upload.pending_bytes >= self.api.max_pending:
             self._pause()
@@ -422,9 +427,9 @@ class PatchStream:
 
     def connection_lost(self) -> None:
         """Bytes that arrived are kept, unless they await a checksum."""
-        if self._done:
+        self._lost = self._ended = True
+        if self._done or self._waiting:  # `start` carries on from here when it can
             return
-        self._ended = True
         if self.digests:
             self._refuse(TusError(400, "the connection broke before the checksum's end"))
             return
@@ -433,8 +438,9 @@ class PatchStream:
         self._let_go()
 
     def _flush(self) -> None:
-        if self._buffer and self.upload is not None and not self._done:
-            data, self._buffer = self._buffer, bytearray()
+        if self._pieces and self.upload is not None and not self._done:
+            data = Pieces(self._pieces)
+            self._pieces, self._piled = [], 0
             self._sent += len(data)
             self.upload.life.receive(data)
 
@@ -499,7 +505,8 @@ class PatchStream:
 
     def _refuse(self, refusal: TusError) -> None:
         """Answer `refusal` once this body's writes have landed, voiding its bytes."""
-        self._refusal, self._ended, self._buffer = refusal, True, bytearray()
+        self._refusal, self._ended = refusal, True
+        self._pieces, self._piled = [], 0
         self._maybe_complete()
 
     def _stored_answer(self, upload: Upload) -> Answer:

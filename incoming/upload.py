@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .errors import ErrorCode, UploadError, clipped
-from .files import Buffer, Digest
+from .files import Chunk, Digest
 
 log = Logger()
 HANDOVER_FAILED_TEXT = "handover failed: the backend did not take the file"
@@ -67,6 +67,7 @@ class Transport(Protocol):
 
     # Hashes its bytes also feed, as they are written (a tus checksum).
     digests: tuple[Digest, ...]
+
     @property
     def holding(self) -> bool:
         """While true its bytes may yet be voided (their checksum, or the rest of a request
@@ -88,7 +89,7 @@ class Transport(Protocol):
 class Effects(Protocol):
     """The I/O an upload's life asks for; each result comes back as an input."""
 
-    def write(self, upload: Upload, offset: int, data: Buffer, digests: tuple[Digest, ...]) -> None:
+    def write(self, upload: Upload, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
         """Queue a write (feeding `digests` too); then `written`, or `storage_failed`."""
 
     def touch(self, upload: Upload) -> None:
@@ -138,7 +139,7 @@ class UploadLife(Protocol):
     def ready(self) -> None:
         """The connection told its client where to resume; no byte missing: hand over."""
 
-    def receive(self, data: Buffer) -> None:
+    def receive(self, data: Chunk) -> None:
         """The next bytes, from the connected transport."""
 
     def past_end(self, message: str) -> None:
@@ -402,7 +403,7 @@ def _ready(life: UploadLife, core: _Core) -> None:
 
 
 @receiving.upon(On.receive).loop()
-def _receive(life: UploadLife, core: _Core, data: Buffer) -> None:
+def _receive(life: UploadLife, core: _Core, data: Chunk) -> None:
     upload, size = core.upload, len(data)
     assert upload.length is not None
     if upload.received + size > upload.length:

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from incoming.files import Buffer
+from incoming.files import Chunk, Pieces
 from incoming.handover import HandoverFailed
 from incoming.storage import Record, Saved
 from incoming.upload import Ending, Upload
@@ -49,8 +49,9 @@ class MemoryStorage:
         return succeed(None)
 
     def write(
-        self, upload_id: str, offset: int, data: Buffer, digests: tuple[Any, ...] = ()
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Any, ...] = ()
     ) -> Deferred[None]:
+        data = b"".join(data.parts) if isinstance(data, Pieces) else data
         for digest in digests:
             digest.update(data)
         if self.full_at is not None and offset + len(data) > self.full_at:

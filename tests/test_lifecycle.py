@@ -114,7 +114,7 @@ def test_finish_upload_in_time_cancels_the_confirm_timer() -> None:
     upload.life.finish_upload()
     clock.advance(30)
     assert upload.phase is Phase.FINISHED
-    assert transport.events == [("ended", None, "")]
+    assert transport.events == [("waiting",), ("ended", None, "")]
     assert storage.finals == {upload.id: b""}  # a zero-byte file, kept
     assert handover.notices == []
 

@@ -397,7 +397,7 @@ async def test_bytes_that_arrived_before_the_connection_broke_are_kept(
     await threads.deferToThread(send_and_drop)
     upload = server.manager.get(ticket)
     assert upload is not None
-    await eventually(lambda: upload.transport is None)
+    await eventually(lambda: upload.received == len(data) and upload.transport is None)
     probe = await head(server, ticket)
     assert header(probe, "Upload-Offset") == str(len(data))
     assert (server.storage_dir / f"{ticket}.part").read_bytes() == data
