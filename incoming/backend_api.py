@@ -12,6 +12,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from .errors import ErrorCode, UploadError
+from .handover import MAX_RESULT_BYTES
 from .manager import UploadManager
 from .metrics import CONTENT_TYPE, Metrics
 from .upload import Upload
@@ -83,8 +84,11 @@ class BackendApi:
     @app.route("/backend/finish_upload", methods=["POST"])
     async def finish_upload(self, request: IRequest) -> bytes:
         upload = self._authorised(request)
+        result = _params(request).get("result", "")
+        if len(result.encode("utf-8")) > MAX_RESULT_BYTES:
+            raise ApiError(400, f"result is longer than {MAX_RESULT_BYTES} bytes")
         with _as_api_error():
-            upload.life.finish_upload()
+            upload.life.finish_upload(result)
         await self.manager.settled(upload)
         return text(request, "ok")
 

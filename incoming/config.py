@@ -30,6 +30,7 @@ class Config:
     handover_hosts: frozenset[str] = frozenset()  # allowed signalFinishURL hosts; empty: any
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
+    checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -67,6 +68,16 @@ def _text(name: str, value: Any) -> str:
     return text
 
 
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise usage.UsageError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
 def _names(name: str, value: Any) -> frozenset[str]:
     """A comma-separated string (or a YAML list) of names, compared lower-cased."""
     items = value if isinstance(value, list) else str(value).split(",")
@@ -94,6 +105,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
     "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
     "max_upload_bytes": ("max-upload-size", "MaxUploadBytes", _int_in(0, 2**63 - 1)),
+    "checksum": ("checksum", "Checksum", _choice("sha256", "none")),
 }
 
 
@@ -161,6 +173,7 @@ class Options(usage.Options):
             "https://app.example.com [any]",
         ],
         ["max-upload-size", None, None, "Largest upload in bytes a client may announce [none]"],
+        ["checksum", None, None, "Digest of every file for the handover: sha256 or none [sha256]"],
     ]
 
     def postOptions(self) -> None:

@@ -12,7 +12,7 @@ from twisted.web.resource import Resource
 MODULE_EXPORTS = b"""
 const incoming = globalThis.incoming;
 export default incoming;
-export const { set_server_hostname, Uploader } = incoming;
+export const { set_server_hostname, Uploader, find_upload } = incoming;
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import treq
@@ -21,7 +22,8 @@ from .upload import Upload
 
 log = Logger()
 
-MAX_ANSWER_BYTES = 4096
+MAX_RESULT_BYTES = 4096  # of a backend's verdict for the page
+MAX_ANSWER_BYTES = 4 + 2 + MAX_RESULT_BYTES + 1  # `done`, a newline, a verdict, one more
 FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 8.0
 # Connection failures and 5xx answers are retried. A connection lost after the request
@@ -49,9 +51,20 @@ class _EnoughRead(Exception):
     """The answer is longer than we care to read."""
 
 
-def form_fields(upload: Upload, filename: str, cancel_reason: str | None) -> dict[str, str]:
-    """The six fields of SPEC, plus the byte size."""
-    return {
+@dataclass(frozen=True)
+class Answer:
+    """What the backend answered a handover: `done` or `wait`, and for `done` its verdict
+    for the page (the text after the first line; empty if none)."""
+
+    kind: str
+    result: str = ""
+
+
+def form_fields(
+    upload: Upload, filename: str, cancel_reason: str | None, sha256: str | None = None
+) -> dict[str, str]:
+    """The six fields of SPEC, plus the byte size and, when computed, the SHA-256."""
+    fields = {
         "id": upload.id,
         "filename": filename,
         "filenameFromBrowser": upload.browser_name,
@@ -60,13 +73,34 @@ def form_fields(upload: Upload, filename: str, cancel_reason: str | None) -> dic
         "cancelReason": cancel_reason or "",
         "size": str(upload.stored),
     }
+    if sha256 is not None:
+        fields["sha256"] = sha256
+    return fields
+
+
+def parse_answer(body: bytes) -> Answer:
+    """`done` or `wait` (anything may follow on their line); after `done` and a newline,
+    a verdict of at most MAX_RESULT_BYTES of UTF-8 text. Raises HandoverFailed."""
+    first, newline, rest = body.partition(b"\n")
+    if body.startswith(b"wait"):
+        return Answer("wait")
+    if not body.startswith(b"done"):
+        raise HandoverFailed(f"backend answered {body[:40]!r}, not done or wait")
+    if not newline:
+        return Answer("done")
+    if len(rest) > MAX_RESULT_BYTES:
+        raise HandoverFailed(f"backend's verdict is longer than {MAX_RESULT_BYTES} bytes")
+    try:
+        return Answer("done", rest.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HandoverFailed("backend's verdict is not UTF-8 text") from None
 
 
 class Handover(Protocol):
     """Tells backends about their uploads."""
 
-    async def hand_over(self, upload: Upload, filename: str) -> str:
-        """POST until the backend answers `done` or `wait` (returned), or raise HandoverFailed."""
+    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+        """POST until the backend answers `done` or `wait`, or raise HandoverFailed."""
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
         """One best-effort POST announcing a cancellation."""
@@ -83,22 +117,24 @@ class HandoverClient:
         self.timeout = timeout
         self.metrics = metrics
 
-    async def hand_over(self, upload: Upload, filename: str) -> str:
-        """POST until the backend answers `done` or `wait` (returned), or raise."""
+    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+        """POST until the backend answers `done` or `wait`, or raise HandoverFailed."""
         try:
-            return await self._hand_over(upload, filename)
+            return await self._hand_over(upload, filename, sha256)
         except HandoverFailed:
             self.metrics.handover_failures.inc()
             raise
 
-    async def _hand_over(self, upload: Upload, filename: str) -> str:
+    async def _hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
         deadline = self._clock.seconds() + self.timeout
         delay = FIRST_RETRY_DELAY
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(upload, filename, deadline)
+                return await self._attempt(
+                    upload, form_fields(upload, filename, None, sha256), deadline
+                )
             except _Retry as e:
                 if self._clock.seconds() + delay >= deadline:
                     raise HandoverFailed(f"{e} (after {attempt} attempts)") from None
@@ -111,11 +147,11 @@ class HandoverClient:
                 await deferLater(self._clock, delay, lambda: None)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
 
-    async def _attempt(self, upload: Upload, filename: str, deadline: float) -> str:
+    async def _attempt(self, upload: Upload, fields: dict[str, str], deadline: float) -> Answer:
         """One POST; its answer, body included, must arrive by `deadline`."""
         self.metrics.handover_attempts.inc()
         try:
-            response = await self._post(upload, filename, None, deadline - self._clock.seconds())
+            response = await self._post(upload, fields, deadline - self._clock.seconds())
             if response.code >= 500:
                 raise _Retry(f"backend answered HTTP {response.code}")
             if response.code != 200:
@@ -133,15 +169,12 @@ class HandoverClient:
         # a broken connection mid-body) fails the handover, never the server.
         except Exception as e:
             raise HandoverFailed(f"backend answer unreadable: {e.__class__.__name__}") from None
-        for answer in ("done", "wait"):
-            if body.startswith(answer.encode()):
-                return answer
-        raise HandoverFailed(f"backend answered {body[:40]!r}, not done or wait")
+        return parse_answer(body)
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
         """One best-effort POST telling the backend the upload was cancelled."""
         try:
-            response = await self._post(upload, "", reason, self.timeout)
+            response = await self._post(upload, form_fields(upload, "", reason), self.timeout)
             await self._read_answer(response, self.timeout)
         except Exception as e:
             log.info(
@@ -151,7 +184,8 @@ class HandoverClient:
             )
 
     async def _read_answer(self, response: IResponse, timeout: float) -> bytes:
-        """The body's first MAX_ANSWER_BYTES; the rest is not read."""
+        """The body's first MAX_ANSWER_BYTES (more than a verdict may have); the rest is
+        not read."""
         parts: list[bytes] = []
         size = 0
 
@@ -166,12 +200,10 @@ class HandoverClient:
             await _timed(treq.collect(response, collect), timeout, self._clock)
         return b"".join(parts)[:MAX_ANSWER_BYTES]
 
-    def _post(
-        self, upload: Upload, filename: str, cancel_reason: str | None, timeout: float
-    ) -> Deferred[IResponse]:
+    def _post(self, upload: Upload, fields: dict[str, str], timeout: float) -> Deferred[IResponse]:
         d = self._http.post(
             upload.signal_finish_url,
-            data=form_fields(upload, filename, cancel_reason),
+            data=fields,
             headers=Headers({"User-Agent": ["Incoming!!"]}),
             allow_redirects=False,  # the backend answers itself; no hop to another URL
         )

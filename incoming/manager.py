@@ -184,19 +184,20 @@ class UploadManager:
 
     async def _hand_over(self, upload: Upload) -> None:
         try:
-            path = await self.storage.complete(upload.id)
+            completed = await self.storage.complete(upload.id)
         except OSError as e:
             log.error("upload {id}: cannot complete file: {e}", id=upload.id, e=e)
             upload.life.storage_failed()
             return
+        upload.sha256 = completed.sha256
         try:
-            answer = await self.handover.hand_over(upload, str(path))
+            answer = await self.handover.hand_over(upload, str(completed.path), completed.sha256)
         except HandoverFailed as e:
             log.info("upload {id}: handover failed: {why}", id=upload.id, why=str(e))
             upload.life.handover_failed()
             return
-        if answer == "done":
-            upload.life.answered_done()
+        if answer.kind == "done":
+            upload.life.answered_done(answer.result)
         else:
             upload.life.answered_wait()
 

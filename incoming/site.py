@@ -116,8 +116,8 @@ class IncomingRequest(server.Request):
         super().process()
 
     def connectionLost(self, reason: Any) -> None:
-        if self.body_stream is not None and not self._body_ended and not self.answered:
-            self.body_stream.connection_lost()
+        if self.body_stream is not None and not self.answered and not self.finished:
+            self.body_stream.connection_lost()  # mid-body, or while its answer is awaited
         super().connectionLost(reason)
 
     def _hang_up(self) -> None:

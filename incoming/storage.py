@@ -12,6 +12,7 @@ MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
@@ -43,6 +44,23 @@ T = TypeVar("T")
 Record = dict[str, object]
 log = Logger()
 MAX_OPEN_FILES = 256
+REHASH_BLOCK = 4 * 1024 * 1024  # read to hash again what a restart or a rewind lost
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A file made final: where it is, and the SHA-256 of its bytes (None: not computed)."""
+
+    path: Path
+    sha256: str | None
+
+
+@dataclass
+class _Hashing:
+    """An upload's SHA-256 so far: it covers the file's first `upto` bytes."""
+
+    digest: Any
+    upto: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ class Storage(Protocol):
 
     def drain_all(self) -> Deferred[list[None]]: ...
 
-    def complete(self, upload_id: str) -> Deferred[Path]: ...
+    def complete(self, upload_id: str) -> Deferred[Completed]: ...
 
     def remove(self, upload_id: str) -> Deferred[None]: ...
 
@@ -96,8 +114,11 @@ class DiskStorage:
         reactor: IReactorFromThreads,
         pool: ThreadPool,
         max_open_files: int = MAX_OPEN_FILES,
+        sha256: bool = True,
     ) -> None:
         self.root = root.absolute()
+        self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
+        self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
         self._reactor = reactor
         self._pool = pool
         self._locks: dict[str, DeferredLock] = {}
@@ -191,8 +212,8 @@ class DiskStorage:
             [self.drain(upload_id) for upload_id, lock in list(self._locks.items()) if lock.locked]
         )
 
-    def complete(self, upload_id: str) -> Deferred[Path]:
-        """Make the file durable and give it its final name; returns that path."""
+    def complete(self, upload_id: str) -> Deferred[Completed]:
+        """Make the file durable and give it its final name; its path and SHA-256."""
         self._open.pop(upload_id, None)
         return self._run(upload_id, self._complete, upload_id)
 
@@ -239,7 +260,7 @@ class DiskStorage:
     def _fd(self, upload_id: str) -> int:
         fd = self._fds.get(upload_id)
         if fd is None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC  # read too: to hash again
             fd = os.open(self.part_path(upload_id), flags, DATA_MODE)
             self._fds[upload_id] = fd
         return fd
@@ -250,29 +271,66 @@ class DiskStorage:
             os.close(fd)
 
     def _write(self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+        fd = self._fd(upload_id)
+        if self._sha256:
+            digests = (*digests, self._hashed_up_to(upload_id, fd, offset).digest)
         for part in data.parts if isinstance(data, Pieces) else [data]:
             for digest in digests:
                 digest.update(part)
-        pwrite_all(self._fd(upload_id), data, offset)
+        pwrite_all(fd, data, offset)
+        if self._sha256:
+            self._hashing[upload_id].upto += len(data)
+
+    def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing:
+        """The upload's hash covering exactly its first `offset` bytes: the one kept while
+        writing, or (after a restart or a rewind) made anew from the bytes on disk."""
+        hashing = self._hashing.get(upload_id)
+        if hashing is None or hashing.upto != offset:
+            hashing = self._hashing[upload_id] = _Hashing(hashlib.sha256())
+            while hashing.upto < offset:
+                block = os.pread(fd, min(REHASH_BLOCK, offset - hashing.upto), hashing.upto)
+                if not block:
+                    raise OSError(f"upload {upload_id}: file shorter than {offset} bytes")
+                hashing.digest.update(block)
+                hashing.upto += len(block)
+        return hashing
 
     def _truncate(self, upload_id: str, size: int) -> None:
         os.ftruncate(self._fd(upload_id), size)
 
-    def _complete(self, upload_id: str) -> Path:
-        final = self.final_path(upload_id)
-        if final.exists() and not self.part_path(upload_id).exists():
-            return final  # completed before a restart
+    def _complete(self, upload_id: str) -> Completed:
+        final, part = self.final_path(upload_id), self.part_path(upload_id)
+        if final.exists() and not part.exists():  # completed before a restart
+            return Completed(final, self._digest_of(upload_id, final))
         fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
         try:
             os.fsync(fd)
+            digest = self._digest_of(upload_id, part, fd)
         finally:
             self._close(upload_id)
-        os.replace(self.part_path(upload_id), final)
+        os.replace(part, final)
         fsync_dir(self.root)
-        return final
+        return Completed(final, digest)
+
+    def _digest_of(self, upload_id: str, path: Path, fd: int | None = None) -> str | None:
+        """The SHA-256 of the whole file, continuing the one kept while writing."""
+        hashing = self._hashing.pop(upload_id, None)
+        if not self._sha256:
+            return None
+        size = path.stat().st_size
+        if hashing is not None and hashing.upto == size:
+            return str(hashing.digest.hexdigest())
+        opened = fd if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return str(self._hashed_up_to(upload_id, opened, size).digest.hexdigest())
+        finally:
+            self._hashing.pop(upload_id, None)
+            if fd is None:
+                os.close(opened)
 
     def _remove(self, upload_id: str) -> None:
         self._close(upload_id)
+        self._hashing.pop(upload_id, None)
         for path in (self.part_path(upload_id), self.final_path(upload_id)):
             path.unlink(missing_ok=True)
 
@@ -281,6 +339,7 @@ class DiskStorage:
 
     def _discard(self, upload_id: str) -> None:
         self._close(upload_id)
+        self._hashing.pop(upload_id, None)
         self.part_path(upload_id).unlink(missing_ok=True)
         self.state_path(upload_id).unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from urllib.parse import quote, unquote
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
 CHECKSUMS: dict[str, Callable[[], Digest]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 OFFSET_STREAM = "application/offset+octet-stream"
 READ_SIZE = 256 * 1024  # socket reads while a body streams
+MAX_REASON_CHARS = 500  # of a client's cancel reason (header Incoming-Cancel-Reason)
 EXPOSED = (
     "Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Location, Tus-Version, "
     "Tus-Resumable, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Incoming-Result"
@@ -45,7 +47,7 @@ EXPOSED = (
 ALLOWED = (
     "Content-Type, Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, "
     "Upload-Defer-Length, Upload-Concat, Tus-Resumable, X-HTTP-Method-Override, "
-    "X-Requested-With, X-Request-ID, Authorization"
+    "X-Requested-With, X-Request-ID, Authorization, Incoming-Cancel-Reason"
 )
 METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 REASONS = {
@@ -166,6 +168,8 @@ class TusApi:
             answer.headers["Upload-Length"] = str(upload.length)
             if not upload.phase.final:
                 answer.headers["Upload-Expires"] = self.expires(upload)
+            else:  # finished: a returning client learns the backend's verdict too
+                answer.headers["Incoming-Result"] = quote(upload.result, safe="")
         except TusError as e:
             answer = e.answer
         self._send(request, answer)
@@ -188,8 +192,9 @@ class TusApi:
         try:
             self.check(request)
             upload = self.created(ticket)
+            reason = unquote(request.getHeader("incoming-cancel-reason") or "")
             try:
-                upload.life.cancel_by_client("cancelled by the user")
+                upload.life.cancel_by_client(reason[:MAX_REASON_CHARS])
             except UploadError as e:
                 raise _refusal(e) from None
             await self.manager.settled(upload)
@@ -426,7 +431,12 @@ class PatchStream:
         self._maybe_complete()
 
     def connection_lost(self) -> None:
-        """Bytes that arrived are kept, unless they await a checksum."""
+        """Bytes that arrived are kept, unless they await a checksum; a final PATCH that
+        waited for the handover lets go of the upload, which carries on without it."""
+        if self._ended and not self._lost and not self._done and self._released:
+            self._lost = True
+            self._finish(Answer(499, "the client went away"))  # nobody reads it
+            return
         self._lost = self._ended = True
         if self._done or self._waiting:  # `start` carries on from here when it can
             return
@@ -465,7 +475,9 @@ class PatchStream:
         upload = self.upload
         assert upload is not None
         if ending.finished:
-            self._finish(self._stored_answer(upload))
+            answer = self._stored_answer(upload)
+            answer.headers["Incoming-Result"] = quote(ending.result, safe="")
+            self._finish(answer)
         else:
             assert ending.code is not None
             self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message))
@@ -492,6 +504,8 @@ class PatchStream:
             return
         self.digests = ()
         self._release()
+        if self._discard and upload.handing_over:
+            return  # nothing to add: like the final PATCH, it hears the backend's answer
         if not upload.complete or self._discard:
             self._finish(self._stored_answer(upload))
         # else the handover has started: `waiting` or `ended` answers

@@ -48,6 +48,7 @@ class Ending:
 
     code: ErrorCode | None  # None: handed over and finished
     message: str = ""
+    result: str = ""  # the backend's verdict for the page, when finished
 
     @property
     def finished(self) -> bool:
@@ -155,14 +156,16 @@ class UploadLife(Protocol):
 
     def storage_failed(self) -> None: ...
 
-    def answered_done(self) -> None: ...
+    def answered_done(self, result: str) -> None:
+        """The backend answered `done`, and `result` for the page."""
 
     def answered_wait(self) -> None: ...
 
     def handover_failed(self) -> None: ...
 
-    def finish_upload(self) -> None:
-        """The backend's `finish_upload`; raises UploadError if it is refused."""
+    def finish_upload(self, result: str) -> None:
+        """The backend's `finish_upload` (with its verdict for the page); raises
+        UploadError if it is refused."""
 
     def finalized(self) -> None:
         """The finished state is durable and the file removed if asked."""
@@ -189,6 +192,7 @@ _RECORDED = (
     "length",
     "browser_name",
     "cancel_reason",
+    "result",
     "idle_deadline",
     "confirm_deadline",
 )
@@ -206,6 +210,8 @@ class Upload:
     browser_name: str = ""
     phase: Phase = Phase.RECEIVING
     cancel_reason: str = ""
+    result: str = ""  # the backend's verdict for the page (`done` + text, finish_upload)
+    sha256: str | None = None  # of the complete file, once computed
     idle_deadline: float = 0.0  # clock time when an idle upload expires (or is forgotten)
     confirm_deadline: float | None = None  # clock time by which finish_upload must come
     stored: int = 0  # bytes on disk, contiguous from the start
@@ -233,6 +239,11 @@ class Upload:
         return self.phase is Phase.CANCELLED
 
     @property
+    def handing_over(self) -> bool:
+        """The backend is being told, and has not answered yet."""
+        return self.phase in (Phase.HANDOVER, Phase.FINISH_REQUESTED)
+
+    @property
     def offset(self) -> int:
         """Where a client resumes: the bytes stored, or all of them once received."""
         if self.phase is Phase.RECEIVING or self.length is None:
@@ -247,7 +258,8 @@ class Upload:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], stored: int) -> Upload:
-        upload = cls(**{name: record[name] for name in _RECORDED})
+        values = {name: record[name] for name in _RECORDED if name in record}
+        upload = cls(**values)  # a record of an older version has no `result`
         upload.phase, upload.stored = Phase(record["phase"]), stored
         if upload.length is not None and stored > upload.length:
             raise ValueError(f"{stored} bytes stored for a {upload.length}-byte upload")
@@ -473,8 +485,8 @@ for _state in (receiving, handover):  # a write, or making the file final, faile
 
 
 @handover.upon(On.answered_done).to(finished)
-def _done(life: UploadLife, core: _Core) -> None:
-    _finish(core)
+def _done(life: UploadLife, core: _Core, result: str) -> None:
+    _finish(core, result)
 
 
 @handover.upon(On.answered_wait).to(awaiting_finish)
@@ -497,27 +509,38 @@ def _handover_failed(life: UploadLife, core: _Core) -> None:
 
 
 @handover.upon(On.finish_upload).to(finish_requested)
-def _finish_early(life: UploadLife, core: _Core) -> None:
+def _finish_early(life: UploadLife, core: _Core, result: str) -> None:
     """The backend said `wait` and called `finish_upload` before we read the answer."""
     core.upload.phase = Phase.FINISH_REQUESTED
+    core.upload.result = result
     core.effects.save(core.upload, durable=True)
     log.info("upload {id}: finish_upload before the handover's answer", id=core.upload.id)
 
 
-for _input in (On.answered_done, On.answered_wait, On.handover_failed):
-    # The backend confirmed it has the file, whatever else its handover answer says.
+# The backend confirmed it has the file, whatever else its handover answer says.
+
+
+@finish_requested.upon(On.answered_done).to(finished)
+def _confirmed_done(life: UploadLife, core: _Core, result: str) -> None:
+    _finish(core, core.upload.result or result)
+
+
+for _input in (On.answered_wait, On.handover_failed):
+
     @finish_requested.upon(_input).to(finished)
     def _confirmed(life: UploadLife, core: _Core) -> None:
-        _finish(core)
+        _finish(core, core.upload.result)
 
 
-finish_requested.upon(On.finish_upload).loop().returns(None)
+@finish_requested.upon(On.finish_upload).loop()
+def _finish_again(life: UploadLife, core: _Core, result: str) -> None:
+    core.upload.result = core.upload.result or result
 
 
 @awaiting_finish.upon(On.finish_upload).to(finished)
-def _finish_upload(life: UploadLife, core: _Core) -> None:
+def _finish_upload(life: UploadLife, core: _Core, result: str) -> None:
     core.effects.disarm_confirm(core.upload)
-    _finish(core)
+    _finish(core, result)
 
 
 @awaiting_finish.upon(On.confirm_timeout).to(cancelled)
@@ -533,7 +556,7 @@ for _state in (handover, finish_requested):
         if file_present:
             core.effects.hand_over(core.upload)  # again, with the whole file
         else:  # the backend took the file away: it answered; we died before saving that
-            life.answered_done()
+            life.answered_done(core.upload.result)
 
 
 @awaiting_finish.upon(On.restored).loop()
@@ -542,14 +565,14 @@ def _restored_awaiting(life: UploadLife, core: _Core, file_present: bool) -> Non
 
 
 @receiving.upon(On.finish_upload).loop()
-def _finish_upload_too_soon(life: UploadLife, core: _Core) -> None:
+def _finish_upload_too_soon(life: UploadLife, core: _Core, result: str) -> None:
     raise UploadError(ErrorCode.NOT_WAITING, "upload is receiving, not waiting for finish_upload")
 
 
 for _state in _ENDED:
 
     @_state.upon(On.finish_upload).loop()
-    def _finish_upload_ended(life: UploadLife, core: _Core) -> None:
+    def _finish_upload_ended(life: UploadLife, core: _Core, result: str) -> None:
         raise UploadError(
             ErrorCode.NOT_WAITING,
             f"upload is {core.upload.phase.value}, not waiting for finish_upload",
@@ -559,8 +582,9 @@ for _state in _ENDED:
 # Finished.
 
 
-def _finish(core: _Core) -> None:
+def _finish(core: _Core, result: str) -> None:
     core.upload.phase = Phase.FINISHED
+    core.upload.result = result
     core.effects.touch(core.upload)
     core.effects.finalize(core.upload)  # durable before anybody hears of it
 
@@ -570,7 +594,7 @@ def _finalized(life: UploadLife, core: _Core) -> None:
     upload = core.upload
     log.info("upload {id} handed over and finished", id=upload.id)
     if upload.transport is not None:
-        upload.transport.ended(Ending(None))
+        upload.transport.ended(Ending(None, result=upload.result))
 
 
 # Cancelling: the connected client hears at once; the file goes next, the backend last.

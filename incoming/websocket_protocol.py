@@ -73,6 +73,7 @@ class UploadProtocolSession:
         self.paused = False
         self.cancelling = False  # this client asked to cancel
         self._request_deadline: IDelayedCall | None = None
+        self._ticket: str | None = None  # as the client named it
 
     # rfc6455.MessageHandler
 
@@ -100,7 +101,14 @@ class UploadProtocolSession:
         try:
             self._dispatch(*_parse(text))
         except UploadError as e:
-            self.error(e.code, e.message)
+            self.error(e.code, e.message, **self._finished_result(e))
+
+    def _finished_result(self, error: UploadError) -> dict[str, str]:
+        """A client returning to a finished upload still learns the backend's verdict."""
+        if error.code is not ErrorCode.TICKET_FINISHED or self._ticket is None:
+            return {}
+        upload = self.manager.get(self._ticket)
+        return {"Result": upload.result} if upload is not None else {}
 
     def binary_received(self, data: bytes) -> None:
         if self.stage is Stage.ENDED:
@@ -124,7 +132,7 @@ class UploadProtocolSession:
 
     def ended(self, ending: Ending) -> None:
         if ending.finished:
-            self._send("MsgAllDone", Success=True)
+            self._send("MsgAllDone", Success=True, Result=ending.result)
             self._close(rfc6455.NORMAL)
         elif ending.code is ErrorCode.TICKET_CANCELLED and self.cancelling:
             self._send("MsgCancelAck", Ack=True)
@@ -177,6 +185,7 @@ class UploadProtocolSession:
         if not isinstance(name, str):
             raise UploadError(ErrorCode.MALFORMED_MESSAGE, "Name is not a string")
         self._stop_request_deadline()
+        self._ticket = ticket
         self.upload = self.manager.connect(ticket, self, length, name[:MAX_NAME_CHARS])
         self.stage = Stage.CONNECTING
         ensureDeferred(self._confirm(self.upload)).addErrback(self._internal_error)
@@ -218,7 +227,7 @@ class UploadProtocolSession:
 
     # Output
 
-    def error(self, code: ErrorCode, text: str) -> None:
+    def error(self, code: ErrorCode, text: str, **extra: str) -> None:
         """Tell the client what went wrong and hang up."""
         log.info(
             "upload {id}: error {code} to client: {text}",
@@ -226,7 +235,7 @@ class UploadProtocolSession:
             code=int(code),
             text=clipped(text),
         )
-        self._send("MsgError", ErrorCode=int(code), Msg=text)
+        self._send("MsgError", ErrorCode=int(code), Msg=text, **extra)
         self._close(rfc6455.POLICY)
 
     def _internal_error(self, failure: Failure) -> None:

@@ -5,14 +5,15 @@ in which inputs and outputs happen."""
 from __future__ import annotations
 
 import errno
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 
 from incoming.files import Chunk, Pieces
-from incoming.handover import HandoverFailed
-from incoming.storage import Record, Saved
+from incoming.handover import Answer, HandoverFailed
+from incoming.storage import Completed, Record, Saved
 from incoming.upload import Ending, Upload
 
 
@@ -71,10 +72,11 @@ class MemoryStorage:
     def drain_all(self) -> Deferred[list[None]]:
         return succeed([])
 
-    def complete(self, upload_id: str) -> Deferred[Path]:
-        self.finals[upload_id] = bytes(self.parts.pop(upload_id, b""))
+    def complete(self, upload_id: str) -> Deferred[Completed]:
+        final = self.finals[upload_id] = bytes(self.parts.pop(upload_id, b""))
         self.open.discard(upload_id)
-        return succeed(Path("/memory") / upload_id)
+        sha256 = hashlib.sha256(final).hexdigest()
+        return succeed(Completed(Path("/memory") / upload_id, sha256))
 
     def remove(self, upload_id: str) -> Deferred[None]:
         self.parts.pop(upload_id, None)
@@ -96,18 +98,21 @@ class MemoryStorage:
 
 
 class RecordingHandover:
-    """`incoming.handover.Handover` that answers as told: `done`, `wait`, or `fail`;
-    with `hold`, each handover waits for `answer(...)`."""
+    """`incoming.handover.Handover` that answers as told: `done` (with `result`), `wait`,
+    or `fail`; with `hold`, each handover waits for `answer(...)`."""
 
-    def __init__(self, answer: str = "done", hold: bool = False) -> None:
+    def __init__(self, answer: str = "done", hold: bool = False, result: str = "") -> None:
         self.default = answer
         self.hold = hold
+        self.result = result
         self.handovers: list[tuple[str, str]] = []  # (id, filename)
+        self.digests: list[str | None] = []
         self.notices: list[tuple[str, str]] = []  # (id, reason)
         self.waiting: list[Deferred[str]] = []
 
-    async def hand_over(self, upload: Upload, filename: str) -> str:
+    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
         self.handovers.append((upload.id, filename))
+        self.digests.append(sha256)
         answer = self.default
         if self.hold:
             waiting: Deferred[str] = Deferred()
@@ -115,7 +120,7 @@ class RecordingHandover:
             answer = await waiting
         if answer == "fail":
             raise HandoverFailed("backend answered b'nope'")
-        return answer
+        return Answer(answer, self.result if answer == "done" else "")
 
     def answer(self, answer: str) -> None:
         self.waiting.pop(0).callback(answer)

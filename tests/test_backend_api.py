@@ -177,7 +177,7 @@ async def test_wait_then_finish_upload(server: Server, backend: Backend, remove:
     assert code == 412
     code, body, _ = await post(server, "finish_upload", data={"id": ticket, "backendSecret": "k"})
     assert (code, body) == (200, "ok")
-    assert await client.expect("MsgAllDone") == {"Success": True}
+    assert await client.expect("MsgAllDone") == {"Success": True, "Result": ""}
     assert server.files() == ({} if remove == "true" else {ticket: b"hello"})
     code, _, _ = await post(server, "finish_upload", data={"id": ticket, "backendSecret": "k"})
     assert code == 412
@@ -236,7 +236,7 @@ async def test_finish_upload_racing_the_handovers_answer_is_accepted(
     ticket, client = await upload_small(
         server, backend.url, b"hello", backendSecret="k", removeFileWhenFinished="false"
     )
-    assert await client.expect("MsgAllDone") == {"Success": True}
+    assert await client.expect("MsgAllDone") == {"Success": True, "Result": ""}
     assert finished == [(200, "ok")]
     await server.settled()
     upload = server.manager.get(ticket)

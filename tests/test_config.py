@@ -140,3 +140,17 @@ def test_deployment_options_from_command_line_and_yaml(tmp_path: Path) -> None:
     assert (config.backend_listen, config.handover_hosts) == ("tcp:4001", frozenset({"a.example"}))
     with pytest.raises(usage.UsageError, match="--handover-hosts"):
         parse("--handover-hosts", " , ")
+
+
+def test_upload_limit_and_checksum_from_command_line_and_yaml(tmp_path: Path) -> None:
+    assert (Config().max_upload_bytes, Config().checksum) == (None, "sha256")
+    config = parse("--max-upload-size", "1073741824", "--checksum", "none")
+    assert (config.max_upload_bytes, config.checksum) == (1 << 30, "none")
+    path = tmp_path / "c.yaml"
+    path.write_text("MaxUploadBytes: 5000\nChecksum: SHA256\n")
+    config = parse("--config", str(path))
+    assert (config.max_upload_bytes, config.checksum) == (5000, "sha256")
+    with pytest.raises(usage.UsageError, match="--checksum"):
+        parse("--checksum", "md5")
+    with pytest.raises(usage.UsageError, match="--max-upload-size"):
+        parse("--max-upload-size", "-1")

@@ -45,7 +45,7 @@ async def test_module_exports_the_library(server: Server) -> None:
     assert response.code == 200
     assert body.startswith((frontend_dir() / "incoming.js").read_text())
     assert "export default incoming;" in body
-    assert "export const { set_server_hostname, Uploader } = incoming;" in body
+    assert "export const { set_server_hostname, Uploader, find_upload } = incoming;" in body
 
 
 @pytest_twisted.ensureDeferred

@@ -86,7 +86,9 @@ def client(http: Any, clock: Clock, timeout: float = 55) -> HandoverClient:
 
 
 def hand_over(handover: HandoverClient, stub: StubTreq | None = None) -> Deferred[str]:
-    d = ensureDeferred(handover.hand_over(an_upload(), "/store/file"))
+    """The answer's kind (`done` or `wait`)."""
+    d = ensureDeferred(handover.hand_over(an_upload(), "/store/file", None))
+    d.addCallback(lambda answer: answer.kind)
     if stub is not None:
         stub.flush()
     return d
@@ -103,6 +105,7 @@ def test_the_handover_posts_the_six_fields_and_the_size() -> None:
         "cancelled": "no",
         "cancelReason": "",
         "size": "0",
+        "sha256": "ab" * 32,
     }
     params = {b"app": [b"42"], **{k.encode(): [v.encode()] for k, v in fields.items()}}
     headers = HasHeaders({b"user-agent": [b"Incoming!!"]})
@@ -111,7 +114,8 @@ def test_the_handover_posts_the_six_fields_and_the_size() -> None:
     sequence = RequestSequence([(expected, (200, {}, b"done\n"))], failures.append)
     stub = StubTreq(StringStubbingResource(sequence))
     with sequence.consume(pytest.fail):
-        d = ensureDeferred(client(stub, Clock()).hand_over(upload, "/store/file"))
+        d = ensureDeferred(client(stub, Clock()).hand_over(upload, "/store/file", "ab" * 32))
+        d.addCallback(lambda answer: answer.kind)
         stub.flush()
         assert d.result == "done"
     assert failures == []
@@ -165,7 +169,7 @@ def test_the_answer_and_its_body_share_one_deadline() -> None:
     clock = Clock()
     backend = BackendStub(STALL)
     stub = StubTreq(backend)
-    d = ensureDeferred(client(stub, clock).hand_over(an_upload(), "/store/file"))
+    d = ensureDeferred(client(stub, clock).hand_over(an_upload(), "/store/file", None))
     failures: list[Failure] = []
     d.addErrback(failures.append)
     clock.advance(50)

@@ -111,7 +111,7 @@ def test_wait_without_finish_upload_fails_at_confirm_timeout() -> None:
 def test_finish_upload_in_time_cancels_the_confirm_timer() -> None:
     manager, clock, storage, handover, upload, transport = begin("wait", length=0, remove=False)
     upload.life.ready()  # a zero-byte file is complete at once
-    upload.life.finish_upload()
+    upload.life.finish_upload("")
     clock.advance(30)
     assert upload.phase is Phase.FINISHED
     assert transport.events == [("waiting",), ("ended", None, "")]
@@ -126,7 +126,7 @@ def test_finish_upload_before_the_handovers_answer_is_applied_when_it_comes(answ
     manager, clock, storage, handover, upload, transport = begin(hold=True, remove=False)
     upload.life.receive(b"abc")
     assert upload.phase is Phase.HANDOVER
-    upload.life.finish_upload()  # accepted: the backend has the file
+    upload.life.finish_upload("")  # accepted: the backend has the file
     assert upload.phase is Phase.FINISH_REQUESTED
     assert transport.events == [("stored", 3)]
     handover.answer(answer)
@@ -169,9 +169,9 @@ def test_cancels_are_refused_once_the_handover_runs() -> None:
         with pytest.raises(UploadError) as refused:
             cancel()
         assert refused.value.code is ErrorCode.TOO_LATE
-    upload.life.finish_upload()
+    upload.life.finish_upload("")
     with pytest.raises(UploadError) as refused:
-        upload.life.finish_upload()
+        upload.life.finish_upload("")
     assert refused.value.code is ErrorCode.NOT_WAITING
 
 
@@ -210,6 +210,8 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "connect": (RecordingTransport(), 3, "n", Room(10)),
         "declare": (3, "n", Room(10)),
         "rewind": (0,),
+        "answered_done": ("verdict",),
+        "finish_upload": ("verdict",),
         "disconnect": (RecordingTransport(), False),
         "receive": (b"",),
         "past_end": ("too long",),

@@ -159,10 +159,12 @@ async def restart_on(port: int, storage: Path, cwd: Path, stopper: list[Any], *e
 
 
 def assert_one_handover(
-    post: dict[str, str], ticket: str, stored: Path, name: str, size: int
+    post: dict[str, str], ticket: str, stored: Path, name: str, data: bytes
 ) -> None:
+    """The handover of `data`: its size and SHA-256, whatever restarts came between."""
     assert (post["id"], post["cancelled"], post["filenameFromBrowser"]) == (ticket, "no", name)
-    assert (post["filename"], post["size"]) == (str(stored), str(size))
+    assert (post["filename"], post["size"]) == (str(stored), str(len(data)))
+    assert post["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 @pytest_twisted.ensureDeferred
@@ -187,7 +189,7 @@ async def test_tus_js_client_uploads_with_the_ticket_and_the_backend_has_it_firs
                               "metadata": {"ticket": ticket, "filename": "Ferien 2024.jpg"}}],
                     chunkSize=chunk_size, uploadDataDuringCreation=with_creation)  # fmt: skip
     post = await backend.posts.get()
-    assert_one_handover(post, ticket, storage / ticket, "Ferien 2024.jpg", len(data))
+    assert_one_handover(post, ticket, storage / ticket, "Ferien 2024.jpg", data)
     assert post["backendSecret"] == "k"
     assert (storage / ticket).read_bytes() == data  # complete when the backend is asked
     await deferLater(reactor, 0.3)
@@ -236,7 +238,7 @@ async def test_tus_js_client_resumes_after_the_daemon_is_sigkilled_mid_patch(
     [chunk] = client.named("chunk")
     assert chunk["size"] == size - kept  # resumed where the server's HEAD said, sent the rest
     post = await backend.posts.get()
-    assert_one_handover(post, ticket, storage / ticket, "big.bin", size)
+    assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
     assert (storage / ticket).read_bytes() == data
     assert not part.exists()
     await stop_daemon(daemon, process)
@@ -267,7 +269,7 @@ async def test_tus_js_client_creating_again_after_a_reload_resumes_through_a_409
     assert retry["status"] in (409, 0) and retry["retry"], retry
     assert [c["size"] for c in client.named("chunk")] == [MiB + 1]  # only the rest was sent
     post = await backend.posts.get()
-    assert_one_handover(post, ticket, storage / ticket, "again.bin", len(data))
+    assert_one_handover(post, ticket, storage / ticket, "again.bin", data)
     assert (storage / ticket).read_bytes() == data
     await stop_daemon(daemon, process)
 
@@ -574,7 +576,7 @@ async def test_tuspy_uploads_with_the_ticket_and_checksums(
     )  # fmt: skip
     assert url == f"{server.base}/tus/{ticket}"
     post = await backend.posts.get()
-    assert_one_handover(post, ticket, storage / ticket, "résumé.pdf", len(data))
+    assert_one_handover(post, ticket, storage / ticket, "résumé.pdf", data)
     assert (storage / ticket).read_bytes() == data
     assert len(backend.posts.pending) == 0
     await stop_daemon(daemon, process)
@@ -603,7 +605,7 @@ async def test_tuspy_resumes_after_the_daemon_is_sigkilled_mid_upload(
     daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
     assert await uploading == f"{server.base}/tus/{ticket}"
     post = await backend.posts.get()
-    assert_one_handover(post, ticket, storage / ticket, "py.bin", size)
+    assert_one_handover(post, ticket, storage / ticket, "py.bin", data)
     assert (storage / ticket).read_bytes() == data
     await stop_daemon(daemon, process)
     assert len(backend.posts.pending) == 0  # one handover, up to the daemon's end

@@ -51,7 +51,7 @@ async def test_upload_is_stored_and_handed_over(
     assert post["cancelled"] == "no"
     assert post["cancelReason"] == ""
     assert post["size"] == str(size)
-    assert await client.expect("MsgAllDone") == {"Success": True}
+    assert await client.expect("MsgAllDone") == {"Success": True, "Result": ""}
     assert await client.next() is None
     assert server.files() == {ticket: data}
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
@@ -280,7 +280,7 @@ async def test_connection_during_handover_gets_final_result(
         f"{server.base}/backend/finish_upload", data={"id": ticket, "backendSecret": "k"}
     )
     assert response.code == 200
-    assert await late.expect("MsgAllDone") == {"Success": True}
+    assert await late.expect("MsgAllDone") == {"Success": True, "Result": ""}
 
 
 @pytest_twisted.ensureDeferred
