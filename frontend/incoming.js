@@ -683,7 +683,8 @@
   };
 
   // Sends one request; `answered` gets the XMLHttpRequest, or null if no answer came.
-  P._h_send = function (method, url, headers, body, answered) {
+  // `before` sets upload listeners: only those set before send() hear anything.
+  P._h_send = function (method, url, headers, body, answered, before) {
     var self = this;
     var generation = ++this._generation;
     var xhr, name;
@@ -696,29 +697,31 @@
           xhr.setRequestHeader(name, headers[name]);
         }
       }
-    } catch (e) {
-      this._fail(0, "cannot send an HTTP request: " + e.message);
-      return null;
-    }
-    this._xhr = xhr;
-    xhr.onload = function () {
-      if (generation === self._generation) {
-        self._xhr = null;
-        self._s.connected = true;
-        if (header(xhr, "Tus-Resumable")) {
-          self._tus_seen = true;
+      xhr.onload = function () {
+        if (generation === self._generation) {
+          self._xhr = null;
+          self._s.connected = true;
+          if (header(xhr, "Tus-Resumable")) {
+            self._tus_seen = true;
+          }
+          answered(xhr);
         }
-        answered(xhr);
+      };
+      xhr.onerror = xhr.ontimeout = function () {
+        if (generation === self._generation) {
+          self._xhr = null;
+          answered(null);
+        }
+      };
+      this._xhr = xhr;
+      if (before) {
+        before(xhr);
       }
-    };
-    xhr.onerror = xhr.ontimeout = function () {
-      if (generation === self._generation) {
-        self._xhr = null;
-        answered(null);
-      }
-    };
-    xhr.send(body);
-    return xhr;
+      xhr.send(body);
+    } catch (e) {
+      this._xhr = null;
+      this._fail(0, "cannot send an HTTP request: " + e.message);
+    }
   };
 
   P._h_connecting = function () {
@@ -882,7 +885,7 @@
     var s = this._s;
     var start = s.bytes_acked;
     var end = Math.min(start + this._http_chunk, s.bytes_total);
-    var xhr = this._h_send("PATCH", this._url, {
+    this._h_send("PATCH", this._url, {
       "Content-Type": "application/offset+octet-stream",
       "Upload-Offset": String(start)
     }, this._file.slice(start, end), function (xhr) {
@@ -914,12 +917,10 @@
       } else {
         self._h_refused(xhr, PATCH_ERRORS);
       }
-    });
-    if (!xhr) {
-      return;
-    }
-    s.chunks_tx_now++;
-    if (xhr.upload) {
+    }, function (xhr) {
+      if (!xhr.upload) {
+        return;
+      }
       xhr.upload.onprogress = function (event) {
         if (self._xhr === xhr) {
           s.bytes_tx = start + Math.min(event.loaded, end - start);
@@ -932,7 +933,11 @@
           self._set_state("Handing over"); // sent; the answer comes after the handover
         }
       };
+    });
+    if (!this._xhr) {
+      return; // could not send
     }
+    s.chunks_tx_now++;
     if (s.state_msg !== "Uploading") {
       this._set_state("Uploading");
     }

@@ -83,6 +83,8 @@ export function load(options = {}) {
     }
     send(body) {
       this.body = body;
+      // as in browsers, upload events reach only the listeners set before send()
+      this.uploadListeners = { ...this.upload };
     }
     abort() {
       this.aborted = true;
@@ -107,10 +109,10 @@ export function load(options = {}) {
       this.onerror();
     }
     progress(loaded) {
-      this.upload.onprogress({ loaded, total: this.body.size, lengthComputable: true });
+      this.uploadListeners.onprogress?.({ loaded, total: this.body.size, lengthComputable: true });
     }
     bodySent() {
-      this.upload.onload({});
+      this.uploadListeners.onload?.({});
     }
   }
   const globals = {
