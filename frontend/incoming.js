@@ -908,7 +908,6 @@
         self._h_step();
       } else if (xhr.status === 409) {
         self._offset_known = false; // another offset than ours: HEAD says which
-        s.bytes_tx = s.bytes_acked;
         self._h_step();
       } else if (xhr.status === 410) {
         self._offset_known = false;
@@ -968,12 +967,12 @@
     });
   };
 
+  // Until HEAD says what the server stored, bytes_tx keeps what was sent (as on the
+  // WebSocket until the next MsgUploadConf).
   P._h_pause = function (pause) {
-    var s = this._s;
     if (pause) {
       this._clear_retry();
       this._h_drop();
-      s.bytes_tx = s.bytes_acked;
       this._offset_known = false; // the server may have stored more of the aborted PATCH
       this._set_state("Paused");
     } else {
@@ -993,7 +992,6 @@
       return;
     }
     this._h_drop();
-    s.bytes_tx = s.bytes_acked;
     this._offset_known = false;
     this._h_step();
   };
@@ -1026,7 +1024,6 @@
     this._h_drop();
     this._clear_retry();
     this._retries++;
-    s.bytes_tx = s.bytes_acked;
     this._offset_known = false;
     this._retry_timer = root.setTimeout(function () {
       self._retry_timer = null;

@@ -235,7 +235,8 @@ def test_http_pause_aborts_the_patch_and_resumes_from_head(
         "() => { const u = window.ups[0];"
         " return [u.state_msg, u.bytes_acked, u.bytes_tx, u.connected, u.can_pause]; }"
     )
-    assert state == ["Paused", 0, 0, False, True]  # nothing acknowledged: the PATCH was cut
+    # nothing acknowledged: the PATCH was cut once 1 MiB had been sent
+    assert state[:2] == ["Paused", 0] and state[2] >= MiB and state[3:] == [False, True]
     [part] = incoming.parts()
     kept = part.stat().st_size
     assert 0 < kept < 8 * MiB  # what arrived of the aborted PATCH is stored all the same

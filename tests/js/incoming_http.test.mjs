@@ -117,15 +117,16 @@ test("pause aborts the PATCH; unpause resumes from HEAD's offset", () => {
   up.pause("toggle");
   assert.equal(patch.aborted, true);
   assert.deepEqual([up.paused, up.state_msg, up.connected, up.can_pause, up.bytes_tx, up.bytes_acked],
-                   [true, "Paused", false, true, 0, 0]);
+                   [true, "Paused", false, true, 3 * MiB, 0]);
   assert.equal(env.xhrs.length, 2, "nothing sent while paused");
   up.pause("unpause");
   const head = env.xhr();
   assert.deepEqual(request(head), ["HEAD", URL]);
   assert.deepEqual([up.paused, up.state_msg], [false, "Connecting"]);
-  head.respond(200, { "Upload-Offset": 3 * MiB, "Upload-Length": 8 * MiB, ...live });
-  assert.deepEqual([up.bytes_acked, env.xhr().method, env.xhr().body.start, env.xhr().body.end],
-                   [3 * MiB, "PATCH", 3 * MiB, 7 * MiB]);
+  head.respond(200, { "Upload-Offset": 3 * MiB - 1, "Upload-Length": 8 * MiB, ...live });
+  assert.deepEqual([up.bytes_acked, up.bytes_tx], [3 * MiB - 1, 3 * MiB - 1], "as the server says");
+  assert.deepEqual([env.xhr().method, env.xhr().body.start, env.xhr().body.end],
+                   ["PATCH", 3 * MiB - 1, 7 * MiB - 1]);
   assert.equal(up.state_msg, "Uploading");
   assert.deepEqual(events, []);
 });
@@ -261,7 +262,7 @@ test("network errors, 5xx and 423 are retried with the backoff and resume from H
   for (const [fail, state, code] of failures) {
     fail(env.xhr());
     assert.match(up.state_msg, state);
-    assert.deepEqual([up.connected, up.bytes_tx, up.error_code], [false, 0, code]);
+    assert.deepEqual([up.connected, up.bytes_acked, up.error_code], [false, 0, code]);
     delays.push(env.fire());
     assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
     env.xhr().respond(200, { "Upload-Offset": 0, "Upload-Length": 8 * MiB, ...live });
