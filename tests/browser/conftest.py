@@ -124,13 +124,33 @@ class Incoming:
 
 @dataclass
 class Demo:
+    """The demo web app (examples/demo/app.py) on a fixed loopback port; restartable."""
+
     port: int
     files: Path
-    process: subprocess.Popen[bytes]
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "demo" / "app.py"),
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            Output(self.process).wait_for(rb"demo listening on")
+        except RuntimeError:
+            stop(self.process, signal.SIGKILL)
+            raise
+
+    def restart(self) -> None:
+        assert self.process is not None
+        stop(self.process)
+        self.start()
 
 
 @pytest.fixture
@@ -155,21 +175,17 @@ def incoming(tmp_path: Path, incoming_options: list[str]) -> Iterator[Incoming]:
 @pytest.fixture
 def demo(tmp_path: Path, incoming: Incoming, handover_mode: str) -> Iterator[Demo]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "demo" / "app.py"),
-         "--listen", f"tcp:{port}:interface=127.0.0.1",
-         "--incoming", f"http://127.0.0.1:{incoming.port}",
+    app = Demo(
+        port,
+        tmp_path / "received",
+        ["--incoming", f"http://127.0.0.1:{incoming.port}",
          "--own-url", f"http://127.0.0.1:{port}",
          "--files", str(tmp_path / "received"), "--handover", handover_mode],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    try:
-        Output(process).wait_for(rb"demo listening on")
-    except RuntimeError:
-        stop(process, signal.SIGKILL)
-        raise
-    yield Demo(port, tmp_path / "received", process)
-    stop(process)
+    app.start()
+    yield app
+    if app.process is not None:
+        stop(app.process)
 
 
 @pytest.fixture(scope="session")
