@@ -6,9 +6,10 @@ incoming.js: HTTP (tus, the default, `--slices` MiB per PATCH: each size given i
 measured) and the WebSocket (`{transport: "websocket"}`, the 2014 protocol). Every
 configuration uploads the same file to the same server, the runs interleaved
 (run 1 of each, then run 2 of each...). By default Chromium runs plain headless
-with no DevTools client: the page builds the file in memory and reports its
-timings itself. `--devtools` drives it with Playwright instead (a file chosen in
-an input), which is much slower: DevTools is sent every WebSocket frame.
+with no DevTools client: the page builds the file in memory (a 64 MiB random
+block, repeated) and reports its timings itself. `--devtools` drives it with
+Playwright instead (a file chosen in an input), which is much slower: DevTools is
+sent every WebSocket frame.
 
     python bench/browser_bench.py [--size 256] [--runs 3] [--slices 32] [--devtools]
     python bench/browser_bench.py --slices 8,16,32,64 --transports http
@@ -54,12 +55,19 @@ function upload([ticket, options], file) {
   });
 }
 (async () => {
-  const parts = [], piece = new Uint8Array(65536);
-  for (let done = 0; done < size; done += piece.length) {
+  // One random block of at most 64 MiB, repeated: Chromium 156 fails to read a larger
+  // in-memory File again and again (NotReadableError once it pages it to disk).
+  const block = Math.min(size, 64 * 1048576), parts = [], blocks = [];
+  const piece = new Uint8Array(65536);
+  for (let done = 0; done < block; done += piece.length) {
     crypto.getRandomValues(piece);
-    parts.push(piece.slice(0, Math.min(piece.length, size - done)));
+    parts.push(piece.slice(0, Math.min(piece.length, block - done)));
   }
-  const file = new File(parts, "bench.bin"), seconds = [];
+  const random = new Blob(parts);
+  for (let done = 0; done < size; done += block) {
+    blocks.push(random.slice(0, Math.min(block, size - done)));
+  }
+  const file = new File(blocks, "bench.bin"), seconds = [];
   for (const each of uploads) { seconds.push(await upload(each, file)); }
   await fetch("/result", {method: "POST", body: JSON.stringify(seconds)});
 })().catch((e) => fetch("/result", {method: "POST", body: JSON.stringify({error: String(e)})}));
