@@ -577,6 +577,7 @@
     s.error_msg = "";
     s.bytes_acked = s.bytes_total;
     this._drop();
+    this._clear_retry();
     forget(this._file, this._ticket);
     this._set_state("Finished");
     this._notify("onfinished");
