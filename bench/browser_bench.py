@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Browser upload throughput: incoming.js in headless Chromium against the real server.
 
-Times, inside the page, from `start()` to `onfinished`. By default Chromium runs
-plain headless with no DevTools client: the page builds the file in memory and
-reports its timings itself. `--devtools` drives it with Playwright instead (a
-file chosen in an input), which is much slower: DevTools is sent every
-WebSocket frame.
+Times, inside the page, from `start()` to `onfinished`, for each transport of
+incoming.js: HTTP (tus, the default, `--slices` MiB per PATCH: each size given is
+measured) and the WebSocket (`{transport: "websocket"}`, the 2014 protocol). Every
+configuration uploads the same file to the same server, the runs interleaved
+(run 1 of each, then run 2 of each...). By default Chromium runs plain headless
+with no DevTools client: the page builds the file in memory (a 64 MiB random
+block, repeated) and reports its timings itself. `--devtools` drives it with
+Playwright instead (a file chosen in an input), which is much slower: DevTools is
+sent every WebSocket frame.
 
-    python bench/browser_bench.py [--size 256] [--runs 3] [--devtools]
+    python bench/browser_bench.py [--size 256] [--runs 3] [--slices 32] [--devtools]
+    python bench/browser_bench.py --slices 8,16,32,64 --transports http
 """
 
 from __future__ import annotations
@@ -40,23 +45,30 @@ CHROMIUM_ARGS = [
 PLAIN_PAGE = """<!doctype html><script src="http://%(host)s/incoming/frontend/incoming.js"></script>
 <script>
 incoming.set_server_hostname("%(host)s");
-const tickets = %(tickets)s, size = %(size)d;
-function upload(ticket, file) {
+const uploads = %(uploads)s, size = %(size)d;
+function upload([ticket, options], file) {
   return new Promise((resolve, reject) => {
-    const up = new incoming.Uploader(ticket, file), began = performance.now();
+    const up = new incoming.Uploader(ticket, file, options), began = performance.now();
     up.onfinished = () => resolve((performance.now() - began) / 1000);
     up.onerror = () => reject(new Error(up.error_msg));
     up.start();
   });
 }
 (async () => {
-  const parts = [], piece = new Uint8Array(65536);
-  for (let done = 0; done < size; done += piece.length) {
+  // One random block of at most 64 MiB, repeated: Chromium 156 fails to read a larger
+  // in-memory File again and again (NotReadableError once it pages it to disk).
+  const block = Math.min(size, 64 * 1048576), parts = [], blocks = [];
+  const piece = new Uint8Array(65536);
+  for (let done = 0; done < block; done += piece.length) {
     crypto.getRandomValues(piece);
-    parts.push(piece.slice(0, Math.min(piece.length, size - done)));
+    parts.push(piece.slice(0, Math.min(piece.length, block - done)));
   }
-  const file = new File(parts, "bench.bin"), seconds = [];
-  for (const ticket of tickets) { seconds.push(await upload(ticket, file)); }
+  const random = new Blob(parts);
+  for (let done = 0; done < size; done += block) {
+    blocks.push(random.slice(0, Math.min(block, size - done)));
+  }
+  const file = new File(blocks, "bench.bin"), seconds = [];
+  for (const each of uploads) { seconds.push(await upload(each, file)); }
   await fetch("/result", {method: "POST", body: JSON.stringify(seconds)});
 })().catch((e) => fetch("/result", {method: "POST", body: JSON.stringify({error: String(e)})}));
 </script>"""
@@ -96,12 +108,16 @@ class PageServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/bench.html"
 
 
-def plain_headless(daemon: Daemon, tickets: list[str], size: int) -> list[float]:
+Upload = tuple[str, dict[str, Any]]  # a ticket, and the Uploader's options
+
+
+def plain_headless(daemon: Daemon, uploads: list[Upload], size: int) -> list[float]:
     """Chromium with no DevTools client attached: the page reports its own timings."""
     host = f"127.0.0.1:{daemon.port}"
-    page = PLAIN_PAGE % {"host": host, "tickets": json.dumps(tickets), "size": size}
+    page = PLAIN_PAGE % {"host": host, "uploads": json.dumps(uploads), "size": size}
     pages = PageServer(page.encode())
-    with tempfile.TemporaryDirectory() as profile:
+    # ignore_cleanup_errors: Chromium's helpers may still write the profile as it goes
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(
             [CHROMIUM, "--headless", *CHROMIUM_ARGS, f"--user-data-dir={profile}", pages.url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -118,7 +134,7 @@ def plain_headless(daemon: Daemon, tickets: list[str], size: int) -> list[float]
     return [float(seconds) for seconds in pages.result]
 
 
-def devtools(daemon: Daemon, tickets: list[str], size: int) -> list[float]:
+def devtools(daemon: Daemon, uploads: list[Upload], size: int) -> list[float]:
     """Chromium driven by Playwright (DevTools attached), the file chosen in an input."""
     host = f"127.0.0.1:{daemon.port}"
     pages = PageServer(
@@ -135,22 +151,35 @@ def devtools(daemon: Daemon, tickets: list[str], size: int) -> list[float]:
         page = browser.new_page()
         page.goto(pages.url)
         page.set_input_files("#f", str(source))
-        for ticket in tickets:
+        for ticket, options in uploads:
             seconds.append(
                 page.evaluate(
-                    """(ticket) => new Promise((resolve, reject) => {
+                    """([ticket, options]) => new Promise((resolve, reject) => {
                         const file = document.getElementById("f").files[0];
-                        const up = new incoming.Uploader(ticket, file), began = performance.now();
+                        const up = new incoming.Uploader(ticket, file, options);
+                        const began = performance.now();
                         up.onfinished = () => resolve((performance.now() - began) / 1000);
                         up.onerror = () => reject(new Error(up.error_msg));
                         up.start();
                     })""",
-                    ticket,
+                    [ticket, options],
                 )
             )
         browser.close()
     pages.server.shutdown()
     return seconds
+
+
+def configurations(transports: list[str], slices: list[int]) -> dict[str, dict[str, Any]]:
+    """The Uploader options of each configuration measured, by name."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for transport in transports:
+        if transport == "http":
+            for mib in slices:
+                chosen[f"HTTP, {mib} MiB slices"] = {"transport": "http", "chunkSize": mib * MiB}
+        else:
+            chosen["WebSocket"] = {"transport": "websocket"}
+    return chosen
 
 
 def main() -> None:
@@ -159,28 +188,47 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunk-kb", type=int, default=512)
     parser.add_argument("--send-ahead", type=int, default=4)
+    parser.add_argument("--transports", default="http,websocket", help="http, websocket or both")
+    parser.add_argument("--slices", default="32", help="MiB per PATCH over HTTP, e.g. 8,16,32,64")
     parser.add_argument("--devtools", action="store_true", help="drive Chromium with Playwright")
     args = parser.parse_args()
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    if not set(transports) <= {"http", "websocket"}:
+        parser.error("--transports: http and/or websocket")
+    chosen = configurations(transports, [int(m) for m in args.slices.split(",")])
     backend, backend_url = start_backend()
     daemon = Daemon(["--chunk-size-kb", str(args.chunk_kb), "--send-ahead", str(args.send_ahead)])
     form = {"signalFinishURL": backend_url}  # the file is removed once handed over
-    tickets = [
-        http_post(daemon.port, "/incoming/backend/new_upload", form) for _ in range(args.runs)
+    names = [name for _ in range(args.runs) for name in chosen]  # the runs interleaved
+    uploads = [
+        (http_post(daemon.port, "/incoming/backend/new_upload", form), chosen[name])
+        for name in names
     ]
     cpu_before = daemon.cpu_seconds()
     try:
         run = devtools if args.devtools else plain_headless
-        seconds = run(daemon, tickets, args.size * MiB)
+        seconds = run(daemon, uploads, args.size * MiB)
     finally:
         cpu = daemon.cpu_seconds() - cpu_before
         daemon.stop()
         backend.shutdown()
-    rates = [args.size * MiB / s / 1e6 for s in seconds]
     how = "Playwright (DevTools attached)" if args.devtools else "plain headless Chromium"
-    print(f"{how}: {args.runs} uploads of {args.size} MiB, chunk {args.chunk_kb} KiB, "
-          f"send-ahead {args.send_ahead}: median {statistics.median(rates):.0f} MB/s "
-          f"(min {min(rates):.0f}, max {max(rates):.0f}); "
-          f"server {cpu / (args.runs * args.size / 1024):.2f} CPU-s/GiB")  # fmt: skip
+    print(f"{how}: {args.runs} uploads of {args.size} MiB each; server chunk {args.chunk_kb} KiB, "
+          f"send-ahead {args.send_ahead}; server {cpu / (len(uploads) * args.size / 1024):.2f} "
+          f"CPU-s/GiB over all uploads")  # fmt: skip
+    medians = {}
+    for name in chosen:
+        rates = [
+            args.size * MiB / s / 1e6 for n, s in zip(names, seconds, strict=True) if n == name
+        ]
+        medians[name] = statistics.median(rates)
+        print(f"  {name:<24} median {medians[name]:4.0f} MB/s "
+              f"(min {min(rates):.0f}, max {max(rates):.0f}; "
+              f"runs {', '.join(f'{r:.0f}' for r in rates)})")  # fmt: skip
+    if "WebSocket" in medians:
+        for name, median in medians.items():
+            if name != "WebSocket":
+                print(f"  {name} / WebSocket: {median / medians['WebSocket']:.2f}x (medians)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Its backend asks Incoming!! for a ticket per file (with a fresh backendSecret),
 checks the secret on the handover, moves each finished file into its own
 folder, and lists the files for download. `--handover wait` answers `wait` and
 calls `finish_upload` once the file is moved.
+
+The secrets of the tickets not yet handed over are kept in a file (`--secrets`),
+so that an upload a reloaded page continues with its ticket is still accepted
+after this app restarts.
 """
 
 from __future__ import annotations
@@ -46,12 +50,15 @@ class Demo:
     own_url: str  # how Incoming!! reaches this app
     files: Path
     handover: str = "done"
+    secrets_file: Path | None = None  # where the secrets outlive a restart
     secrets: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, str]] = field(default_factory=list)
     app: Klein = field(default_factory=Klein)
 
     def __post_init__(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)
+        if self.secrets_file is not None and self.secrets_file.exists():
+            self.secrets.update(json.loads(self.secrets_file.read_text()))
         app = self.app
         app.route("/", methods=["GET"])(self.index)
         app.route("/static/", branch=True)(lambda request: File(str(HERE / "static")))
@@ -82,7 +89,17 @@ class Demo:
             request.setResponseCode(502)
             return json.dumps({"error": body}).encode()
         self.secrets[body] = secret
+        self._save_secrets()
         return json.dumps({"ticket": body}).encode()
+
+    def _save_secrets(self) -> None:
+        """Written whole, then renamed into place: a crash leaves the old or the new."""
+        if self.secrets_file is None:
+            return
+        partial = self.secrets_file.with_name(self.secrets_file.name + ".new")
+        partial.write_text(json.dumps(self.secrets))
+        partial.chmod(0o600)
+        os.replace(partial, self.secrets_file)
 
     async def receive_handover(self, request: Any) -> bytes:
         form = {k.decode(): v[-1].decode() for k, v in request.args.items()}
@@ -96,6 +113,7 @@ class Demo:
         if form.get("cancelled") == "yes":
             log.info("upload {id} cancelled: {why}", id=ticket, why=form.get("cancelReason"))
             self.secrets.pop(ticket, None)
+            self._save_secrets()
             return b"ok"
         target = await threads.deferToThread(
             self._move, form["filename"], form["filenameFromBrowser"]
@@ -106,6 +124,7 @@ class Demo:
             ensureDeferred(self._finish(ticket))
             return b"wait"
         self.secrets.pop(ticket, None)
+        self._save_secrets()
         return b"done"
 
     def _move(self, source: str, browser_name: str) -> Path:
@@ -121,6 +140,7 @@ class Demo:
     async def _finish(self, ticket: str) -> None:
         """The work is done: tell Incoming!! (it accepts this even before our `wait`)."""
         secret = self.secrets.pop(ticket, "")
+        self._save_secrets()
         response = await treq.post(
             f"{self.incoming}/incoming/backend/finish_upload",
             data={"id": ticket, "backendSecret": secret},
@@ -159,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--public-incoming", help="host:port browsers use [from --incoming]")
     parser.add_argument("--own-url", default="http://127.0.0.1:8080")
     parser.add_argument("--files", default="demo-data/files")
+    parser.add_argument(
+        "--secrets", help="file keeping the tickets' secrets [beside --files: secrets.json]"
+    )
     parser.add_argument("--handover", choices=["done", "wait"], default="done")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
@@ -168,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         own_url=args.own_url.rstrip("/"),
         files=Path(args.files),
         handover=args.handover,
+        secrets_file=Path(args.secrets)
+        if args.secrets
+        else Path(args.files).parent / "secrets.json",
     )
     endpoint = serverFromString(reactor, args.listen)
 

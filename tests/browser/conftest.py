@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, CDPSession, Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[2]
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -124,13 +124,33 @@ class Incoming:
 
 @dataclass
 class Demo:
+    """The demo web app (examples/demo/app.py) on a fixed loopback port; restartable."""
+
     port: int
     files: Path
-    process: subprocess.Popen[bytes]
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "demo" / "app.py"),
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            Output(self.process).wait_for(rb"demo listening on")
+        except RuntimeError:
+            stop(self.process, signal.SIGKILL)
+            raise
+
+    def restart(self) -> None:
+        assert self.process is not None
+        stop(self.process)
+        self.start()
 
 
 @pytest.fixture
@@ -155,21 +175,17 @@ def incoming(tmp_path: Path, incoming_options: list[str]) -> Iterator[Incoming]:
 @pytest.fixture
 def demo(tmp_path: Path, incoming: Incoming, handover_mode: str) -> Iterator[Demo]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "demo" / "app.py"),
-         "--listen", f"tcp:{port}:interface=127.0.0.1",
-         "--incoming", f"http://127.0.0.1:{incoming.port}",
+    app = Demo(
+        port,
+        tmp_path / "received",
+        ["--incoming", f"http://127.0.0.1:{incoming.port}",
          "--own-url", f"http://127.0.0.1:{port}",
          "--files", str(tmp_path / "received"), "--handover", handover_mode],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    try:
-        Output(process).wait_for(rb"demo listening on")
-    except RuntimeError:
-        stop(process, signal.SIGKILL)
-        raise
-    yield Demo(port, tmp_path / "received", process)
-    stop(process)
+    app.start()
+    yield app
+    if app.process is not None:
+        stop(app.process)
 
 
 @pytest.fixture(scope="session")
@@ -187,44 +203,72 @@ def page(browser: Browser) -> Iterator[Page]:
     errors: list[Any] = []
     page.on("pageerror", lambda error: errors.append(error))
     yield page
+    _sessions.pop(page, None)
     context.close()
     assert errors == [], errors
+
+
+TEST_HOOKS = """() => {
+    const input = document.createElement("input");
+    input.type = "file"; input.multiple = true; input.id = "testfiles";
+    document.body.appendChild(input);
+    window.ups = []; window.events = []; window.states = [];
+    const behaviours = {
+        pause: (up) => up.pause("pause"),
+        cancel: (up) => up.cancel("cancelled by the test"),
+    };
+    // behaviour: act once, as soon as a chunk is acknowledged or 1 MiB is sent.
+    // options: the Uploader's ({transport: "websocket"}...). resume: continue the
+    // upload incoming.find_upload remembers for the file instead of a new ticket.
+    window.startUpload = async (index, behaviour, options, resume) => {
+        const file = document.getElementById("testfiles").files[index];
+        let ticket = resume ? incoming.find_upload(file) : null;
+        if (resume && !ticket) { throw new Error("no upload remembered for " + file.name); }
+        if (!ticket) {
+            ticket = (await (await fetch("/api/ticket", {method: "POST"})).json()).ticket;
+        }
+        const up = new incoming.Uploader(ticket, file, options || {});
+        up.ticket = ticket;
+        const n = window.ups.push(up) - 1;
+        const states = window.states[n] = [];  // [state_msg, bytes_acked] at each new state
+        const note = (what) => window.events.push([n, what, up.state_msg]);
+        up.onprogress = () => {
+            if (!states.length || states.at(-1)[0] !== up.state_msg) {
+                states.push([up.state_msg, up.bytes_acked]);
+            }
+            if (behaviour && !up.acted && (up.bytes_acked > 0 || up.bytes_tx >= 1 << 20)) {
+                up.acted = true;
+                behaviours[behaviour](up);
+            }
+        };
+        up.onfinished = () => note("finished");
+        up.oncancelled = () => note("cancelled");
+        up.onerror = () => note("error " + up.error_code);
+        up.start();
+        return n;
+    };
+}"""
 
 
 @pytest.fixture
 def app_page(page: Page, demo: Demo) -> Page:
     """The demo page, plus a file input and a record of uploaders for tests to drive."""
     page.goto(demo.url)
-    page.evaluate(
-        """() => {
-            const input = document.createElement("input");
-            input.type = "file"; input.multiple = true; input.id = "testfiles";
-            document.body.appendChild(input);
-            window.ups = []; window.events = [];
-            const behaviours = {
-                // act once, as soon as the first chunk is acknowledged
-                pause: (up) => up.pause("pause"),
-                cancel: (up) => up.cancel("cancelled by the test"),
-            };
-            window.startUpload = async (index, behaviour) => {
-                const file = document.getElementById("testfiles").files[index];
-                const answer = await (await fetch("/api/ticket", {method: "POST"})).json();
-                const up = new incoming.Uploader(answer.ticket, file);
-                up.ticket = answer.ticket;
-                const n = window.ups.push(up) - 1;
-                const note = (what) => window.events.push([n, what, up.state_msg]);
-                up.onprogress = () => {
-                    if (behaviour && up.bytes_acked > 0 && !up.acted) {
-                        up.acted = true;
-                        behaviours[behaviour](up);
-                    }
-                };
-                up.onfinished = () => note("finished");
-                up.oncancelled = () => note("cancelled");
-                up.onerror = () => note("error " + up.error_code);
-                up.start();
-                return n;
-            };
-        }"""
-    )
+    page.evaluate(TEST_HOOKS)
     return page
+
+
+_sessions: dict[Page, CDPSession] = {}
+
+
+def throttle(page: Page, upload_bytes_per_s: int | None) -> None:
+    """Chromium's own upload throttling (DevTools), so that a test can act mid-request;
+    None lifts it. It holds across reloads."""
+    if page not in _sessions:
+        _sessions[page] = page.context.new_cdp_session(page)
+        _sessions[page].send("Network.enable")
+    _sessions[page].send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1,
+         "uploadThroughput": upload_bytes_per_s or -1},
+    )  # fmt: skip

@@ -1,4 +1,10 @@
-"""incoming.js in headless Chromium against the real server (SPEC: Browser library)."""
+"""incoming.js in headless Chromium against the real server (SPEC: Browser library).
+
+Over HTTP (tus, the default) and over the WebSocket (`{transport: "websocket"}`,
+the 2014 protocol). The WebSocket tests slow the server down (16 KiB chunks, one
+in flight) to act mid-upload; the HTTP tests slow Chromium's upload down instead
+(DevTools throttling), since one PATCH carries the whole test file.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page
 
-from .conftest import Demo, Incoming, random_file, sha256
+from .conftest import TEST_HOOKS, Demo, Incoming, random_file, sha256, throttle
 
 MiB = 1024 * 1024
 SLOW = ["--chunk-size-kb", "16", "--send-ahead", "1"]  # many round trips: time to act mid-way
+WS = {"transport": "websocket"}
+HTTP: dict[str, str] = {}  # the default
+TRANSPORTS = pytest.mark.parametrize("options", [HTTP, WS], ids=["http", "websocket"])
 
 
 def demo_events(demo: Demo) -> list[dict[str, str]]:
@@ -21,20 +30,34 @@ def demo_events(demo: Demo) -> list[dict[str, str]]:
         return events
 
 
-def upload(page: Page, *paths: Path, behaviour: str | None = None) -> list[int]:
+def upload(
+    page: Page,
+    *paths: Path,
+    behaviour: str | None = None,
+    options: dict[str, str] | None = None,
+    resume: bool = False,
+) -> list[int]:
     page.set_input_files("#testfiles", [str(p) for p in paths])
     return [
-        page.evaluate("([i, b]) => startUpload(i, b)", [i, behaviour]) for i in range(len(paths))
+        page.evaluate("([i, b, o, r]) => startUpload(i, b, o, r)", [i, behaviour, options, resume])
+        for i in range(len(paths))
     ]
+
+
+def handovers(demo: Demo, ticket: str) -> list[dict[str, str]]:
+    return [e for e in demo_events(demo) if e["id"] == ticket]
 
 
 def wait(page: Page, condition: str, timeout: float = 60_000) -> None:
     page.wait_for_function(f"() => {condition}", timeout=timeout)
 
 
-def test_50_mib_file_arrives_byte_identical(app_page: Page, demo: Demo, tmp_path: Path) -> None:
+@TRANSPORTS
+def test_50_mib_file_arrives_byte_identical(
+    app_page: Page, demo: Demo, tmp_path: Path, options: dict[str, str]
+) -> None:
     source = random_file(tmp_path / "fifty.bin", 50 * MiB)
-    upload(app_page, source)
+    upload(app_page, source, options=options)
     wait(app_page, "window.ups[0].finished")
     up = app_page.evaluate(
         "() => { const u = window.ups[0]; return {frac: u.frac_complete, acked: u.bytes_acked,"
@@ -46,11 +69,23 @@ def test_50_mib_file_arrives_byte_identical(app_page: Page, demo: Demo, tmp_path
                   "connected": False}  # fmt: skip
     assert sha256(demo.files / "fifty.bin") == sha256(source)
     assert app_page.evaluate("() => window.events") == [[0, "finished", "Finished"]]
+    [handover] = handovers(demo, app_page.evaluate("() => window.ups[0].ticket"))
+    assert (handover["cancelled"], handover["size"]) == ("no", str(50 * MiB))
+    assert (
+        app_page.evaluate(
+            "(i) => incoming.find_upload(i.files[0])",
+            app_page.locator("#testfiles").element_handle(),
+        )
+        is None
+    )
 
 
-def test_three_files_at_once(app_page: Page, demo: Demo, tmp_path: Path) -> None:
+@TRANSPORTS
+def test_three_files_at_once(
+    app_page: Page, demo: Demo, tmp_path: Path, options: dict[str, str]
+) -> None:
     sources = [random_file(tmp_path / f"f{i}.bin", (i + 1) * 3 * MiB + i) for i in range(3)]
-    upload(app_page, *sources)
+    upload(app_page, *sources, options=options)
     wait(app_page, "window.ups.length === 3 && window.ups.every(u => u.finished)")
     tickets = app_page.evaluate("() => window.ups.map(u => u.ticket)")
     assert len(set(tickets)) == 3
@@ -61,7 +96,7 @@ def test_three_files_at_once(app_page: Page, demo: Demo, tmp_path: Path) -> None
 @pytest.mark.parametrize("incoming_options", [SLOW])
 def test_pause_then_resume(app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path) -> None:
     source = random_file(tmp_path / "paused.bin", 8 * MiB)
-    upload(app_page, source, behaviour="pause")
+    upload(app_page, source, behaviour="pause", options=WS)
     wait(app_page, "window.ups[0] && window.ups[0].paused && !window.ups[0].connected")
     state = app_page.evaluate(
         "() => [window.ups[0].state_msg, window.ups[0].bytes_acked, window.ups[0].can_pause]"
@@ -78,7 +113,7 @@ def test_pause_then_resume(app_page: Page, demo: Demo, incoming: Incoming, tmp_p
 def test_cancel_while_transferring(
     app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path
 ) -> None:
-    upload(app_page, random_file(tmp_path / "c.bin", 8 * MiB), behaviour="cancel")
+    upload(app_page, random_file(tmp_path / "c.bin", 8 * MiB), behaviour="cancel", options=WS)
     wait(app_page, "window.ups[0] && window.ups[0].cancelled")
     up = app_page.evaluate(
         "() => [window.ups[0].cancel_msg, window.ups[0].cancelling, window.events]"
@@ -96,7 +131,7 @@ def test_cancel_while_transferring(
 def test_cancel_while_paused(
     app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path
 ) -> None:
-    upload(app_page, random_file(tmp_path / "p.bin", 8 * MiB), behaviour="pause")
+    upload(app_page, random_file(tmp_path / "p.bin", 8 * MiB), behaviour="pause", options=WS)
     wait(app_page, "window.ups[0] && window.ups[0].paused && !window.ups[0].connected")
     assert len(incoming.parts()) == 1
     # cancelling until the server confirms it, on a connection of its own
@@ -119,7 +154,7 @@ def test_server_killed_and_restarted_mid_upload(
     app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path
 ) -> None:
     source = random_file(tmp_path / "survivor.bin", 64 * MiB)
-    upload(app_page, source)
+    upload(app_page, source, options=WS)
     wait(app_page, "window.ups[0] && window.ups[0].bytes_acked > 1024 * 1024")
     incoming.kill()
     wait(app_page, "window.ups[0].state_msg.includes('retrying')")
@@ -131,17 +166,22 @@ def test_server_killed_and_restarted_mid_upload(
     assert sha256(demo.files / "survivor.bin") == sha256(source)
 
 
-def test_unknown_ticket_shows_an_error(app_page: Page, tmp_path: Path) -> None:
+@TRANSPORTS
+def test_unknown_ticket_shows_an_error(
+    app_page: Page, tmp_path: Path, options: dict[str, str]
+) -> None:
     app_page.set_input_files("#testfiles", str(random_file(tmp_path / "x.bin", 1000)))
     app_page.evaluate(
-        """() => {
+        """(options) => {
             const up = new incoming.Uploader("00000000-0000-4000-8000-000000000000",
-                                             document.getElementById("testfiles").files[0]);
+                                             document.getElementById("testfiles").files[0],
+                                             options);
             window.errors = [];
             up.onerror = (u) => window.errors.push([u.error_code, u.error_msg, u.state_msg]);
             window.unknown = up;
             up.start();
-        }"""
+        }""",
+        options,
     )
     wait(app_page, "window.errors.length > 0")
     assert app_page.evaluate("() => window.errors") == [
@@ -171,8 +211,127 @@ def test_library_defines_one_global_and_loads_as_a_module(page: Page, incoming: 
     exported = page.evaluate(
         """async (url) => {
             const m = await import(url);
-            return [typeof m.default.Uploader, typeof m.Uploader, typeof m.set_server_hostname];
+            return [typeof m.default.Uploader, typeof m.Uploader, typeof m.set_server_hostname,
+                    typeof m.default.find_upload];
         }""",
         f"{base}/incoming/frontend/incoming.mjs",
     )
-    assert exported == ["function", "function", "function"]
+    assert exported == ["function", "function", "function", "function"]
+
+
+# Over HTTP: one PATCH carries the whole file; Chromium sends it at 4 MiB/s so the
+# tests can act in the middle of it.
+SLOW_UPLOAD = 4 * MiB
+
+
+def test_http_pause_aborts_the_patch_and_resumes_from_head(
+    app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path
+) -> None:
+    source = random_file(tmp_path / "paused.bin", 8 * MiB)
+    throttle(app_page, SLOW_UPLOAD)
+    upload(app_page, source, behaviour="pause")
+    wait(app_page, "window.ups[0] && window.ups[0].paused")
+    state = app_page.evaluate(
+        "() => { const u = window.ups[0];"
+        " return [u.state_msg, u.bytes_acked, u.bytes_tx, u.connected, u.can_pause]; }"
+    )
+    # nothing acknowledged: the PATCH was cut once 1 MiB had been sent
+    assert state[:2] == ["Paused", 0] and state[2] >= MiB and state[3:] == [False, True]
+    [part] = incoming.parts()
+    kept = part.stat().st_size
+    assert 0 < kept < 8 * MiB  # what arrived of the aborted PATCH is stored all the same
+    throttle(app_page, None)
+    app_page.evaluate("() => window.ups[0].pause('unpause')")
+    wait(app_page, "window.ups[0].finished")
+    states = app_page.evaluate("() => window.states[0]")
+    resumed = states[states.index(["Paused", 0]) + 1 :]
+    assert resumed[0] == ["Connecting", 0]  # HEAD
+    assert resumed[1][0] == "Uploading" and resumed[1][1] >= kept  # from the server's offset
+    assert sha256(demo.files / "paused.bin") == sha256(source)
+    assert len(handovers(demo, app_page.evaluate("() => window.ups[0].ticket"))) == 1
+
+
+@pytest.mark.parametrize("when", ["transferring", "paused"])
+def test_http_cancel_is_a_delete(
+    app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path, when: str
+) -> None:
+    throttle(app_page, SLOW_UPLOAD)
+    upload(app_page, random_file(tmp_path / "c.bin", 8 * MiB),
+           behaviour="cancel" if when == "transferring" else "pause")  # fmt: skip
+    if when == "paused":
+        wait(app_page, "window.ups[0] && window.ups[0].paused")
+        assert app_page.evaluate(
+            "() => { const u = window.ups[0]; u.cancel('changed my mind');"
+            " return [u.cancelling, u.cancelled, u.state_msg, window.events]; }"
+        ) == [True, False, "Cancelling", []]
+    reason = "cancelled by the test" if when == "transferring" else "changed my mind"
+    wait(app_page, "window.ups[0] && window.ups[0].cancelled")
+    assert app_page.evaluate("() => [window.ups[0].cancelling, window.events]") == [
+        False, [[0, "cancelled", f"Cancelled: {reason}"]],
+    ]  # fmt: skip
+    ticket = app_page.evaluate("() => window.ups[0].ticket")
+    [notice] = handovers(demo, ticket)
+    # a tus DELETE carries no reason: the server gives the backend its own
+    assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "cancelled by the user")
+    assert incoming.parts() == []
+    assert not (demo.files / "c.bin").exists()
+    assert (
+        app_page.evaluate(
+            "() => incoming.find_upload(document.getElementById('testfiles').files[0])"
+        )
+        is None
+    )
+
+
+def test_http_server_killed_and_restarted_mid_patch(
+    app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path
+) -> None:
+    source = random_file(tmp_path / "survivor.bin", 24 * MiB)
+    throttle(app_page, SLOW_UPLOAD)
+    upload(app_page, source)
+    wait(app_page, "window.ups[0] && window.ups[0].bytes_tx > 2 * 1024 * 1024")
+    incoming.kill()
+    wait(app_page, "window.ups[0].state_msg.startsWith('Connection lost; retrying in')")
+    assert app_page.evaluate("() => [window.ups[0].finished, window.ups[0].connected]") == [
+        False, False,
+    ]  # fmt: skip
+    [part] = incoming.parts()
+    kept = part.stat().st_size
+    assert 0 < kept < 24 * MiB
+    throttle(app_page, None)
+    incoming.start()
+    wait(app_page, "window.ups[0].finished", timeout=120_000)
+    states = app_page.evaluate("() => window.states[0]")
+    [uploading] = [s for s in states if s[0] == "Uploading" and s[1] > 0][:1]
+    assert uploading[1] >= kept  # resumed from the server's offset
+    assert sha256(demo.files / "survivor.bin") == sha256(source)
+    assert len(handovers(demo, app_page.evaluate("() => window.ups[0].ticket"))) == 1
+
+
+def test_http_reload_and_continue(
+    app_page: Page, demo: Demo, incoming: Incoming, tmp_path: Path
+) -> None:
+    source = random_file(tmp_path / "reloaded.bin", 24 * MiB)
+    throttle(app_page, SLOW_UPLOAD)
+    upload(app_page, source)
+    ticket = app_page.evaluate("() => window.ups[0].ticket")
+    wait(app_page, "window.ups[0].bytes_tx > 4 * 1024 * 1024")
+    app_page.reload()  # mid-PATCH
+    app_page.evaluate(TEST_HOOKS)
+    [part] = incoming.parts()
+    throttle(app_page, None)
+    upload(app_page, source, resume=True)  # the same file, picked again
+    assert app_page.evaluate("() => window.ups[0].ticket") == ticket
+    wait(app_page, "window.ups[0].finished")
+    states = app_page.evaluate("() => window.states[0]")
+    assert states[0] == ["Connecting", 0]
+    assert states[1][0] == "Uploading" and states[1][1] > 0  # from the server's offset
+    assert sha256(demo.files / "reloaded.bin") == sha256(source)
+    [handover] = handovers(demo, ticket)
+    assert handover["cancelled"] == "no"
+    assert (
+        app_page.evaluate(
+            "() => incoming.find_upload(document.getElementById('testfiles').files[0])"
+        )
+        is None
+    )

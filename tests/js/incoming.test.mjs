@@ -1,76 +1,11 @@
-// State logic of frontend/incoming.js with a fake WebSocket and fake timers.
+// State logic of frontend/incoming.js over the WebSocket, with a fake WebSocket and fake timers.
 // Run: node --test tests/js/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
-import vm from "node:vm";
+import { file, load, settle } from "./harness.mjs";
 
-const source = readFileSync(new URL("../../frontend/incoming.js", import.meta.url), "utf8");
-
-function load() {
-  const sockets = [];
-  const timers = [];
-  class FakeSocket {
-    constructor(url) {
-      this.url = url;
-      this.sent = [];
-      this.readyState = 0;
-      this.closed = false;
-      sockets.push(this);
-    }
-    send(data) {
-      this.sent.push(typeof data === "string" ? JSON.parse(data) : data);
-    }
-    close() {
-      this.closed = true;
-      this.readyState = 3;
-    }
-    open() {
-      this.readyState = 1;
-      this.onopen();
-    }
-    receive(type, data) {
-      this.onmessage({ data: JSON.stringify({ MsgType: type, MsgData: data }) });
-    }
-    drop() {
-      this.readyState = 3;
-      this.onclose({});
-    }
-    chunks() {
-      return this.sent.filter((m) => m instanceof ArrayBuffer || ArrayBuffer.isView(m));
-    }
-    messages(type) {
-      return this.sent.filter((m) => m.MsgType === type);
-    }
-  }
-  const context = vm.createContext({
-    WebSocket: FakeSocket,
-    location: { protocol: "https:", host: "app.example" },
-    setTimeout: (fn, ms) => timers.push({ fn, ms }),
-    clearTimeout: (id) => {
-      if (timers[id - 1]) timers[id - 1].cleared = true;
-    },
-    console,
-  });
-  vm.runInContext(source, context);
-  const fire = () => {
-    const timer = timers.filter((t) => !t.cleared && !t.fired).at(-1);
-    timer.fired = true;
-    timer.fn();
-    return timer.ms;
-  };
-  return { incoming: context.incoming, sockets, timers, fire, context };
-}
-
-function file(size, name = "a.bin") {
-  return {
-    name,
-    size,
-    slice: (start, end) => ({ arrayBuffer: () => Promise.resolve(new ArrayBuffer(end - start)) }),
-  };
-}
-
-const settle = () => new Promise((resolve) => setImmediate(resolve));
+// The tests of the WebSocket path ask for it: HTTP is the default.
+const WS = { transport: "websocket" };
 
 async function confirmed(env, up, conf) {
   up.start();
@@ -83,15 +18,15 @@ async function confirmed(env, up, conf) {
 
 test("the URL follows the page's protocol and the server hostname", () => {
   const env = load();
-  assert.deepEqual(Object.keys(env.incoming).sort(), ["Uploader", "set_server_hostname"]);
+  assert.deepEqual(Object.keys(env.incoming).sort(), ["Uploader", "find_upload", "set_server_hostname"]);
   env.incoming.set_server_hostname("up.example:4000");
-  new env.incoming.Uploader("t", file(1)).start();
+  new env.incoming.Uploader("t", file(1), WS).start();
   assert.equal(env.sockets[0].url, "wss://up.example:4000/incoming/frontend/upload_ws");
 });
 
 test("request, ack, then chunks within the send-ahead window; progress counts acks", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("ticket-1", file(10 * 1024, "x.bin"));
+  const up = new env.incoming.Uploader("ticket-1", file(10 * 1024, "x.bin"), WS);
   const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
   assert.deepEqual(socket.sent[0], {
     MsgType: "MsgUploadReq",
@@ -109,7 +44,7 @@ test("request, ack, then chunks within the send-ahead window; progress counts ac
 
 test("a lost connection retries after about 1 s, doubling to 60 s, and resumes at FilePos", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(8 * 1024));
+  const up = new env.incoming.Uploader("t", file(8 * 1024), WS);
   let socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
   const delays = [];
   for (let i = 0; i < 9; i++) {
@@ -136,7 +71,7 @@ test("a lost connection retries after about 1 s, doubling to 60 s, and resumes a
 test("error 13 (another connection) is retried, without onerror; error 10 (unknown ticket) is final", async () => {
   const env = load();
   const errors = [];
-  const up = new env.incoming.Uploader("t", file(100));
+  const up = new env.incoming.Uploader("t", file(100), WS);
   up.onerror = (u) => errors.push(u.error_code);
   up.start();
   env.sockets[0].open();
@@ -154,7 +89,7 @@ test("error 13 (another connection) is retried, without onerror; error 10 (unkno
 
 test("errors 13 and 99 are retried without onerror; MsgUploadConf clears the error", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const events = recorder(up);
   let socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   socket.drop();
@@ -183,7 +118,7 @@ test("errors 13 and 99 are retried without onerror; MsgUploadConf clears the err
 
 test("a cancel learnt on reconnect (12) ends as cancelled with the server's message", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const events = recorder(up);
   (await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 })).drop();
   env.fire();
@@ -204,7 +139,7 @@ test("a cancel learnt on reconnect (12) ends as cancelled with the server's mess
 
 test("pause closes the socket and unpause resumes", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   up.pause("toggle");
   assert.deepEqual(socket.messages("MsgPause"), [{ MsgType: "MsgPause", MsgData: { Pause: true } }]);
@@ -218,7 +153,7 @@ test("pause closes the socket and unpause resumes", async () => {
 test("cancel while paused is cancelling until the server's MsgCancelAck", async () => {
   const env = load();
   const seen = [];
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   up.oncancelled = (u) => seen.push(u.cancel_msg);
   await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   up.pause("pause");
@@ -251,7 +186,7 @@ function recorder(up) {
 
 test("a cancel while disconnected reconnects with backoff, then ends as the server says", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const events = recorder(up);
   const first = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   first.drop();
@@ -278,7 +213,7 @@ test("a cancel while disconnected reconnects with backoff, then ends as the serv
 
 test("a cancel the server answers with TICKET_FINISHED (11) ends in onfinished", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const events = recorder(up);
   await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   up.pause("pause");
@@ -294,7 +229,7 @@ test("a cancel the server answers with TICKET_FINISHED (11) ends in onfinished",
 test("a cancel answered with TOO_LATE (16) waits for the handover's result", async () => {
   const env = load();
   // the result on the same connection
-  const up = new env.incoming.Uploader("t", file(2048));
+  const up = new env.incoming.Uploader("t", file(2048), WS);
   const events = recorder(up);
   const first = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
   first.drop(); // both chunks were stored; the handover started
@@ -311,7 +246,7 @@ test("a cancel answered with TOO_LATE (16) waits for the handover's result", asy
   assert.deepEqual(events, ["finished"]);
   assert.deepEqual([up.finished, up.cancelled, up.state_msg], [true, false, "Finished"]);
   // the server closes after the MsgError: the next connection learns the result
-  const other = new env.incoming.Uploader("u", file(2048));
+  const other = new env.incoming.Uploader("u", file(2048), WS);
   const others = recorder(other);
   (await confirmed(env, other, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 })).drop();
   other.cancel("stop");
@@ -333,7 +268,7 @@ test("a cancel answered with TOO_LATE (16) waits for the handover's result", asy
 
 test("a cancel before start() ends at once without contacting the server", () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(10));
+  const up = new env.incoming.Uploader("t", file(10), WS);
   const events = recorder(up);
   up.cancel("never mind");
   assert.deepEqual(events, ["cancelled"]);
@@ -344,7 +279,7 @@ test("a cancel before start() ends at once without contacting the server", () =>
 
 test("a cancel while the socket is still connecting reuses it: never two sockets", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const events = recorder(up);
   up.start();
   up.cancel("oops"); // the socket is still CONNECTING
@@ -362,7 +297,7 @@ test("a cancel while the socket is still connecting reuses it: never two sockets
   assert.deepEqual(events, ["cancelled"]);
   assert.equal(env.sockets.length, 1);
   // and a new connection (as a reconnect makes) drops any socket still there
-  const other = new env.incoming.Uploader("u", file(4096));
+  const other = new env.incoming.Uploader("u", file(4096), WS);
   other.start();
   other._connect();
   assert.deepEqual(env.sockets.slice(1).map((s) => s.closed), [true, false]);
@@ -370,7 +305,7 @@ test("a cancel while the socket is still connecting reuses it: never two sockets
 
 test("cancel while transferring waits for MsgCancelAck", async () => {
   const env = load();
-  const up = new env.incoming.Uploader("t", file(4096));
+  const up = new env.incoming.Uploader("t", file(4096), WS);
   const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   up.cancel();
   assert.deepEqual([up.cancelling, up.cancelled, up.state_msg], [true, false, "Cancelling"]);
@@ -381,13 +316,13 @@ test("cancel while transferring waits for MsgCancelAck", async () => {
 test("a zero-byte file and a finish found on reconnect both end in onfinished", async () => {
   const env = load();
   const finished = [];
-  const empty = new env.incoming.Uploader("t0", file(0));
+  const empty = new env.incoming.Uploader("t0", file(0), WS);
   empty.onfinished = () => finished.push("empty");
   const socket = await confirmed(env, empty, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
   assert.deepEqual([empty.state_msg, empty.frac_complete], ["Handing over", 0]);
   socket.receive("MsgAllDone", { Success: true });
   assert.deepEqual([empty.finished, empty.frac_complete, empty.state_msg], [true, 1, "Finished"]);
-  const late = new env.incoming.Uploader("t1", file(10));
+  const late = new env.incoming.Uploader("t1", file(10), WS);
   late.onfinished = () => finished.push("late");
   late.start();
   env.sockets.at(-1).open();

@@ -1,4 +1,8 @@
-/* The demo page: one incoming.Uploader per chosen file, a row each. */
+/* The demo page: one incoming.Uploader per chosen file, a row each.
+ *
+ * Uploads go over HTTP (incoming.js's default). A file this browser had started
+ * to upload before the page was reloaded (or closed) continues with the same
+ * ticket: incoming.find_upload(file) remembers it, so no new ticket is asked for. */
 "use strict";
 
 incoming.set_server_hostname(window.INCOMING_HOST);
@@ -30,16 +34,27 @@ function addUpload(file) {
   uploadsList.appendChild(row);
   row.querySelector(".name").textContent = file.name;
   row.querySelector(".size").textContent = human(file.size);
-  row.querySelector(".state").textContent = "Asking for a ticket";
   var pauseButton = row.querySelector(".pause");
   var cancelButton = row.querySelector(".cancel");
   pauseButton.disabled = cancelButton.disabled = true;
+  var remembered = incoming.find_upload(file);
+  if (remembered) {
+    var note = row.querySelector(".note");
+    note.hidden = false;
+    note.textContent = "Continuing the upload this browser started before";
+    start(row, file, remembered, true);
+  } else {
+    newTicket(row, file);
+  }
+}
 
+function newTicket(row, file) {
+  row.querySelector(".state").textContent = "Asking for a ticket";
   fetch("/api/ticket", { method: "POST" }).then(function (response) {
     return response.json();
   }).then(function (answer) {
     if (!answer.ticket) { throw new Error(answer.error || "no ticket"); }
-    start(row, file, answer.ticket);
+    start(row, file, answer.ticket, false);
   }).catch(function (e) {
     row.classList.add("failed");
     row.querySelector(".state").textContent = "Could not start";
@@ -53,9 +68,9 @@ function showError(row, text) {
   box.textContent = text;
 }
 
-function start(row, file, ticket) {
+function start(row, file, ticket, resumed) {
   var up = new incoming.Uploader(ticket, file);
-  var samples = []; // [time, bytes acked] over the last few seconds, for MB/s
+  var samples = []; // [time, bytes sent] over the last few seconds, for MB/s
   row.dataset.ticket = ticket;
   row.uploader = up;
   var pauseButton = row.querySelector(".pause");
@@ -65,17 +80,19 @@ function start(row, file, ticket) {
 
   function render() {
     var now = performance.now();
-    samples.push([now, up.bytes_acked]);
+    var uploading = up.connected && !up.paused && !up.finished && !up.cancelled;
+    if (!uploading) { samples.length = 0; } // bytes_tx starts again from the server's offset
+    samples.push([now, up.bytes_tx]);
     while (samples.length > 2 && now - samples[0][0] > 3000) { samples.shift(); }
     var first = samples[0];
     var seconds = (now - first[0]) / 1000;
-    var rate = seconds > 0.2 ? (up.bytes_acked - first[1]) / seconds : 0;
-    var uploading = up.connected && !up.paused && !up.finished && !up.cancelled;
-    row.querySelector("progress").value = up.frac_complete;
+    var rate = seconds > 0.2 ? (up.bytes_tx - first[1]) / seconds : 0;
+    // bytes sent: over HTTP the server acknowledges a whole PATCH at once
+    row.querySelector("progress").value = up.finished ? 1 : up.bytes_tx / (up.bytes_total || 1);
     row.querySelector(".state").textContent = up.state_msg;
     row.querySelector(".rate").textContent = uploading && rate > 0 ? human(rate) + "/s" : "";
     row.querySelector(".eta").textContent =
-      uploading && rate > 0 ? duration((up.bytes_total - up.bytes_acked) / rate) : "";
+      uploading && rate > 0 ? duration((up.bytes_total - up.bytes_tx) / rate) : "";
     pauseButton.textContent = up.paused ? "Resume" : "Pause";
     pauseButton.disabled = !up.can_pause;
     cancelButton.disabled = !up.can_cancel;
@@ -87,6 +104,12 @@ function start(row, file, ticket) {
   up.onfinished = function () { render(); refreshFiles(); };
   up.oncancelled = function () { render(); showError(row, "Cancelled: " + up.cancel_msg); };
   up.onerror = function () {
+    if (resumed && up.error_code === 10) {
+      // Incoming!! no longer knows the ticket (it expired): start over with a new one
+      row.querySelector(".note").textContent = "The earlier upload had expired; starting over";
+      newTicket(row, file);
+      return;
+    }
     render();
     row.classList.toggle("failed", !up.can_cancel && !up.finished && !up.cancelled);
     showError(row, "Error " + up.error_code + ": " + up.error_msg);

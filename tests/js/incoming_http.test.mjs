@@ -1,0 +1,525 @@
+// State logic of frontend/incoming.js over HTTP (tus 1.0), the default transport,
+// with a fake XMLHttpRequest, fake timers and a fake localStorage.
+// Run: node --test tests/js/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { FakeStorage, file, load } from "./harness.mjs";
+
+const MiB = 1024 * 1024;
+const URL = "https://app.example/incoming/tus/t";
+const b64 = (text) => Buffer.from(text, "utf8").toString("base64");
+
+function recorder(up) {
+  const events = [];
+  up.oncancelled = (u) => events.push("cancelled: " + u.cancel_msg);
+  up.onfinished = () => events.push("finished");
+  up.onerror = (u) => events.push("error " + u.error_code + ": " + u.error_msg);
+  return events;
+}
+
+// start(), and the creation answered 201 at `offset`.
+function created(env, up, offset = 0, headers = {}) {
+  up.start();
+  env.xhr().respond(201, {
+    Location: "/incoming/tus/t",
+    "Upload-Offset": offset,
+    "Upload-Expires": "Sun, 29 Nov 2026 10:39:01 GMT",
+    ...headers,
+  });
+  return env.xhr();
+}
+
+const live = { "Upload-Expires": "Sun, 29 Nov 2026 10:39:01 GMT" };
+const request = (x) => [x.method, x.url];
+const unanswered = (env) => env.xhrs.filter((x) => !x.answered && !x.aborted);
+
+test("creation with the ticket and name, then one PATCH of a File.slice at a time", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(10 * MiB, "été.mp4"), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  const states = [];
+  up.onprogress = (u) => states.at(-1) !== u.state_msg && states.push(u.state_msg);
+  up.start();
+  const creation = env.xhr();
+  assert.deepEqual(request(creation), ["POST", "https://app.example/incoming/tus/"]);
+  assert.deepEqual(creation.requestHeaders, {
+    "Tus-Resumable": "1.0.0",
+    "Upload-Length": "10485760",
+    "Upload-Metadata": `ticket ${b64("t")},filename ${b64("été.mp4")}`,
+  });
+  assert.equal(creation.async, true);
+  creation.respond(201, { Location: "/incoming/tus/t", "Upload-Offset": "0", ...live });
+  const patches = [];
+  for (const [start, end] of [[0, 4 * MiB], [4 * MiB, 8 * MiB], [8 * MiB, 10 * MiB]]) {
+    const patch = env.xhr();
+    patches.push(patch);
+    assert.deepEqual(request(patch), ["PATCH", URL]);
+    assert.deepEqual(patch.requestHeaders, {
+      "Tus-Resumable": "1.0.0",
+      "Content-Type": "application/offset+octet-stream",
+      "Upload-Offset": String(start),
+    });
+    assert.deepEqual([patch.body.start, patch.body.end], [start, end]);
+    assert.equal(unanswered(env).length, 1, "one request in flight");
+    assert.deepEqual([up.chunks_ahead, up.connected, up.can_pause, up.can_cancel], [1, true, true, true]);
+    patch.progress(MiB);
+    assert.deepEqual([up.bytes_tx, up.bytes_acked, up.bytes_ahead], [start + MiB, start, MiB]);
+    assert.equal(up.frac_complete, start / (10 * MiB));
+    if (end < 10 * MiB) {
+      patch.respond(204, { "Upload-Offset": end, ...live });
+      assert.deepEqual([up.bytes_tx, up.bytes_acked, up.chunks_acked_now], [end, end, patches.length]);
+      assert.equal(up.state_msg, "Uploading");
+    }
+  }
+  const last = patches.at(-1);
+  last.progress(2 * MiB);
+  last.bodySent();
+  assert.equal(up.state_msg, "Handing over");
+  assert.deepEqual(events, [], "sent, not yet handed over");
+  last.respond(204, { "Upload-Offset": 10 * MiB });
+  assert.deepEqual(events, ["finished"]);
+  assert.deepEqual(states, ["Connecting", "Uploading", "Handing over", "Finished"]);
+  assert.deepEqual(
+    [up.finished, up.frac_complete, up.bytes_acked, up.chunks_ahead, up.connected, up.can_pause, up.can_cancel],
+    [true, 1, 10 * MiB, 0, false, false, false],
+  );
+  assert.equal(env.xhrs.length, 4);
+  assert.equal(env.pending().length, 0);
+});
+
+test("slices are 32 MiB unless chunkSize says otherwise; Location may be absolute", () => {
+  const env = load();
+  env.incoming.set_server_hostname("up.example:4000");
+  const up = new env.incoming.Uploader("t", file(100 * MiB));
+  up.start();
+  assert.equal(env.xhr().url, "https://up.example:4000/incoming/tus/");
+  env.xhr().respond(201, { Location: "https://other.example/incoming/0.1/tus/t", "Upload-Offset": 0, ...live });
+  assert.deepEqual([env.xhr().url, env.xhr().body.start, env.xhr().body.end],
+                   ["https://other.example/incoming/0.1/tus/t", 0, 32 * MiB]);
+  assert.throws(() => new env.incoming.Uploader("t", file(1), { transport: "ws" }), /transport/);
+});
+
+test("a creation that finds bytes stored continues from its Upload-Offset", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(10 * MiB), { chunkSize: 4 * MiB });
+  created(env, up, 6 * MiB);
+  assert.deepEqual([up.bytes_acked, up.bytes_tx, up.frac_complete], [6 * MiB, 6 * MiB, 0.6]);
+  assert.deepEqual([env.xhr().requestHeaders["Upload-Offset"], env.xhr().body.start, env.xhr().body.end],
+                   [String(6 * MiB), 6 * MiB, 10 * MiB]);
+});
+
+test("pause aborts the PATCH; unpause resumes from HEAD's offset", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  const patch = created(env, up);
+  patch.progress(3 * MiB);
+  up.pause("toggle");
+  assert.equal(patch.aborted, true);
+  assert.deepEqual([up.paused, up.state_msg, up.connected, up.can_pause, up.bytes_tx, up.bytes_acked],
+                   [true, "Paused", false, true, 3 * MiB, 0]);
+  assert.equal(env.xhrs.length, 2, "nothing sent while paused");
+  up.pause("unpause");
+  const head = env.xhr();
+  assert.deepEqual(request(head), ["HEAD", URL]);
+  assert.deepEqual([up.paused, up.state_msg], [false, "Connecting"]);
+  head.respond(200, { "Upload-Offset": 3 * MiB - 1, "Upload-Length": 8 * MiB, ...live });
+  assert.deepEqual([up.bytes_acked, up.bytes_tx], [3 * MiB - 1, 3 * MiB - 1], "as the server says");
+  assert.deepEqual([env.xhr().method, env.xhr().body.start, env.xhr().body.end],
+                   ["PATCH", 3 * MiB - 1, 7 * MiB - 1]);
+  assert.equal(up.state_msg, "Uploading");
+  assert.deepEqual(events, []);
+});
+
+test("cancel aborts the PATCH and sends DELETE; its 204 ends in oncancelled", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  const patch = created(env, up);
+  up.cancel("no longer needed");
+  assert.equal(patch.aborted, true);
+  assert.deepEqual(request(env.xhr()), ["DELETE", URL]);
+  assert.deepEqual(env.xhr().requestHeaders, { "Tus-Resumable": "1.0.0" });
+  assert.deepEqual([up.cancelling, up.cancelled, up.can_cancel, up.state_msg],
+                   [true, false, false, "Cancelling"]);
+  assert.deepEqual(events, [], "cancelled only when the server says so");
+  env.xhr().respond(204);
+  assert.deepEqual(events, ["cancelled: no longer needed"]);
+  assert.deepEqual([up.cancelled, up.cancelling, up.state_msg, up.connected],
+                   [true, false, "Cancelled: no longer needed", false]);
+});
+
+test("a cancel while paused sends DELETE at once; unreachable, it retries with the backoff", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  created(env, up);
+  up.pause("pause");
+  up.cancel("gone");
+  assert.deepEqual([request(env.xhr()), up.paused, up.cancelling], [["DELETE", URL], false, true]);
+  env.xhr().fail();
+  assert.match(up.state_msg, /^Cancelling; retrying in \d+ s$/);
+  assert.ok(env.fire() <= 1250);
+  env.xhr().fail();
+  const second = env.fire();
+  assert.ok(second >= 1500 && second <= 2500, `the backoff: ${second} ms`);
+  assert.equal(env.xhr().method, "DELETE");
+  // the first DELETE reached the server: it is already cancelled
+  env.xhr().respond(410, {}, "this upload is already cancelled");
+  assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
+  env.xhr().respond(410);
+  assert.deepEqual(events, ["cancelled: gone"]);
+  assert.equal(env.pending().length, 0);
+});
+
+test("a cancel answered 410 by an upload that had finished ends in onfinished", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  created(env, up);
+  up.pause("pause");
+  up.cancel("too slow");
+  env.xhr().respond(410, {}, "this upload is already finished");
+  env.xhr().respond(200, { "Upload-Offset": 8 * MiB, "Upload-Length": 8 * MiB }); // no Upload-Expires: final
+  assert.deepEqual(events, ["finished"]);
+  assert.deepEqual([up.finished, up.cancelled, up.cancelling, up.state_msg, up.frac_complete],
+                   [true, false, false, "Finished", 1]);
+});
+
+test("a cancel answered 412 (the handover runs) waits for the handover's result", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 8 * MiB });
+  const events = recorder(up);
+  const patch = created(env, up);
+  patch.progress(8 * MiB);
+  up.cancel("stop"); // the whole body was sent; the answer had not come
+  env.xhr().respond(412, {}, "upload is handover; too late to cancel");
+  assert.deepEqual([up.cancelling, up.cancelled, up.state_msg], [false, false, "Too late to cancel; handing over"]);
+  assert.deepEqual(events, []);
+  env.fire();
+  assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
+  env.xhr().respond(200, { "Upload-Offset": 8 * MiB, "Upload-Length": 8 * MiB, ...live });
+  assert.deepEqual([up.state_msg, up.bytes_acked, up.can_cancel, up.can_pause], ["Handing over", 8 * MiB, false, false]);
+  assert.ok(env.fire() >= 1500, "asked again after the backoff");
+  env.xhr().respond(200, { "Upload-Offset": 8 * MiB, "Upload-Length": 8 * MiB });
+  assert.deepEqual(events, ["finished"]);
+});
+
+test("a cancel while the creation is under way follows it: creation, then DELETE", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB));
+  const events = recorder(up);
+  up.start();
+  up.cancel("oops");
+  assert.equal(env.xhrs.length, 1);
+  assert.equal(env.xhr().aborted, false);
+  assert.equal(up.state_msg, "Cancelling");
+  env.xhr().respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 0, ...live });
+  assert.deepEqual(request(env.xhr()), ["DELETE", URL]);
+  env.xhr().respond(204);
+  assert.deepEqual(events, ["cancelled: oops"]);
+  assert.deepEqual(env.xhrs.map((x) => x.method), ["POST", "DELETE"]);
+});
+
+test("a cancel before start() ends at once without a request", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(10));
+  const events = recorder(up);
+  up.cancel("never mind");
+  up.start();
+  assert.deepEqual(events, ["cancelled: never mind"]);
+  assert.equal(env.xhrs.length, 0);
+});
+
+test("409 asks HEAD for the offset and continues from there", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  created(env, up).respond(409, { "Upload-Offset": 2 * MiB }, "Upload-Offset 0 is not the upload's offset 2097152");
+  assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
+  assert.equal(env.pending().length, 0, "at once, not after a delay");
+  env.xhr().respond(200, { "Upload-Offset": 2 * MiB, "Upload-Length": 8 * MiB, ...live });
+  assert.deepEqual([env.xhr().method, env.xhr().requestHeaders["Upload-Offset"], up.bytes_acked],
+                   ["PATCH", String(2 * MiB), 2 * MiB]);
+  assert.deepEqual([events, up.error_code], [[], 0]);
+});
+
+test("network errors, 5xx and 423 are retried with the backoff and resume from HEAD", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  created(env, up).progress(MiB);
+  const delays = [];
+  const failures = [
+    [(x) => x.fail(), /^Connection lost; retrying in \d+ s$/, 0],
+    [(x) => x.respond(503, {}, "the server is restarting; resume the upload"),
+     /^Interrupted: the server is restarting; resume the upload; retrying in \d+ s$/, 0],
+    [(x) => x.respond(500, {}, "internal server error"), /^Interrupted: internal server error; retrying/, 99],
+    [(x) => x.respond(502, {}, "<html>bad gateway</html>", { tus: false }), /^Interrupted: HTTP 502 Bad Gateway; retrying/, 0],
+    [(x) => x.respond(423, {}, "another connection is serving this upload"),
+     /^Interrupted: another connection is serving this upload; retrying/, 13],
+  ];
+  for (const [fail, state, code] of failures) {
+    fail(env.xhr());
+    assert.match(up.state_msg, state);
+    assert.deepEqual([up.connected, up.bytes_acked, up.error_code], [false, 0, code]);
+    delays.push(env.fire());
+    assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
+    env.xhr().respond(200, { "Upload-Offset": 0, "Upload-Length": 8 * MiB, ...live });
+    assert.equal(env.xhr().method, "PATCH");
+  }
+  for (let i = 0; i < 4; i++) {
+    env.xhr().fail();
+    delays.push(env.fire());
+    env.xhr().fail(); // the HEAD too
+    delays.push(env.fire());
+    env.xhr().respond(200, { "Upload-Offset": 0, "Upload-Length": 8 * MiB, ...live });
+  }
+  const nominal = [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60, 60];
+  delays.forEach((ms, i) => {
+    assert.ok(ms >= nominal[i] * 750 && ms <= nominal[i] * 1250, `retry ${i}: ${ms} ms`);
+  });
+  assert.deepEqual(events, [], "retried, never onerror");
+  env.xhr().respond(204, { "Upload-Offset": 4 * MiB, ...live });
+  assert.deepEqual([up.error_code, up.error_msg, up.state_msg], [0, "", "Uploading"]);
+  env.xhr().fail();
+  assert.ok(env.fire() <= 1250, "the backoff starts over once a PATCH went through");
+});
+
+test("502 on the final PATCH is HANDOVER_FAILED (30) with the server's text", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(MiB));
+  const events = recorder(up);
+  created(env, up).respond(502, {}, "handover failed: the backend did not take the file");
+  assert.deepEqual(events, ["error 30: handover failed: the backend did not take the file"]);
+  assert.deepEqual([up.state_msg, up.can_cancel, up.can_pause, up.connected, up.finished],
+                   ["Error: handover failed: the backend did not take the file", false, false, false, false]);
+  assert.equal(env.pending().length, 0);
+});
+
+test("refusals map to the WebSocket's error codes", () => {
+  const cases = [
+    ["creation", 404, "unknown upload ticket", 10],
+    ["creation", 409, "LengthBytes 5 differs from the 6 given before", 14],
+    ["creation", 413, "6 bytes exceed the limit of 5 bytes", 22],
+    ["creation", 507, "6 bytes do not fit in the free storage space", 21],
+    ["creation", 403, "this Origin may not upload here", 0],
+    ["PATCH", 404, "no such upload; create it with the ticket first", 10],
+    ["PATCH", 507, "storage failed", 20],
+  ];
+  for (const [when, status, text, code] of cases) {
+    const env = load();
+    const up = new env.incoming.Uploader("t", file(6));
+    const events = recorder(up);
+    up.start();
+    if (when === "PATCH") {
+      env.xhr().respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 0, ...live });
+    }
+    env.xhr().respond(status, {}, text);
+    assert.deepEqual(events, [`error ${code}: ${text}`], `${when} ${status}`);
+    assert.equal(up.state_msg, "Error: " + text);
+  }
+});
+
+test("410 to the creation: HEAD tells finished from cancelled", () => {
+  const env = load();
+  const done = new env.incoming.Uploader("t", file(10));
+  const events = recorder(done);
+  done.start();
+  env.xhr().respond(410, {}, "this upload is already finished");
+  assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
+  env.xhr().respond(200, { "Upload-Offset": 10, "Upload-Length": 10 });
+  assert.deepEqual(events, ["finished"]);
+  const gone = new env.incoming.Uploader("t", file(10));
+  const others = recorder(gone);
+  gone.start();
+  env.xhr().respond(410, {}, "this upload was cancelled: expired");
+  env.xhr().respond(410);
+  assert.deepEqual(others, ["cancelled: this upload was cancelled: expired"]);
+  assert.deepEqual([gone.cancelled, gone.error_code, gone.state_msg],
+                   [true, 0, "Cancelled: this upload was cancelled: expired"]);
+});
+
+test("a cancel found on resuming (HEAD 410, no text) asks a creation for the server's text", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const events = recorder(up);
+  created(env, up).fail();
+  env.fire();
+  env.xhr().respond(410);
+  assert.deepEqual(request(env.xhr()), ["POST", "https://app.example/incoming/tus/"]);
+  env.xhr().respond(410, {}, "this upload was cancelled: cancelled by the backend");
+  assert.deepEqual(events, ["cancelled: this upload was cancelled: cancelled by the backend"]);
+});
+
+test("the final PATCH lost: HEAD at full offset waits for the handover, then finishes", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4 * MiB));
+  const events = recorder(up);
+  const patch = created(env, up);
+  patch.progress(4 * MiB);
+  patch.bodySent();
+  patch.fail();
+  env.fire();
+  env.xhr().respond(200, { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB, ...live });
+  assert.deepEqual([up.state_msg, up.finished, up.frac_complete], ["Handing over", false, 1]);
+  env.fire();
+  env.xhr().respond(200, { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB, ...live });
+  env.fire();
+  env.xhr().respond(200, { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB });
+  assert.deepEqual(events, ["finished"]);
+  // or the handover failed: the upload was cancelled
+  const other = new env.incoming.Uploader("t", file(4 * MiB));
+  const others = recorder(other);
+  created(env, other).fail();
+  env.fire();
+  env.xhr().respond(200, { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB, ...live });
+  env.fire();
+  env.xhr().respond(410);
+  env.xhr().respond(410, {}, "this upload was cancelled: handover failed: the backend did not take the file");
+  assert.deepEqual(others, ["cancelled: this upload was cancelled: handover failed: the backend did not take the file"]);
+});
+
+test("a zero-byte file: the creation is answered after the handover", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(0));
+  const events = recorder(up);
+  up.start();
+  assert.equal(env.xhr().requestHeaders["Upload-Length"], "0");
+  env.xhr().respond(201, { "Upload-Offset": 0 });
+  assert.deepEqual([events, up.frac_complete, env.xhrs.length], [["finished"], 1, 1]);
+});
+
+test("a server without tus (404 from the endpoint) gets the WebSocket", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  up.start();
+  env.xhr().respond(404, {}, "<html>No Such Resource</html>", { tus: false });
+  assert.equal(env.sockets.length, 1);
+  const socket = env.sockets[0];
+  assert.equal(socket.url, "wss://app.example/incoming/frontend/upload_ws");
+  socket.open();
+  assert.deepEqual(socket.sent[0].MsgType, "MsgUploadReq");
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(socket.chunks().length, 2);
+  assert.equal(env.xhrs.length, 1, "no more HTTP");
+  // a pause and an unpause stay on the WebSocket
+  up.pause("pause");
+  up.pause("unpause");
+  assert.deepEqual([env.sockets.length, env.xhrs.length], [2, 1]);
+});
+
+test("no answer to the creation: a WebSocket that opens means no tus; one that fails, a retry", () => {
+  // another origin's page cannot see the old server's 404 (its preflight fails)
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(4096));
+  up.start();
+  env.xhr().fail();
+  assert.equal(env.sockets.length, 1);
+  assert.equal(up.state_msg, "Connecting");
+  env.sockets[0].open();
+  assert.equal(env.sockets[0].closed, true, "the probe is closed");
+  assert.equal(env.sockets.length, 2);
+  env.sockets[1].open();
+  assert.equal(env.sockets[1].messages("MsgUploadReq").length, 1);
+  // the server is down: retried over HTTP
+  const down = new env.incoming.Uploader("u", file(4096));
+  down.start();
+  env.xhr().fail();
+  env.sockets.at(-1).drop();
+  assert.match(down.state_msg, /^Connection lost; retrying in \d+ s$/);
+  env.fire();
+  assert.equal(env.xhr().method, "POST");
+  env.xhr().respond(201, { Location: "/incoming/tus/u", "Upload-Offset": 0, ...live });
+  assert.equal(env.xhr().method, "PATCH");
+  // once the server answered as tus, no answer is a lost connection
+  const sockets = env.sockets.length;
+  env.xhr().fail();
+  env.fire();
+  env.xhr().fail();
+  assert.equal(env.sockets.length, sockets);
+});
+
+test("find_upload: the ticket of an upload started for this file, until it ends", () => {
+  const env = load();
+  const { find_upload, Uploader } = env.incoming;
+  const a = file(8 * MiB, "a.bin");
+  assert.equal(find_upload(a), null);
+  const up = new Uploader("t", a, { chunkSize: 4 * MiB });
+  assert.equal(find_upload(a), null, "remembered once started");
+  created(env, up);
+  assert.equal(find_upload(a), "t");
+  assert.equal(find_upload(file(8 * MiB, "a.bin")), "t", "the same name, size and date");
+  assert.equal(find_upload(file(8 * MiB, "b.bin")), null);
+  assert.equal(find_upload(file(8 * MiB + 1, "a.bin")), null);
+  assert.equal(find_upload(file(8 * MiB, "a.bin", 1)), null, "modified since");
+  env.incoming.set_server_hostname("other.example");
+  assert.equal(find_upload(a), null, "per server");
+  env.incoming.set_server_hostname(null);
+  // a reloaded page continues it: same ticket, creation again
+  const again = new Uploader(find_upload(a), a, { chunkSize: 4 * MiB });
+  const events = recorder(again);
+  created(env, again, 4 * MiB);
+  assert.deepEqual([env.xhr().body.start, again.bytes_acked], [4 * MiB, 4 * MiB]);
+  env.xhr().respond(204, { "Upload-Offset": 8 * MiB });
+  assert.deepEqual(events, ["finished"]);
+  assert.equal(find_upload(a), null, "forgotten when finished");
+  // forgotten when cancelled, or when it ends in an error
+  const cancelled = new Uploader("c", a);
+  created(env, cancelled);
+  cancelled.cancel();
+  env.xhr().respond(204);
+  assert.equal(find_upload(a), null);
+  const failed = new Uploader("f", a);
+  failed.start();
+  assert.equal(find_upload(a), "f");
+  env.xhr().respond(404, {}, "unknown upload ticket");
+  assert.equal(find_upload(a), null);
+  // another uploader's end does not forget this one; a cancel before start neither
+  new Uploader("g", a).start();
+  new Uploader("h", a).cancel();
+  assert.equal(find_upload(a), "g");
+  // WebSocket uploads are remembered too
+  const ws = new Uploader("w", file(1, "w.bin"), { transport: "websocket" });
+  ws.start();
+  assert.equal(find_upload(file(1, "w.bin")), "w");
+});
+
+test("find_upload forgets uploads left alone for 12 hours", () => {
+  const env = load();
+  const a = file(8 * MiB, "a.bin");
+  created(env, new env.incoming.Uploader("t", a, { chunkSize: 4 * MiB }));
+  env.clock.now += 11 * 3600 * 1000;
+  assert.equal(env.incoming.find_upload(a), "t");
+  env.xhr().respond(204, { "Upload-Offset": 4 * MiB, ...live }); // activity renews it
+  env.clock.now += 11 * 3600 * 1000;
+  assert.equal(env.incoming.find_upload(a), "t");
+  env.clock.now += 2 * 3600 * 1000;
+  assert.equal(env.incoming.find_upload(a), null);
+  // and a new upload prunes entries nobody continued
+  env.storage.setItem("incoming.upload|app.example|1|0|old.bin", JSON.stringify({ ticket: "o", at: 0 }));
+  env.storage.setItem("unrelated", "kept");
+  new env.incoming.Uploader("n", file(1, "new.bin")).start();
+  assert.deepEqual([...env.storage.items.keys()].sort(), [
+    "incoming.upload|app.example|1|1600000000000|new.bin",
+    "unrelated",
+  ]);
+});
+
+test("uploads work where localStorage is missing, throws, or is full", () => {
+  class FullStorage extends FakeStorage {
+    setItem() {
+      throw new Error("QuotaExceededError");
+    }
+  }
+  for (const storage of [null, "throws", new FullStorage()]) {
+    const env = load({ storage });
+    const a = file(MiB);
+    const up = new env.incoming.Uploader("t", a);
+    const events = recorder(up);
+    created(env, up).respond(204, { "Upload-Offset": MiB });
+    assert.deepEqual(events, ["finished"]);
+    assert.equal(env.incoming.find_upload(a), null);
+  }
+});
