@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from urllib.parse import quote, unquote
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 from klein import Klein
 from prometheus_client import Gauge
