@@ -393,9 +393,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     big = 256 * MiB if not args.quick else 64 * MiB
     huge = 1024 * MiB if not args.quick else 128 * MiB
 
-    def series(name: str, sizes: list[int], runs: int) -> None:
+    def series(name: str, sizes: list[int], runs: int, options: tuple[str, ...] = ()) -> None:
         rates, cpu = [], []
-        daemon = Daemon(extra)
+        daemon = Daemon([*extra, *options])
         try:
             for _ in range(runs):
                 before = daemon.cpu_seconds()
@@ -414,6 +414,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         limit("limit_disk_write", lambda: disk_write_mb_s(scratch, big))
     limit("limit_loopback_tcp", lambda: loopback_mb_s(big))
     series(f"upload_1x{big // MiB}MiB", [big], args.runs)
+    # the SHA-256 every handover carries, measured by its absence
+    series(f"upload_1x{big // MiB}MiB_no_sha256", [big], args.runs, ("--checksum", "none"))
     series(f"upload_1x{huge // MiB}MiB", [huge], max(1, args.runs - 1))
     series("upload_8x64MiB", [64 * MiB] * 8, args.runs)
     series("upload_100x4MiB", [4 * MiB] * 100, 1)

@@ -23,6 +23,8 @@ _BOOLEANS = {
     **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
 }
 _STATUS_FOR = {
+    ErrorCode.REGISTRY_UNAVAILABLE: 503,
+    ErrorCode.ALREADY_CONNECTED: 503,  # an instance holding it did not answer: try again
     ErrorCode.UNKNOWN_TICKET: 400,
     ErrorCode.TOO_LATE: 412,
     ErrorCode.TICKET_CANCELLED: 412,
@@ -68,28 +70,27 @@ class BackendApi:
         if remove is None:
             raise ApiError(400, "removeFileWhenFinished must be a boolean such as true or false")
         try:
-            upload = await self.manager.create(url, params.get("backendSecret", ""), remove)
+            with _as_api_error():
+                upload = await self.manager.create(url, params.get("backendSecret", ""), remove)
         except OSError:
             raise ApiError(507, "cannot store the upload's state; is the storage full?") from None
         return text(request, upload.id)
 
     @app.route("/backend/cancel_upload", methods=["POST"])
     async def cancel_upload(self, request: IRequest) -> bytes:
-        upload = self._authorised(request)
-        with _as_api_error():
-            upload.life.cancel_by_backend()
-        await self.manager.settled(upload)  # the file is gone when the backend hears `ok`
+        upload = await self._authorised(request)
+        with _as_api_error():  # answered once the file is gone
+            await self.manager.command(upload.id, "cancel_by_backend")
         return text(request, "ok")
 
     @app.route("/backend/finish_upload", methods=["POST"])
     async def finish_upload(self, request: IRequest) -> bytes:
-        upload = self._authorised(request)
+        upload = await self._authorised(request)
         result = _params(request).get("result", "")
         if len(result.encode("utf-8")) > MAX_RESULT_BYTES:
             raise ApiError(400, f"result is longer than {MAX_RESULT_BYTES} bytes")
         with _as_api_error():
-            upload.life.finish_upload(result)
-        await self.manager.settled(upload)
+            await self.manager.command(upload.id, "finish_upload", result)
         return text(request, "ok")
 
     @app.route("/metrics", methods=["GET"])
@@ -101,12 +102,13 @@ class BackendApi:
     def health(self, request: IRequest) -> bytes:
         return text(request, "ok")
 
-    def _authorised(self, request: IRequest) -> Upload:
+    async def _authorised(self, request: IRequest) -> Upload:
         params = _params(request)
         upload_id = params.get("id")
         if not upload_id:
             raise ApiError(400, "id is required")
-        upload = self.manager.get(upload_id)
+        with _as_api_error():
+            upload = await self.manager.find(upload_id)
         if upload is None:
             raise ApiError(400, "unknown upload id")
         secret = params.get("backendSecret", "")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from twisted.python import usage
@@ -31,6 +32,7 @@ class Config:
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
+    redis: str | None = None  # cluster mode: redis://host[:port][/db], shared by all instances
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -78,6 +80,19 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
     return parse
 
 
+def _redis_url(name: str, value: Any) -> str:
+    url = _text(name, value)
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+        int(parts.path.strip("/") or 0)
+    except ValueError:
+        raise usage.UsageError(f"{name}: {url!r} has a bad port or database number") from None
+    if parts.scheme != "redis" or not parts.hostname:
+        raise usage.UsageError(f"{name}: {url!r} is not a redis://host[:port][/db] URL")
+    return url
+
+
 def _names(name: str, value: Any) -> frozenset[str]:
     """A comma-separated string (or a YAML list) of names, compared lower-cased."""
     items = value if isinstance(value, list) else str(value).split(",")
@@ -106,6 +121,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
     "max_upload_bytes": ("max-upload-size", "MaxUploadBytes", _int_in(0, 2**63 - 1)),
     "checksum": ("checksum", "Checksum", _choice("sha256", "none")),
+    "redis": ("redis", "Redis", _redis_url),
 }
 
 
@@ -174,6 +190,13 @@ class Options(usage.Options):
         ],
         ["max-upload-size", None, None, "Largest upload in bytes a client may announce [none]"],
         ["checksum", None, None, "Digest of every file for the handover: sha256 or none [sha256]"],
+        [
+            "redis",
+            None,
+            None,
+            "Cluster mode: redis://host[:port][/db] shared by all instances, which also share "
+            "--storage-dir [none: one process]",
+        ],
     ]
 
     def postOptions(self) -> None:

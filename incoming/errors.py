@@ -30,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     STORAGE_FAILED = 20  # disk full, permissions... (upload cancelled)
     INSUFFICIENT_STORAGE = 21  # LengthBytes exceeds the free space
     TOO_LARGE = 22  # LengthBytes exceeds the configured MaxUploadBytes
+    REGISTRY_UNAVAILABLE = 23  # cluster mode: Redis is unreachable; try again
     HANDOVER_FAILED = 30  # the backend did not take the file (upload cancelled)
     INTERNAL_ERROR = 99
 
@@ -37,10 +38,11 @@ class ErrorCode(enum.IntEnum):
 class UploadError(Exception):
     """A rule was broken; `code` says which, `message` says it to a person."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, result: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.result = result  # TICKET_FINISHED: the backend's verdict, for a returning client
 
 
 def clipped(text: str, limit: int = MAX_LOGGED_CHARS) -> str:

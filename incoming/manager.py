@@ -4,26 +4,37 @@ It performs the effects an upload's life asks for and reports their results back
 as inputs; every decision about an upload's phase is the table's. Each change
 is saved with the upload's state, and `restore` takes every upload up again
 after a restart.
+
+With a `Cluster` (several instances on one Redis) it holds only the uploads this
+instance acts on, each under its lease: `hold` takes one up from Redis, and it is
+let go (saved, lease released) once nothing here needs it. A request for an upload
+held elsewhere goes to its holder (`command`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Coroutine, Iterator
 from typing import Any
+from uuid import UUID
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .cluster import Busy, Cluster, RequestFailed, Unavailable
 from .errors import ErrorCode, UploadError
 from .files import Chunk, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
-from .storage import Storage
+from .storage import Record, Storage
 from .upload import Phase, Room, Transport, Upload, bring_to_life, new_ticket_id
 
 log = Logger()
+# What another instance may ask the holder of an upload to do: the name of the input.
+COMMANDS = frozenset({"cancel_by_backend", "finish_upload", "cancel_by_client", "declare"})
 
 
 class UploadManager:
@@ -39,6 +50,7 @@ class UploadManager:
         max_idle: float,
         confirm_timeout: float,
         max_upload: int | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.storage = storage
         self.handover = handover
@@ -53,6 +65,12 @@ class UploadManager:
         self._unsaved: set[str] = set()  # uploads changed since their state was last saved
         self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
         metrics.count_uploads(self.phases)
+        self.cluster = cluster
+        self._loading: dict[str, Deferred[Upload]] = {}  # uploads being taken up from Redis
+        self._unsent: set[str] = set()  # saved to disk, not yet to Redis (it was away)
+        self._rounds: list[LoopingCall] = []
+        if cluster is not None:
+            cluster.serve = self._serve
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> Deferred[Any]:
         d = ensureDeferred(work)
@@ -71,6 +89,8 @@ class UploadManager:
     async def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
         """A new ticket, in the journal before anybody hears of it."""
         upload = Upload(new_ticket_id(), signal_finish_url, backend_secret, remove)
+        if self.cluster is not None:
+            return await self._create_shared(upload)
         bring_to_life(upload, self)
         self._uploads[upload.id] = upload
         self._arm_idle(upload, self.max_idle)
@@ -83,8 +103,130 @@ class UploadManager:
         self.metrics.tickets_created.inc()
         return upload
 
+    async def _create_shared(self, upload: Upload) -> Upload:
+        """Cluster: a state file in the shared directory (no journal: instances share it),
+        and the record in Redis; nobody holds the new upload yet."""
+        assert self.cluster is not None
+        upload.idle_deadline = self.clock.seconds() + self.max_idle
+        record = upload.to_record()
+        await self.storage.save_state(upload.id, record)
+        await self._registry(self.cluster.create(record, upload.idle_deadline))
+        self.metrics.tickets_created.inc()
+        return upload
+
     def get(self, upload_id: str) -> Upload | None:
+        """An upload this process holds (one process: every upload)."""
         return self._uploads.get(upload_id)
+
+    async def find(self, upload_id: str) -> Upload | None:
+        """The upload, to look at: the one held here, or (cluster) a copy read from Redis."""
+        upload = self._uploads.get(upload_id)
+        if upload is not None or self.cluster is None:
+            return upload
+        record = await self._record(upload_id)
+        if record is None:
+            return None
+        stored, _ = await self.storage.stored(upload_id)
+        return Upload.from_record(record, stored)
+
+    async def hold(self, upload_id: str) -> Upload:
+        """The upload, to act on: held here (cluster: under its lease, taken up from
+        Redis), or UploadError (unknown; held by another instance; Redis away)."""
+        upload = self._uploads.get(upload_id)
+        if upload is not None:
+            return upload
+        if self.cluster is None:
+            raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
+        loading = self._loading.get(upload_id)
+        if loading is None:
+            loading = self._loading[upload_id] = ensureDeferred(self._take_up(upload_id))
+            loading.addBoth(lambda result: self._loading.pop(upload_id, None) and result)
+        held: Upload = await loading
+        return held
+
+    async def _take_up(self, upload_id: str) -> Upload:
+        assert self.cluster is not None
+        try:
+            await self._registry(self.cluster.acquire(upload_id))
+        except Busy:
+            raise UploadError(
+                ErrorCode.ALREADY_CONNECTED, "another instance is serving this upload"
+            ) from None
+        record = await self._record(upload_id)
+        if record is None:
+            await self._registry(self.cluster.release(upload_id))
+            raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
+        stored, _ = await self.storage.stored(upload_id)
+        upload = Upload.from_record(record, stored)
+        bring_to_life(upload, self)
+        self._uploads[upload_id] = upload
+        self._arm_idle(upload, upload.idle_deadline - self.clock.seconds())
+        return upload
+
+    async def _record(self, upload_id: str) -> Record | None:
+        """Cluster: the record in Redis, or else in the shared directory (Redis lost it:
+        it is put back)."""
+        assert self.cluster is not None
+        try:
+            UUID(upload_id)
+        except ValueError:
+            return None
+        record: Record | None = await self._registry(self.cluster.read(upload_id))
+        if record is None:
+            record = await self.storage.read_state(upload_id)
+            if record is not None:
+                upload = Upload.from_record(record, 0)
+                await self._registry(
+                    self.cluster.save(record, upload.idle_deadline, upload.with_backend)
+                )
+        return record
+
+    async def _registry(self, call: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await call
+        except Unavailable:
+            raise UploadError(
+                ErrorCode.REGISTRY_UNAVAILABLE, "the upload registry is unavailable; try again"
+            ) from None
+
+    async def command(self, upload_id: str, op: str, *args: Any) -> None:
+        """Apply a request (an input of the upload's table: `COMMANDS`) where the upload
+        is held, and return once its disk work is done; raises its UploadError."""
+        assert op in COMMANDS
+        for _attempt in range(2):
+            if self.cluster is not None and upload_id not in self._uploads:
+                holder = await self._registry(self.cluster.holder(upload_id))
+                if holder is not None and holder != self.cluster.instance:
+                    try:
+                        await self.cluster.request(holder, op, upload_id, list(args))
+                    except RequestFailed as e:
+                        raise UploadError(ErrorCode(e.code), e.message) from None
+                    except Unavailable:
+                        raise UploadError(
+                            ErrorCode.REGISTRY_UNAVAILABLE, "the instance serving it is away"
+                        ) from None
+                    return
+            try:
+                await self._serve(op, upload_id, list(args))
+                return
+            except UploadError as e:  # taken by another instance meanwhile: ask it
+                if e.code is not ErrorCode.ALREADY_CONNECTED or self.cluster is None:
+                    raise
+        raise UploadError(ErrorCode.ALREADY_CONNECTED, "another instance is serving this upload")
+
+    async def _serve(self, op: str, upload_id: str, args: list[Any]) -> None:
+        """Apply a request here (for `command`, or from another instance)."""
+        if op not in COMMANDS:
+            raise UploadError(ErrorCode.UNEXPECTED_MESSAGE, f"no such request {op!r}")
+        upload = await self.hold(upload_id)
+        try:
+            if op == "declare":
+                upload.life.declare(int(args[0]), str(args[1]), self.room())
+            else:
+                getattr(upload.life, op)(*args)
+        finally:
+            await self.storage.drain(upload.id)
+            self._let_go_soon(upload)
 
     def lookup(self, upload_id: str) -> Upload:
         upload = self._uploads.get(upload_id)
@@ -127,10 +269,14 @@ class UploadManager:
 
     # Connections (for transports)
 
-    def connect(self, upload_id: str, transport: Transport, length: int, name: str) -> Upload:
+    async def connect(self, upload_id: str, transport: Transport, length: int, name: str) -> Upload:
         """Attach a connection to its upload, or raise UploadError."""
-        upload = self.lookup(upload_id)
-        upload.life.connect(transport, length, name, self.room())
+        upload = await self.hold(upload_id)
+        try:
+            upload.life.connect(transport, length, name, self.room())
+        except UploadError:
+            self._let_go_soon(upload)
+            raise
         return upload
 
     def room(self) -> Room:
@@ -167,8 +313,11 @@ class UploadManager:
         self._unsaved.add(upload.id)
 
     def save(self, upload: Upload, durable: bool = False) -> Deferred[None]:
-        """Save, logging a failure; later disk work for this upload queues behind it."""
+        """Save, logging a failure; later disk work for this upload queues behind it.
+        Cluster: in Redis too (when it is away, again with the next renewal)."""
         self._unsaved.discard(upload.id)
+        if self.cluster is not None:
+            self._spawn(self._send(upload))
 
         def failed(failure: Any) -> None:
             log.error("upload {id}: cannot save state: {e}", id=upload.id, e=failure.value)
@@ -176,8 +325,17 @@ class UploadManager:
         d = self.storage.save_state(upload.id, upload.to_record(), durable)
         return d.addErrback(failed)
 
+    async def _send(self, upload: Upload) -> None:
+        assert self.cluster is not None
+        try:
+            await self.cluster.save(upload.to_record(), upload.idle_deadline, upload.with_backend)
+            self._unsent.discard(upload.id)
+        except Unavailable:
+            self._unsent.add(upload.id)
+
     def release(self, upload: Upload) -> None:
         self.storage.release(upload.id)
+        self._let_go_soon(upload)
 
     def hand_over(self, upload: Upload) -> None:
         self._spawn(self._hand_over(upload))
@@ -209,12 +367,14 @@ class UploadManager:
         if upload.remove_file_when_finished:
             await self._remove_file(upload)
         upload.life.finalized()
+        self._let_go_soon(upload)
 
     def discard_file(self, upload: Upload, notice: str | None) -> None:
         self._spawn(self._discard_file(upload, notice))
 
     async def _discard_file(self, upload: Upload, notice: str | None) -> None:
         await self._remove_file(upload)
+        self._let_go_soon(upload)
         if notice is not None:
             await self.handover.notify_cancelled(upload, notice)
 
@@ -247,12 +407,118 @@ class UploadManager:
     def forget(self, upload: Upload) -> None:
         del self._uploads[upload.id]
         self._unsaved.discard(upload.id)
+        self._unsent.discard(upload.id)
         self._spawn(self._forget(upload))
 
     async def _forget(self, upload: Upload) -> None:
         await self.storage.discard(upload.id)
         self.storage.forget(upload.id)
+        if self.cluster is not None:
+            with contextlib.suppress(Unavailable):  # the janitor finds it again
+                await self.cluster.forget(upload.id)
+                await self.cluster.release(upload.id)
         log.info("upload {id} forgotten", id=upload.id)
+
+    # Cluster: letting go of uploads, renewing leases, the janitor
+
+    def _let_go_soon(self, upload: Upload) -> None:
+        if self.cluster is not None:
+            self._spawn(self._let_go(upload))
+
+    async def _let_go(self, upload: Upload) -> None:
+        """Once nothing here needs the upload (no connection, no writes, no handover):
+        save it and release its lease, for any instance to take it up."""
+        assert self.cluster is not None
+        await self.storage.drain(upload.id)
+        if self._uploads.get(upload.id) is not upload or not _idle(upload):
+            return
+        del self._uploads[upload.id]
+        for timers in (self._idle, self._confirm):
+            timer = timers.pop(upload.id, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+        if upload.id in self._unsaved or upload.id in self._unsent:
+            await self.save(upload)
+        self.storage.forget(upload.id)
+        with contextlib.suppress(Unavailable):  # it lapses by itself
+            await self.cluster.release(upload.id)
+
+    def start(self) -> None:
+        """Take up saved uploads (one process), or start renewing leases (cluster)."""
+        if self.cluster is None:
+            self.restore()
+            return
+        self.cluster.start()
+        period = self.cluster.lease_ms / 3000
+        for work in (self._renew, self._janitor_round):
+            call = LoopingCall(lambda work=work: self._spawn(work()))
+            call.clock = self.clock
+            call.start(period, now=False)
+            self._rounds.append(call)
+
+    async def _renew(self) -> None:
+        """Renew the leases of the uploads held here, with their idle deadlines, and send
+        Redis what it missed while it was away; drop uploads another instance took."""
+        assert self.cluster is not None
+        held = list(self._uploads.values())
+        deadlines = {upload.id: upload.idle_deadline for upload in held}
+        try:
+            lost = await self.cluster.renew(list(deadlines), deadlines)
+            for upload_id in list(self._unsent):
+                upload = self._uploads.get(upload_id)
+                if upload is not None:
+                    await self._send(upload)
+        except Unavailable:
+            log.warn("Redis is unavailable; uploads being written carry on")
+            return
+        for upload_id in lost:
+            upload = self._uploads.pop(upload_id, None)
+            if upload is not None:
+                log.error("upload {id}: another instance took it over", id=upload_id)
+                if upload.transport is not None:
+                    upload.transport.going_away()
+
+    async def _janitor_round(self) -> None:
+        """One instance at a time: expire idle uploads nobody holds, and take up
+        handovers (or waits for finish_upload) whose instance died."""
+        assert self.cluster is not None
+        try:
+            if not await self.cluster.janitor():
+                return
+            now = self.clock.seconds()
+            for upload_id in await self.cluster.due(now):
+                await self._janitor_expire(upload_id, now)
+            for upload_id in await self.cluster.handovers():
+                if upload_id not in self._uploads and await self.cluster.holder(upload_id) is None:
+                    await self._janitor_take_up(upload_id)
+        except Unavailable:
+            return
+
+    async def _janitor_expire(self, upload_id: str, now: float) -> None:
+        if upload_id in self._uploads:
+            return  # its own idle timer runs here
+        try:
+            upload = await self.hold(upload_id)
+        except UploadError as e:
+            if e.code is ErrorCode.UNKNOWN_TICKET:
+                with contextlib.suppress(Unavailable):
+                    await self.cluster.forget(upload_id)  # type: ignore[union-attr]
+            return  # held by another instance: its timer runs there
+        if upload.idle_deadline > now:
+            self._let_go_soon(upload)  # Redis had an old deadline
+            return
+        upload.life.idle_timeout(self.max_idle)
+        self._let_go_soon(upload)
+
+    async def _janitor_take_up(self, upload_id: str) -> None:
+        try:
+            upload = await self.hold(upload_id)
+        except UploadError:
+            return
+        stored, present = await self.storage.stored(upload_id)
+        log.info("upload {id}: taking up its handover", id=upload_id)
+        upload.life.restored(present)
+        self._let_go_soon(upload)
 
     # The idle clock
 
@@ -273,8 +539,12 @@ class UploadManager:
         """Stop timers, send clients away and let queued disk work land.
 
         Only what changed since it was saved is saved again (never-used tickets are
-        in the journal); `restore` carries on from there at the next start.
+        in the journal); `restore` carries on from there at the next start. Cluster:
+        the leases are released, for other instances to carry on at once.
         """
+        for call in self._rounds:
+            if call.running:
+                call.stop()
         for timer in [*self._idle.values(), *self._confirm.values()]:
             if timer.active():
                 timer.cancel()
@@ -288,3 +558,14 @@ class UploadManager:
             changed = self._uploads.get(upload_id)
             if changed is not None:
                 await self.save(changed)
+        if self.cluster is not None:
+            for upload in list(self._uploads.values()):
+                with contextlib.suppress(Unavailable):
+                    await self._send(upload)
+                    await self.cluster.release(upload.id)
+            await self.cluster.stop()
+
+
+def _idle(upload: Upload) -> bool:
+    """Nothing of this instance's is needed: no connection, no write, no handover."""
+    return upload.transport is None and not upload.pending and not upload.with_backend

@@ -16,6 +16,7 @@ from twisted.web.resource import IResource
 
 from .backend_api import BackendApi
 from .browser_api import BrowserApi
+from .cluster import Cluster
 from .config import Config
 from .frontend import Script
 from .handover import HandoverClient
@@ -39,7 +40,7 @@ class UploadService(Service):
     def startService(self) -> None:
         super().startService()
         self.pool.start()
-        self.manager.restore()
+        self.manager.start()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -65,6 +66,9 @@ def build_manager(
         disk.prepare()
         storage = disk
     handover = HandoverClient(handover_client(reactor), reactor, config.handover_timeout, metrics)
+    cluster = None
+    if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
+        cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)
     return UploadManager(
         storage,
         handover,
@@ -73,6 +77,7 @@ def build_manager(
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
+        cluster=cluster,
     )
 
 

@@ -12,6 +12,7 @@ MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,6 +78,10 @@ class Storage(Protocol):
     """Upload files and saved state; every call for one upload runs after the earlier ones."""
 
     def load(self) -> list[Saved]: ...
+
+    def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]: ...
+
+    def read_state(self, upload_id: str) -> Deferred[Record | None]: ...
 
     def free_bytes(self) -> int: ...
 
@@ -172,6 +177,15 @@ class DiskStorage:
             modified = stat.st_mtime if stat and partial else None
             found.append(Saved(record, size, stat is not None, modified))
         return found
+
+    def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]:
+        """The bytes in the upload's file (partial or complete), and whether it has one;
+        after the writes queued for it."""
+        return self._run(upload_id, self._stored, upload_id)
+
+    def read_state(self, upload_id: str) -> Deferred[Record | None]:
+        """The upload's saved state (a cluster rebuilding Redis from the directory)."""
+        return self._run(upload_id, self._read_state, upload_id)
 
     def _run(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
         """Run `call(*args)` in the pool after every earlier call for this upload."""
@@ -294,6 +308,19 @@ class DiskStorage:
                 hashing.digest.update(block)
                 hashing.upto += len(block)
         return hashing
+
+    def _stored(self, upload_id: str) -> tuple[int, bool]:
+        for path in (self.part_path(upload_id), self.final_path(upload_id)):
+            with contextlib.suppress(FileNotFoundError):
+                return path.stat().st_size, True
+        return 0, False
+
+    def _read_state(self, upload_id: str) -> Record | None:
+        try:
+            record: Record = json.loads(self.state_path(upload_id).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+        return record if record.get("id") == upload_id else None
 
     def _truncate(self, upload_id: str, size: int) -> None:
         os.ftruncate(self._fd(upload_id), size)

@@ -80,6 +80,7 @@ STATUS_FOR = {
     ErrorCode.INSUFFICIENT_STORAGE: 507,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.HANDOVER_FAILED: 502,
+    ErrorCode.REGISTRY_UNAVAILABLE: 503,
 }
 
 
@@ -148,7 +149,7 @@ class TusApi:
             return self._send(request, await stream.answer)
         try:
             self.check(request)
-            upload = self.declared(request)
+            upload = await self.declared(request)
             await self.manager.resume_position(upload)
             answer = Answer(201, headers={"Location": _location(request, upload.id)})
             answer.headers["Upload-Offset"] = str(upload.offset)
@@ -161,7 +162,7 @@ class TusApi:
     async def head(self, request: IRequest, ticket: str) -> bytes:
         try:
             self.check(request)
-            upload = self.created(ticket)
+            upload = await self.created(ticket)
             await self.manager.resume_position(upload)  # writes still in flight land first
             answer = Answer(200, headers={"Cache-Control": "no-store"})
             answer.headers["Upload-Offset"] = str(upload.offset)
@@ -191,13 +192,12 @@ class TusApi:
     async def terminate(self, request: IRequest, ticket: str) -> bytes:
         try:
             self.check(request)
-            upload = self.created(ticket)
+            upload = await self.created(ticket)
             reason = unquote(request.getHeader("incoming-cancel-reason") or "")
             try:
-                upload.life.cancel_by_client(reason[:MAX_REASON_CHARS])
+                await self.manager.command(upload.id, "cancel_by_client", reason[:MAX_REASON_CHARS])
             except UploadError as e:
                 raise _refusal(e) from None
-            await self.manager.settled(upload)
             answer = Answer(204)
         except TusError as e:
             answer = e.answer
@@ -236,16 +236,19 @@ class TusApi:
                 412, f"Tus-Resumable must be {TUS_VERSION}", **{"Tus-Version": TUS_VERSION}
             )
 
-    def created(self, ticket: str) -> Upload:
+    async def created(self, ticket: str) -> Upload:
         """The upload of a ticket that a creation has given a length."""
-        upload = self.manager.get(ticket)
+        try:
+            upload = await self.manager.find(ticket)
+        except UploadError as e:
+            raise _refusal(e) from None
         if upload is not None and upload.cancelled:
             raise TusError(410, f"this upload was cancelled: {upload.cancel_reason}")
         if upload is None or upload.length is None:
             raise TusError(404, "no such upload; create it with the ticket first")
         return upload
 
-    def declared(self, request: IRequest) -> Upload:
+    async def declared(self, request: IRequest) -> Upload:
         """Creation: the ticket's upload, with the length and name the client gives."""
         try:
             length = int(request.getHeader("upload-length") or "", 10)
@@ -257,13 +260,14 @@ class TusApi:
         ticket = metadata.get("ticket", "")
         if not ticket:
             raise TusError(400, "Upload-Metadata must carry the ticket")
-        upload = self.manager.get(ticket)
-        if upload is None:
-            raise TusError(404, "unknown upload ticket")
         try:
-            upload.life.declare(length, metadata.get("filename", "")[:4096], self.manager.room())
+            await self.manager.command(
+                ticket, "declare", length, metadata.get("filename", "")[:4096]
+            )
+            upload = await self.manager.find(ticket)
         except UploadError as e:
             raise _refusal(e) from None
+        assert upload is not None
         return upload
 
     def expires(self, upload: Upload) -> str:
@@ -327,7 +331,7 @@ class PatchStream:
         self._pause()  # until the upload's earlier writes have landed
         try:
             self.api.check(self.request)
-            upload = self._connect()
+            upload = await self._connect()
         except TusError as e:
             self._finish(e.answer)
             return
@@ -351,21 +355,25 @@ class PatchStream:
         elif not self._done:
             self._resume()
 
-    def _connect(self) -> Upload:
+    async def _connect(self) -> Upload:
         if self.creating:
-            upload = self.api.declared(self.request)
+            upload = await self.api.declared(self.request)
             self.ticket = upload.id
         else:
-            upload = self.api.created(self.ticket)
+            upload = await self.api.created(self.ticket)
         algorithm_and_digest = self.request.getHeader("upload-checksum")
         if algorithm_and_digest is not None:
             self._expect_checksum(algorithm_and_digest)
         assert upload.length is not None
         try:
-            self.api.manager.connect(upload.id, self, upload.length, upload.browser_name)
+            upload = await self.api.manager.connect(
+                upload.id, self, upload.length, upload.browser_name
+            )
         except UploadError as e:
             raise _refusal(e) from None
         self.upload, self._attached = upload, True
+        if self._lost or self._done:  # the request went meanwhile
+            self._let_go()
         return upload
 
     def _expect_checksum(self, header: str) -> None:

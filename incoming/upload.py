@@ -244,6 +244,11 @@ class Upload:
         return self.phase in (Phase.HANDOVER, Phase.FINISH_REQUESTED)
 
     @property
+    def with_backend(self) -> bool:
+        """Its next step is the backend's: a handover, or the finish_upload it awaits."""
+        return self.handing_over or self.phase is Phase.AWAITING_FINISH
+
+    @property
     def offset(self) -> int:
         """Where a client resumes: the bytes stored, or all of them once received."""
         if self.phase is Phase.RECEIVING or self.length is None:
@@ -379,7 +384,8 @@ for _state in _LIVE:
 
 def _refuse_ended(core: _Core) -> None:
     if core.upload.phase is Phase.FINISHED:
-        raise UploadError(ErrorCode.TICKET_FINISHED, "this upload is already finished")
+        message = "this upload is already finished"
+        raise UploadError(ErrorCode.TICKET_FINISHED, message, core.upload.result)
     reason = core.upload.cancel_reason
     raise UploadError(ErrorCode.TICKET_CANCELLED, f"this upload was cancelled: {reason}")
 

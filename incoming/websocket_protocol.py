@@ -73,7 +73,6 @@ class UploadProtocolSession:
         self.paused = False
         self.cancelling = False  # this client asked to cancel
         self._request_deadline: IDelayedCall | None = None
-        self._ticket: str | None = None  # as the client named it
 
     # rfc6455.MessageHandler
 
@@ -101,14 +100,12 @@ class UploadProtocolSession:
         try:
             self._dispatch(*_parse(text))
         except UploadError as e:
-            self.error(e.code, e.message, **self._finished_result(e))
+            self.refused(e)
 
-    def _finished_result(self, error: UploadError) -> dict[str, str]:
+    def refused(self, error: UploadError) -> None:
         """A client returning to a finished upload still learns the backend's verdict."""
-        if error.code is not ErrorCode.TICKET_FINISHED or self._ticket is None:
-            return {}
-        upload = self.manager.get(self._ticket)
-        return {"Result": upload.result} if upload is not None else {}
+        finished = error.code is ErrorCode.TICKET_FINISHED
+        self.error(error.code, error.message, **({"Result": error.result} if finished else {}))
 
     def binary_received(self, data: bytes) -> None:
         if self.stage is Stage.ENDED:
@@ -185,12 +182,20 @@ class UploadProtocolSession:
         if not isinstance(name, str):
             raise UploadError(ErrorCode.MALFORMED_MESSAGE, "Name is not a string")
         self._stop_request_deadline()
-        self._ticket = ticket
-        self.upload = self.manager.connect(ticket, self, length, name[:MAX_NAME_CHARS])
         self.stage = Stage.CONNECTING
-        ensureDeferred(self._confirm(self.upload)).addErrback(self._internal_error)
+        connecting = self._connect(ticket, length, name[:MAX_NAME_CHARS])
+        ensureDeferred(connecting).addErrback(self._internal_error)
 
-    async def _confirm(self, upload: Upload) -> None:
+    async def _connect(self, ticket: str, length: int, name: str) -> None:
+        try:
+            upload = await self.manager.connect(ticket, self, length, name)
+        except UploadError as e:
+            self.refused(e)
+            return
+        if self.stage is not Stage.CONNECTING:  # the connection went meanwhile
+            upload.life.disconnect(self, self.paused)
+            return
+        self.upload = upload
         position = await self.manager.resume_position(upload)
         if self.stage is not Stage.CONNECTING:
             return

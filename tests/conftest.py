@@ -13,7 +13,15 @@ from twisted.python.threadpool import ThreadPool
 
 from incoming.config import Config
 
-from .harness import CHUNK_KB, SEND_AHEAD, Backend, Server, start_backend, start_server
+from .harness import (
+    CHUNK_KB,
+    SEND_AHEAD,
+    Backend,
+    Redis,
+    Server,
+    start_backend,
+    start_server,
+)
 
 
 @pytest.fixture
@@ -53,6 +61,15 @@ async def server(config: Config) -> AsyncIterator[Server]:
         await d
     await ensureDeferred(s.manager.shutdown())
     pool.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(tmp_path: Path) -> AsyncIterator[Redis]:
+    """A Redis of the test's own, on a free loopback port."""
+    server = Redis(tmp_path / "redis")
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

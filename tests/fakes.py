@@ -40,6 +40,15 @@ class MemoryStorage:
     def free_bytes(self) -> int:
         return self.free
 
+    def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]:
+        for files in (self.parts, self.finals):
+            if upload_id in files:
+                return succeed((len(files[upload_id]), True))
+        return succeed((0, False))
+
+    def read_state(self, upload_id: str) -> Deferred[Record | None]:
+        return succeed(self.states.get(upload_id, self.journal.get(upload_id)))
+
     def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
         self.journal[upload_id] = record
         return succeed(None)

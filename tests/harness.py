@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -137,9 +138,11 @@ async def start_server(
 
 
 class Daemon(ProcessProtocol):
-    """Watches twistd's log for the listening port, and for its exit."""
+    """Watches a server's log for the line saying it is ready (for twistd: its port),
+    and for its exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready: bytes = rb"IncomingSite starting on (\d+)") -> None:
+        self.ready = ready
         self.output = b""
         self.listening: Deferred[int] = Deferred()
         self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
@@ -154,9 +157,9 @@ class Daemon(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        match = re.search(rb"IncomingSite starting on (\d+)", self.output)
+        match = re.search(self.ready, self.output)
         if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
+            self.listening.callback(int(match.group(1)) if match.groups() else 0)
         for pattern, d in list(self._waiting):
             if re.search(pattern, self.output):
                 self._waiting.remove((pattern, d))
@@ -205,6 +208,47 @@ async def start_daemon(
     )  # fmt: skip
     stopper.append(process)
     return daemon, process, Server(manager=None, port=port, storage_dir=storage)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, its data (AOF, fsynced at every
+    write) in a directory of the test's, so that it can be restarted without loss."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.daemon: Daemon | None = None
+        self.process: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.daemon = Daemon(ready=rb"Ready to accept connections")
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+        ]  # fmt: skip
+        self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.daemon, "/usr/bin/redis-server", command, env=dict(os.environ)
+        )
+        await self.daemon.listening
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.pid is not None:
+            assert self.daemon is not None
+            self.process.signalProcess(signal.SIGTERM)
+            await self.daemon.ended
+        self.process = None
 
 
 async def stop_daemon(daemon: Daemon, process: Any) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from incoming import rfc6455
@@ -32,6 +33,8 @@ from .conftest import CHUNK_KB, SEND_AHEAD
 from .fakes import MemoryStorage, RecordingHandover, RecordingTransport
 from .harness import Backend, Server, connect, send_all, start_server, upload_request
 
+T = TypeVar("T")
+
 
 def make_manager(
     handover: RecordingHandover | None = None, storage: MemoryStorage | None = None
@@ -39,6 +42,18 @@ def make_manager(
     clock, storage, handover = Clock(), storage or MemoryStorage(), handover or RecordingHandover()
     manager = UploadManager(storage, handover, clock, Metrics(), max_idle=100, confirm_timeout=30)
     return manager, clock, storage, handover
+
+
+def now(work: Coroutine[Any, Any, T]) -> T:
+    """The result of work that the synchronous fakes let finish at once (or its error)."""
+    d = ensureDeferred(work)
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    if failures:
+        failures[0].raiseException()
+    assert d.called, "the work did not finish at once"
+    result: T = d.result
+    return result
 
 
 def new_ticket(manager: UploadManager, remove: bool) -> Upload:
@@ -54,7 +69,7 @@ def begin(
     manager, clock, storage, handover = make_manager(RecordingHandover(answer, hold))
     upload = new_ticket(manager, remove)
     transport = RecordingTransport()
-    manager.connect(upload.id, transport, length, "n")
+    now(manager.connect(upload.id, transport, length, "n"))
     return manager, clock, storage, handover, upload, transport
 
 
@@ -179,18 +194,18 @@ def test_a_second_connection_is_refused_and_the_first_ones_bytes_stay_its_own() 
     manager, clock, storage, handover, upload, transport = begin(length=10)
     other = RecordingTransport()
     with pytest.raises(UploadError) as refused:
-        manager.connect(upload.id, other, 10, "n")
+        now(manager.connect(upload.id, other, 10, "n"))
     assert refused.value.code is ErrorCode.ALREADY_CONNECTED
     landing: Deferred[None] = Deferred()
     storage.write = lambda *args: landing  # type: ignore[method-assign]
     upload.life.receive(b"12345")  # in flight when the connection drops
     upload.life.disconnect(transport, False)
-    manager.connect(upload.id, other, 10, "n")
+    now(manager.connect(upload.id, other, 10, "n"))
     landing.callback(None)
     assert transport.events == [("stored", 5)] and other.events == []
     assert upload.stored == 5
     with pytest.raises(UploadError) as refused:
-        manager.connect(upload.id, RecordingTransport(), 10, "n")
+        now(manager.connect(upload.id, RecordingTransport(), 10, "n"))
     assert refused.value.code is ErrorCode.ALREADY_CONNECTED
 
 
