@@ -274,3 +274,48 @@ class _Listener(txredisapi.SubscriberProtocol):  # type: ignore[misc]
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.cluster._received(message)
+
+
+async def rebuild(cluster: Cluster, records: list[Record]) -> int:
+    """Put every record saved in a storage directory back into Redis (after Redis lost
+    its data); returns how many. Their idle deadlines are their own."""
+    from .upload import Upload
+
+    for record in records:
+        upload = Upload.from_record(record, 0)
+        await cluster.save(record, upload.idle_deadline, upload.with_backend)
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m incoming.cluster --redis URL --storage-dir DIR`: rebuild Redis from the
+    directory the instances share (run it with the instances stopped)."""
+    import argparse
+    from pathlib import Path
+
+    from twisted.internet import task
+    from twisted.python.threadpool import ThreadPool
+
+    from .storage import DiskStorage
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--redis", required=True)
+    parser.add_argument("--storage-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    async def run(reactor: Any) -> None:
+        pool = ThreadPool(minthreads=0, maxthreads=1)
+        records = [saved.record for saved in DiskStorage(args.storage_dir, reactor, pool).load()]
+        cluster = Cluster(args.redis, reactor, lease_seconds=60)
+        cluster.start()
+        try:
+            count = await rebuild(cluster, records)
+        finally:
+            await cluster.stop()
+        print(f"{count} uploads put back into {args.redis}")
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,12 +7,14 @@ import base64
 import hashlib
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 import treq
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 
@@ -20,6 +22,7 @@ from incoming.errors import ErrorCode
 
 from .harness import (
     CHUNK_KB,
+    ROOT,
     SEND_AHEAD,
     Backend,
     Daemon,
@@ -320,3 +323,48 @@ async def test_many_uploads_reconnecting_to_random_instances(
         assert (tmp_path / "shared" / post["id"]).read_bytes() == uploads[post["id"]]
     await stop_all(started)
     assert backend.posts.pending == []  # one handover each
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_is_rebuilt_from_the_directory_and_one_process_can_take_it_over(
+    tmp_path: Path, redis: Redis, backend: Backend, stopper: list[Any]
+) -> None:
+    started = await instances(2, redis, tmp_path, stopper)
+    (_, _, a), (_, _, b) = started
+    data = os.urandom(4 * CHUNK)
+    ticket, client, _ = await acked_upload(
+        a, backend.url, len(data), removeFileWhenFinished="false"
+    )
+    await send_all(client, data[:CHUNK], CHUNK, SEND_AHEAD)
+    client.close()
+    unused = await b.new_upload(backend.url, removeFileWhenFinished="false")
+    await stop_all(started)
+
+    await threads.deferToThread(
+        subprocess.run, ["redis-cli", "-p", str(redis.port), "FLUSHALL"], check=True
+    )  # Redis loses everything
+    rebuilt = await threads.deferToThread(
+        subprocess.run,
+        [sys.executable, "-m", "incoming.cluster", "--redis", redis.url,
+         "--storage-dir", str(tmp_path / "shared")],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert rebuilt.stdout.startswith("2 uploads put back")
+    started = await instances(1, redis, tmp_path, stopper)
+    [(_, _, c)] = started
+    resumed, conf = await upload_request(c, ticket, len(data))
+    assert conf["FilePos"] == CHUNK
+    await complete_upload(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
+    assert (await backend.posts.get())["sha256"] == sha256(data)
+    await stop_all(started)
+
+    # one process, no Redis, takes over the cluster's directory
+    daemon, process, single = await start_daemon(tmp_path / "shared", tmp_path, stopper)
+    client, conf = await upload_request(single, unused, 3)
+    assert conf["FilePos"] == 0
+    await complete_upload(client, b"one", CHUNK, SEND_AHEAD)
+    assert (await backend.posts.get())["id"] == unused
+    late = await connect(single.ws_url())
+    late.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="x")
+    await late.expect_error(ErrorCode.TICKET_FINISHED)
+    await stop_daemon(daemon, process)
