@@ -432,13 +432,17 @@ class UploadManager:
         await self.storage.drain(upload.id)
         if self._uploads.get(upload.id) is not upload or not _idle(upload):
             return
+        if upload.id in self._unsaved:
+            await self.save(upload)
+        await self._send(upload)  # Redis has the latest before the lease goes
+        still = self._uploads.get(upload.id) is upload and _idle(upload)
+        if upload.id in self._unsent or not still:
+            return  # Redis is away (the next renewal tries again), or it is in use again
         del self._uploads[upload.id]
         for timers in (self._idle, self._confirm):
             timer = timers.pop(upload.id, None)
             if timer is not None and timer.active():
                 timer.cancel()
-        if upload.id in self._unsaved or upload.id in self._unsent:
-            await self.save(upload)
         self.storage.forget(upload.id)
         with contextlib.suppress(Unavailable):  # it lapses by itself
             await self.cluster.release(upload.id)
@@ -477,6 +481,9 @@ class UploadManager:
                 log.error("upload {id}: another instance took it over", id=upload_id)
                 if upload.transport is not None:
                     upload.transport.going_away()
+        for upload in list(self._uploads.values()):
+            if _idle(upload):  # one that Redis's absence kept here
+                self._let_go_soon(upload)
 
     async def _janitor_round(self) -> None:
         """One instance at a time: expire idle uploads nobody holds, and take up
