@@ -110,6 +110,7 @@ class UploadManager:
         upload.idle_deadline = self.clock.seconds() + self.max_idle
         record = upload.to_record()
         await self.storage.save_state(upload.id, record)
+        self.storage.forget(upload.id)  # no bookkeeping here for an upload not held here
         await self._registry(self.cluster.create(record, upload.idle_deadline))
         self.metrics.tickets_created.inc()
         return upload
@@ -127,6 +128,7 @@ class UploadManager:
         if record is None:
             return None
         stored, _ = await self.storage.stored(upload_id)
+        self.storage.forget(upload_id)
         return Upload.from_record(record, stored)
 
     async def hold(self, upload_id: str) -> Upload:
