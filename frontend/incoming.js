@@ -39,6 +39,7 @@
   var PATCH_ERRORS = { 400: 1, 404: 10, 413: 15, 415: 1, 502: 30, 507: 20 };
   var REMEMBERED = "incoming.upload|"; // localStorage key prefix
   var REMEMBER_MS = 12 * 3600 * 1000; // the server's default idle expiry
+  var MAX_REASON_CHARS = 500; // of a cancel reason sent over HTTP: what the server keeps
 
   function set_server_hostname(hostname) {
     server_hostname = hostname;
@@ -177,6 +178,20 @@
   function int_header(xhr, name) {
     var value = header(xhr, name);
     return value !== null && /^\s*\d+\s*$/.test(value) ? parseInt(value, 10) : null;
+  }
+
+  // A cancel reason for the header Incoming-Cancel-Reason: what the server keeps of it,
+  // percent-encoded UTF-8.
+  function reason_header(reason) {
+    var text = String(reason).slice(0, MAX_REASON_CHARS);
+    if (/[\ud800-\udbff]$/.test(text)) {
+      text = text.slice(0, -1); // half a pair, cut
+    }
+    try {
+      return encodeURIComponent(text);
+    } catch (e) {
+      return encodeURIComponent(text.replace(/[\ud800-\udfff]/g, "\ufffd")); // a lone surrogate
+    }
   }
 
   // The backend's verdict, as the answer that finished the upload carries it: percent-
@@ -970,7 +985,9 @@
     var self = this;
     var s = this._s;
     this._set_state("Cancelling");
-    this._h_send("DELETE", this._url, {}, null, function (xhr) {
+    this._h_send("DELETE", this._url, {
+      "Incoming-Cancel-Reason": reason_header(this._cancel_reason)
+    }, null, function (xhr) {
       if (!xhr) {
         self._h_retry("Cancelling");
       } else if (xhr.status === 204 || xhr.status === 404) {

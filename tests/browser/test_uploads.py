@@ -261,18 +261,20 @@ def test_http_cancel_is_a_delete(
     if when == "paused":
         wait(app_page, "window.ups[0] && window.ups[0].paused")
         assert app_page.evaluate(
-            "() => { const u = window.ups[0]; u.cancel('changed my mind');"
+            "() => { const u = window.ups[0]; u.cancel('changed my mind: trop lent 🐢 100%');"
             " return [u.cancelling, u.cancelled, u.state_msg, window.events]; }"
         ) == [True, False, "Cancelling", []]
-    reason = "cancelled by the test" if when == "transferring" else "changed my mind"
+    reason = (
+        "cancelled by the test" if when == "transferring" else "changed my mind: trop lent 🐢 100%"
+    )
     wait(app_page, "window.ups[0] && window.ups[0].cancelled")
     assert app_page.evaluate("() => [window.ups[0].cancelling, window.events]") == [
         False, [[0, "cancelled", f"Cancelled: {reason}"]],
     ]  # fmt: skip
     ticket = app_page.evaluate("() => window.ups[0].ticket")
     [notice] = handovers(demo, ticket)
-    # a tus DELETE carries no reason: the server gives the backend its own
-    assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "cancelled by the user")
+    # the page's reason reaches the backend (the DELETE's Incoming-Cancel-Reason)
+    assert (notice["cancelled"], notice["cancelReason"]) == ("yes", reason)
     assert incoming.parts() == []
     assert not (demo.files / "c.bin").exists()
     assert (

@@ -139,7 +139,10 @@ test("cancel aborts the PATCH and sends DELETE; its 204 ends in oncancelled", ()
   up.cancel("no longer needed");
   assert.equal(patch.aborted, true);
   assert.deepEqual(request(env.xhr()), ["DELETE", URL]);
-  assert.deepEqual(env.xhr().requestHeaders, { "Tus-Resumable": "1.0.0" });
+  assert.deepEqual(env.xhr().requestHeaders, {
+    "Tus-Resumable": "1.0.0",
+    "Incoming-Cancel-Reason": "no%20longer%20needed",
+  });
   assert.deepEqual([up.cancelling, up.cancelled, up.can_cancel, up.state_msg],
                    [true, false, false, "Cancelling"]);
   assert.deepEqual(events, [], "cancelled only when the server says so");
@@ -521,6 +524,29 @@ test("uploads work where localStorage is missing, throws, or is full", () => {
     created(env, up).respond(204, { "Upload-Offset": MiB });
     assert.deepEqual(events, ["finished"]);
     assert.equal(env.incoming.find_upload(a), null);
+  }
+});
+
+test("the cancel reason goes with the DELETE, percent-encoded UTF-8, as much as the server keeps", () => {
+  const reasons = [
+    [undefined, "cancelled by the user"],
+    ["trop lent, désolé 🐢 +&%", "trop lent, désolé 🐢 +&%"],
+    ["x".repeat(499) + "🐢", "x".repeat(499)], // 500 chars, the last one half of a pair
+    ["é".repeat(800), "é".repeat(500)],
+    ["lone \ud800 surrogate", "lone \ufffd surrogate"],
+  ];
+  for (const [reason, sent] of reasons) {
+    const env = load();
+    const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+    const events = recorder(up);
+    created(env, up);
+    up.cancel(reason);
+    const header = env.xhr().requestHeaders["Incoming-Cancel-Reason"];
+    assert.equal(env.xhr().method, "DELETE");
+    assert.equal(decodeURIComponent(header), sent, String(reason));
+    assert.match(header, /^[A-Za-z0-9%\-_.!~*'()]*$/, "ASCII only");
+    env.xhr().respond(204);
+    assert.deepEqual(events, ["cancelled: " + (reason || "cancelled by the user")], "the page keeps it whole");
   }
 });
 
