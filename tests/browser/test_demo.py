@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -106,3 +108,49 @@ def test_demo_continues_an_upload_after_a_reload(
     expect(row.locator(".state")).to_have_text("Finished")
     assert row.get_attribute("data-ticket") not in (None, ticket)
     expect(row.locator(".note")).to_be_hidden()
+
+
+def post_handover(demo: Demo, form: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"{demo.url}handover", data=urllib.parse.urlencode(form).encode()
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_demo_backend_refuses_a_file_whose_sha256_differs(demo: Demo, tmp_path: Path) -> None:
+    """A handover as Incoming!! sends it, but with another file's SHA-256: the handover
+    fails (not `done` nor `wait`), the file is not kept and the mismatch is logged. Without
+    a sha256 (Incoming!! with --checksum none) the demo's own digest is the verdict's."""
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{demo.url}api/ticket", method="POST")
+    ) as r:
+        ticket = json.load(r)["ticket"]
+    secret = json.loads((tmp_path / "secrets.json").read_text())[ticket]
+    stored = random_file(tmp_path / "stored", 100_000)
+    form = {
+        "id": ticket,
+        "filename": str(stored),
+        "filenameFromBrowser": "x.bin",
+        "backendSecret": secret,
+        "cancelled": "no",
+        "cancelReason": "",
+        "size": "100000",
+    }
+    digest = sha256(stored)
+    status, text = post_handover(demo, {**form, "sha256": "0" * 64})
+    assert (status, text) == (422, "the file's SHA-256 does not match")
+    assert list(demo.files.iterdir()) == []
+    assert demo.output is not None
+    demo.output.wait_for(rf"upload {ticket} refused: SHA-256 {digest} of the file ".encode())
+    stored = random_file(tmp_path / "stored", 100_000)
+    digest = sha256(stored)
+    status, text = post_handover(demo, form)  # no sha256
+    assert status == 200 and text.startswith("done\n")
+    assert json.loads(text.partition("\n")[2]) == {
+        "url": "/files/x.bin", "sha256": digest, "name": "x.bin",
+    }  # fmt: skip
+    assert sha256(demo.files / "x.bin") == digest
