@@ -1,11 +1,13 @@
 """The demo web app, used as a person would: click, choose, pause, resume, download.
 
 The demo uploads over HTTP (incoming.js's default); Chromium's upload is slowed
-down (4 MiB/s) until the test has acted mid-upload.
+down (4 MiB/s) until the test has acted mid-upload. Its backend checks the
+handover's sha256 and sends the page its verdict, which the page shows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.error
@@ -22,14 +24,22 @@ MiB = 1024 * 1024
 SLOW_UPLOAD = 4 * MiB
 
 
-def handovers(demo: Demo, ticket: str) -> list[dict[str, str]]:
+def handovers_of(demo: Demo) -> list[dict[str, str]]:
     with urllib.request.urlopen(f"{demo.url}api/events") as response:
-        return [e for e in json.load(response) if e["id"] == ticket]
+        events: list[dict[str, str]] = json.load(response)
+        return events
+
+
+def handovers(demo: Demo, ticket: str) -> list[dict[str, str]]:
+    return [e for e in handovers_of(demo) if e["id"] == ticket]
 
 
 @pytest.mark.parametrize("handover_mode", ["done", "wait"])
 def test_demo_page_end_to_end(page: Page, demo: Demo, tmp_path: Path, handover_mode: str) -> None:
     source = random_file(tmp_path / "holiday video.mp4", 12 * MiB)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    asked: list[str] = []  # what the page asks the web app for
+    page.on("request", lambda r: r.url.startswith(demo.url) and asked.append(r.url))
     page.goto(demo.url)
     throttle(page, SLOW_UPLOAD)
     expect(page.locator("#files")).to_have_text("No files yet.")
@@ -52,13 +62,27 @@ def test_demo_page_end_to_end(page: Page, demo: Demo, tmp_path: Path, handover_m
     row.locator("button.pause").click()
     expect(row.locator(".state")).to_have_text("Finished", timeout=60_000)
     expect(row.locator("button.cancel")).to_be_disabled()
-    link = page.locator("#files a")
+    # the web app's verdict (done + JSON, or finish_upload's result after wait), shown
+    result = page.evaluate("() => document.querySelector('.upload').uploader.result")
+    assert json.loads(result) == {
+        "url": "/files/holiday%20video.mp4", "sha256": digest, "name": "holiday video.mp4",
+    }  # fmt: skip
+    received = row.locator(".received")
+    expect(received.locator(".sha256")).to_have_text(digest)
+    link = received.locator("a")
     expect(link).to_have_text("holiday video.mp4")
+    assert link.get_attribute("href") == "/files/holiday%20video.mp4"
+    expect(page.locator("#files a")).to_have_text("holiday video.mp4")  # listed from it too
+    assert page.locator("#files a").get_attribute("href") == "/files/holiday%20video.mp4"
+    # not from the web app's list of files: that was asked for once, when the page loaded
+    assert [u for u in asked if "/api/files" in u] == [f"{demo.url}api/files"]
     with page.expect_download() as download:
         link.click()
     saved = tmp_path / "downloaded"
     download.value.save_as(saved)
-    assert sha256(saved) == sha256(source) == sha256(demo.files / "holiday video.mp4")
+    assert sha256(saved) == digest == sha256(demo.files / "holiday video.mp4")
+    [handover] = [e for e in handovers_of(demo) if e["cancelled"] == "no"]
+    assert handover["sha256"] == digest
 
 
 def test_demo_cancel_button(page: Page, demo: Demo, tmp_path: Path) -> None:
