@@ -190,7 +190,8 @@
     try {
       return encodeURIComponent(text);
     } catch (e) {
-      return encodeURIComponent(text.replace(/[\ud800-\udfff]/g, "\ufffd")); // a lone surrogate
+      // a lone surrogate: then every surrogate becomes U+FFFD, paired or not
+      return encodeURIComponent(text.replace(/[\ud800-\udfff]/g, "\ufffd"));
     }
   }
 
