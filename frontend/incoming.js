@@ -6,6 +6,7 @@
  *   incoming.set_server_hostname("HOST");
  *   var up = new incoming.Uploader(ticket, file);
  *   up.onprogress = function (u) { bar.value = u.frac_complete; };
+ *   up.onfinished = function (u) { show(u.result); }; // the backend's verdict ("" if none)
  *   up.start();
  *
  * Two transports: HTTP (tus 1.0: one PATCH of a File.slice at a time, the
@@ -38,6 +39,7 @@
   var PATCH_ERRORS = { 400: 1, 404: 10, 413: 15, 415: 1, 502: 30, 507: 20 };
   var REMEMBERED = "incoming.upload|"; // localStorage key prefix
   var REMEMBER_MS = 12 * 3600 * 1000; // the server's default idle expiry
+  var MAX_REASON_CHARS = 500; // of a cancel reason sent over HTTP: what the server keeps
 
   function set_server_hostname(hostname) {
     server_hostname = hostname;
@@ -178,6 +180,32 @@
     return value !== null && /^\s*\d+\s*$/.test(value) ? parseInt(value, 10) : null;
   }
 
+  // A cancel reason for the header Incoming-Cancel-Reason: what the server keeps of it,
+  // percent-encoded UTF-8.
+  function reason_header(reason) {
+    var text = String(reason).slice(0, MAX_REASON_CHARS);
+    if (/[\ud800-\udbff]$/.test(text)) {
+      text = text.slice(0, -1); // half a pair, cut
+    }
+    try {
+      return encodeURIComponent(text);
+    } catch (e) {
+      // a lone surrogate: then every surrogate becomes U+FFFD, paired or not
+      return encodeURIComponent(text.replace(/[\ud800-\udfff]/g, "\ufffd"));
+    }
+  }
+
+  // The backend's verdict, as the answer that finished the upload carries it: percent-
+  // encoded UTF-8 ("" if none; the text as it came if it is not percent-encoded).
+  function result_header(xhr) {
+    var value = header(xhr, "Incoming-Result") || "";
+    try {
+      return decodeURIComponent(value);
+    } catch (e) {
+      return value;
+    }
+  }
+
   // The server's text for a refusal; a proxy's page or nothing becomes "HTTP 503 ...".
   function answer_text(xhr) {
     var text = "";
@@ -213,6 +241,7 @@
       chunks_acked_now: 0,
       state_msg: "Ready",
       cancel_msg: "",
+      result: "", // the backend's verdict for the page, once finished
       error_code: 0,
       error_msg: "",
       connected: false,
@@ -253,7 +282,7 @@
   }
 
   ["filename", "bytes_total", "bytes_tx", "bytes_acked", "chunks_tx_now",
-   "chunks_acked_now", "state_msg", "cancel_msg", "error_code", "error_msg",
+   "chunks_acked_now", "state_msg", "cancel_msg", "result", "error_code", "error_msg",
    "connected", "finished", "paused", "cancelling", "cancelled"].forEach(function (name) {
     readonly(name, function () { return this._s[name]; });
   });
@@ -518,18 +547,18 @@
       this._notify("onprogress");
       this._pump();
     } else if (type === "MsgAllDone") {
-      this._finished();
+      this._finished(data.Result); // a server before the second version sends none
     } else if (type === "MsgCancelAck" || type === "MsgCancel") {
       s.cancelling = false;
       this._drop_socket();
       this._mark_cancelled(type === "MsgCancel" ? data.Reason : this._cancel_reason);
       this._notify("onprogress");
     } else if (type === "MsgError") {
-      this._server_error(data.ErrorCode || 0, data.Msg || "unknown error");
+      this._server_error(data.ErrorCode || 0, data.Msg || "unknown error", data);
     }
   };
 
-  P._server_error = function (code, message) {
+  P._server_error = function (code, message, data) {
     var s = this._s;
     if (s.cancelling && (code === 12 || code === 10)) {
       // the server already cancelled or forgot the upload: the cancel has nothing left to do
@@ -546,8 +575,9 @@
     }
     if (code === 11) {
       // finished while we were away (the connection dropped before MsgAllDone), or
-      // before our cancel reached the server: the backend has the file
-      this._receive("MsgAllDone", {});
+      // before our cancel reached the server: the backend has the file (and its verdict
+      // comes along)
+      this._receive("MsgAllDone", { Result: data.Result });
       return;
     }
     if (code === 16) {
@@ -569,9 +599,11 @@
     this._fail(code, message);
   };
 
-  P._finished = function () {
+  // `result`: the backend's verdict for the page, where the server sent one.
+  P._finished = function (result) {
     var s = this._s;
     s.finished = true;
+    s.result = typeof result === "string" ? result : "";
     s.cancelling = false;
     s.error_code = 0;
     s.error_msg = "";
@@ -753,7 +785,8 @@
         self._h_unreachable();
       } else if (xhr.status === 201) {
         if (s.bytes_total === 0) {
-          self._finished(); // a zero-byte creation is answered after the handover
+          // a zero-byte creation is answered after the handover
+          self._finished(result_header(xhr));
           return;
         }
         location = header(xhr, "Location");
@@ -762,7 +795,7 @@
         if (offset === null) {
           self._h_step(); // HEAD tells
         } else {
-          self._h_at(offset, header(xhr, "Upload-Expires") !== null);
+          self._h_at(offset, xhr);
         }
       } else if (xhr.status === 404 && !header(xhr, "Tus-Resumable")) {
         self._h_fallback(); // a server without a tus endpoint (before the second version)
@@ -824,10 +857,11 @@
     this._connect();
   };
 
-  // The server's offset, from a creation or a HEAD. `live`: the upload may still
-  // change (Upload-Expires is given until it is finished).
-  P._h_at = function (offset, live) {
+  // The server's offset, from the answer to a creation or a HEAD. Upload-Expires is
+  // given until the upload is finished; once it is, Incoming-Result with it.
+  P._h_at = function (offset, xhr) {
     var s = this._s;
+    var live = header(xhr, "Upload-Expires") !== null;
     s.error_code = 0; // the server answers again: an error retried before is over
     s.error_msg = "";
     s.bytes_acked = s.bytes_tx = Math.min(offset, s.bytes_total);
@@ -838,7 +872,7 @@
       }
       this._h_step();
     } else if (!live) {
-      this._finished();
+      this._finished(result_header(xhr));
     } else {
       // every byte is stored and the handover runs; ask again until it is over
       s.cancelling = false;
@@ -855,7 +889,7 @@
       if (!xhr) {
         self._h_retry("Connection lost");
       } else if (xhr.status === 200 && offset !== null) {
-        self._h_at(offset, header(xhr, "Upload-Expires") !== null);
+        self._h_at(offset, xhr);
       } else if (xhr.status === 410 || (xhr.status === 404 && s.cancelling)) {
         self._h_cancelled();
       } else {
@@ -905,7 +939,8 @@
         s.error_msg = "";
         self._retries = 0;
         if (s.bytes_acked === s.bytes_total) {
-          self._finished(); // the last PATCH is answered once the backend has the file
+          // the last PATCH is answered once the backend has the file, with its verdict
+          self._finished(result_header(xhr));
           return;
         }
         remember(self._file, self._ticket);
@@ -951,7 +986,9 @@
     var self = this;
     var s = this._s;
     this._set_state("Cancelling");
-    this._h_send("DELETE", this._url, {}, null, function (xhr) {
+    this._h_send("DELETE", this._url, {
+      "Incoming-Cancel-Reason": reason_header(this._cancel_reason)
+    }, null, function (xhr) {
       if (!xhr) {
         self._h_retry("Cancelling");
       } else if (xhr.status === 204 || xhr.status === 404) {

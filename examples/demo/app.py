@@ -1,9 +1,13 @@
 """A small web app that takes uploads through Incoming!!, as a real integration would.
 
 Its backend asks Incoming!! for a ticket per file (with a fresh backendSecret),
-checks the secret on the handover, moves each finished file into its own
-folder, and lists the files for download. `--handover wait` answers `wait` and
-calls `finish_upload` once the file is moved.
+checks the secret on the handover, moves each finished file into its own folder
+and checks its SHA-256 against the handover's `sha256` (a mismatch fails the
+handover), and lists the files for download. It answers `done` and, on the next
+line, its verdict for the page: JSON with the file's download URL, SHA-256 and
+stored name, which the page gets as the uploader's `result`. `--handover wait`
+answers `wait` and calls `finish_upload` with that verdict as `result` once the
+file is moved.
 
 The secrets of the tickets not yet handed over are kept in a file (`--secrets`),
 so that an upload a reloaded page continues with its ticket is still accepted
@@ -13,6 +17,7 @@ after this app restarts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -115,19 +120,36 @@ class Demo:
             self.secrets.pop(ticket, None)
             self._save_secrets()
             return b"ok"
-        target = await threads.deferToThread(
+        # Disk work in a thread, never on the reactor: the move, and reading the file
+        # to hash it (Incoming!! without a checksum, `--checksum none`, sends no sha256).
+        target, digest = await threads.deferToThread(
             self._move, form["filename"], form["filenameFromBrowser"]
         )
-        log.info("upload {id} stored as {t}", id=ticket, t=target.name)
+        expected = form.get("sha256")
+        if expected is not None and expected != digest:
+            await threads.deferToThread(target.unlink)
+            log.error(
+                "upload {id} refused: SHA-256 {ours} of the file received, {theirs} sent",
+                id=ticket,
+                ours=digest,
+                theirs=expected,
+            )
+            request.setResponseCode(422)  # not `done` nor `wait`: the handover fails
+            return b"the file's SHA-256 does not match"
+        log.info("upload {id} stored as {t}, SHA-256 {d}", id=ticket, t=target.name, d=digest)
+        verdict = json.dumps(
+            {"url": "/files/" + quote(target.name), "sha256": digest, "name": target.name}
+        )
         if self.handover == "wait":
             # A worker finishes the job; its finish_upload may arrive before our answer.
-            ensureDeferred(self._finish(ticket))
+            ensureDeferred(self._finish(ticket, verdict))
             return b"wait"
         self.secrets.pop(ticket, None)
         self._save_secrets()
-        return b"done"
+        return b"done\n" + verdict.encode()  # the verdict reaches the page as `result`
 
-    def _move(self, source: str, browser_name: str) -> Path:
+    def _move(self, source: str, browser_name: str) -> tuple[Path, str]:
+        """Into the files folder, under a name of its own; and its SHA-256."""
         stem = safe_name(browser_name)
         target = self.files / stem
         n = 1
@@ -135,15 +157,17 @@ class Demo:
             target = self.files / f"{n}-{stem}"
             n += 1
         shutil.move(source, target)
-        return target
+        with target.open("rb") as f:
+            return target, hashlib.file_digest(f, "sha256").hexdigest()
 
-    async def _finish(self, ticket: str) -> None:
-        """The work is done: tell Incoming!! (it accepts this even before our `wait`)."""
+    async def _finish(self, ticket: str, verdict: str) -> None:
+        """The work is done: tell Incoming!! (it accepts this even before our `wait`),
+        with the verdict for the page."""
         secret = self.secrets.pop(ticket, "")
         self._save_secrets()
         response = await treq.post(
             f"{self.incoming}/incoming/backend/finish_upload",
-            data={"id": ticket, "backendSecret": secret},
+            data={"id": ticket, "backendSecret": secret, "result": verdict},
         )
         await response.content()
         log.info("finish_upload {id}: {code}", id=ticket, code=response.code)

@@ -130,6 +130,7 @@ class Demo:
     files: Path
     args: list[str]
     process: subprocess.Popen[bytes] | None = None
+    output: Output | None = None  # what it logs
 
     @property
     def url(self) -> str:
@@ -141,8 +142,9 @@ class Demo:
              "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        self.output = Output(self.process)
         try:
-            Output(self.process).wait_for(rb"demo listening on")
+            self.output.wait_for(rb"demo listening on")
         except RuntimeError:
             stop(self.process, signal.SIGKILL)
             raise

@@ -1,13 +1,17 @@
 """The demo web app, used as a person would: click, choose, pause, resume, download.
 
 The demo uploads over HTTP (incoming.js's default); Chromium's upload is slowed
-down (4 MiB/s) until the test has acted mid-upload.
+down (4 MiB/s) until the test has acted mid-upload. Its backend checks the
+handover's sha256 and sends the page its verdict, which the page shows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -20,14 +24,22 @@ MiB = 1024 * 1024
 SLOW_UPLOAD = 4 * MiB
 
 
-def handovers(demo: Demo, ticket: str) -> list[dict[str, str]]:
+def handovers_of(demo: Demo) -> list[dict[str, str]]:
     with urllib.request.urlopen(f"{demo.url}api/events") as response:
-        return [e for e in json.load(response) if e["id"] == ticket]
+        events: list[dict[str, str]] = json.load(response)
+        return events
+
+
+def handovers(demo: Demo, ticket: str) -> list[dict[str, str]]:
+    return [e for e in handovers_of(demo) if e["id"] == ticket]
 
 
 @pytest.mark.parametrize("handover_mode", ["done", "wait"])
 def test_demo_page_end_to_end(page: Page, demo: Demo, tmp_path: Path, handover_mode: str) -> None:
     source = random_file(tmp_path / "holiday video.mp4", 12 * MiB)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    asked: list[str] = []  # what the page asks the web app for
+    page.on("request", lambda r: r.url.startswith(demo.url) and asked.append(r.url))
     page.goto(demo.url)
     throttle(page, SLOW_UPLOAD)
     expect(page.locator("#files")).to_have_text("No files yet.")
@@ -50,13 +62,27 @@ def test_demo_page_end_to_end(page: Page, demo: Demo, tmp_path: Path, handover_m
     row.locator("button.pause").click()
     expect(row.locator(".state")).to_have_text("Finished", timeout=60_000)
     expect(row.locator("button.cancel")).to_be_disabled()
-    link = page.locator("#files a")
+    # the web app's verdict (done + JSON, or finish_upload's result after wait), shown
+    result = page.evaluate("() => document.querySelector('.upload').uploader.result")
+    assert json.loads(result) == {
+        "url": "/files/holiday%20video.mp4", "sha256": digest, "name": "holiday video.mp4",
+    }  # fmt: skip
+    received = row.locator(".received")
+    expect(received.locator(".sha256")).to_have_text(digest)
+    link = received.locator("a")
     expect(link).to_have_text("holiday video.mp4")
+    assert link.get_attribute("href") == "/files/holiday%20video.mp4"
+    expect(page.locator("#files a")).to_have_text("holiday video.mp4")  # listed from it too
+    assert page.locator("#files a").get_attribute("href") == "/files/holiday%20video.mp4"
+    # not from the web app's list of files: that was asked for once, when the page loaded
+    assert [u for u in asked if "/api/files" in u] == [f"{demo.url}api/files"]
     with page.expect_download() as download:
         link.click()
     saved = tmp_path / "downloaded"
     download.value.save_as(saved)
-    assert sha256(saved) == sha256(source) == sha256(demo.files / "holiday video.mp4")
+    assert sha256(saved) == digest == sha256(demo.files / "holiday video.mp4")
+    [handover] = [e for e in handovers_of(demo) if e["cancelled"] == "no"]
+    assert handover["sha256"] == digest
 
 
 def test_demo_cancel_button(page: Page, demo: Demo, tmp_path: Path) -> None:
@@ -106,3 +132,49 @@ def test_demo_continues_an_upload_after_a_reload(
     expect(row.locator(".state")).to_have_text("Finished")
     assert row.get_attribute("data-ticket") not in (None, ticket)
     expect(row.locator(".note")).to_be_hidden()
+
+
+def post_handover(demo: Demo, form: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"{demo.url}handover", data=urllib.parse.urlencode(form).encode()
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_demo_backend_refuses_a_file_whose_sha256_differs(demo: Demo, tmp_path: Path) -> None:
+    """A handover as Incoming!! sends it, but with another file's SHA-256: the handover
+    fails (not `done` nor `wait`), the file is not kept and the mismatch is logged. Without
+    a sha256 (Incoming!! with --checksum none) the demo's own digest is the verdict's."""
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{demo.url}api/ticket", method="POST")
+    ) as r:
+        ticket = json.load(r)["ticket"]
+    secret = json.loads((tmp_path / "secrets.json").read_text())[ticket]
+    stored = random_file(tmp_path / "stored", 100_000)
+    form = {
+        "id": ticket,
+        "filename": str(stored),
+        "filenameFromBrowser": "x.bin",
+        "backendSecret": secret,
+        "cancelled": "no",
+        "cancelReason": "",
+        "size": "100000",
+    }
+    digest = sha256(stored)
+    status, text = post_handover(demo, {**form, "sha256": "0" * 64})
+    assert (status, text) == (422, "the file's SHA-256 does not match")
+    assert list(demo.files.iterdir()) == []
+    assert demo.output is not None
+    demo.output.wait_for(rf"upload {ticket} refused: SHA-256 {digest} of the file ".encode())
+    stored = random_file(tmp_path / "stored", 100_000)
+    digest = sha256(stored)
+    status, text = post_handover(demo, form)  # no sha256
+    assert status == 200 and text.startswith("done\n")
+    assert json.loads(text.partition("\n")[2]) == {
+        "url": "/files/x.bin", "sha256": digest, "name": "x.bin",
+    }  # fmt: skip
+    assert sha256(demo.files / "x.bin") == digest

@@ -9,6 +9,7 @@ in flight) to act mid-upload; the HTTP tests slow Chromium's upload down instead
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def upload(
 
 def handovers(demo: Demo, ticket: str) -> list[dict[str, str]]:
     return [e for e in demo_events(demo) if e["id"] == ticket]
+
+
+def cancel_notice(demo: Demo, ticket: str, timeout: float = 10) -> dict[str, str]:
+    """The backend's one POST for a cancelled upload: it follows the server's answer to the
+    cancel (MsgCancelAck, or the DELETE's 204, once the file is removed), so it may come
+    after oncancelled."""
+    deadline = time.monotonic() + timeout
+    while not (notices := handovers(demo, ticket)):
+        assert time.monotonic() < deadline, f"no cancel notice for {ticket}"
+        time.sleep(0.05)
+    [notice] = notices
+    return notice
 
 
 def wait(page: Page, condition: str, timeout: float = 60_000) -> None:
@@ -121,7 +134,7 @@ def test_cancel_while_transferring(
     assert up[0] == "cancelled by the test" and up[1] is False
     assert up[2] == [[0, "cancelled", "Cancelled: cancelled by the test"]]
     ticket = app_page.evaluate("() => window.ups[0].ticket")
-    [notice] = [e for e in demo_events(demo) if e["id"] == ticket]
+    notice = cancel_notice(demo, ticket)
     assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "cancelled by the test")
     assert incoming.parts() == []
     assert not (demo.files / "c.bin").exists()
@@ -144,7 +157,7 @@ def test_cancel_while_paused(
         False, [[0, "cancelled", "Cancelled: changed my mind"]],
     ]  # fmt: skip
     ticket = app_page.evaluate("() => window.ups[0].ticket")
-    [notice] = [e for e in demo_events(demo) if e["id"] == ticket]
+    notice = cancel_notice(demo, ticket)
     assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "changed my mind")
     assert incoming.parts() == []
 
@@ -261,18 +274,20 @@ def test_http_cancel_is_a_delete(
     if when == "paused":
         wait(app_page, "window.ups[0] && window.ups[0].paused")
         assert app_page.evaluate(
-            "() => { const u = window.ups[0]; u.cancel('changed my mind');"
+            "() => { const u = window.ups[0]; u.cancel('changed my mind: trop lent 🐢 100%');"
             " return [u.cancelling, u.cancelled, u.state_msg, window.events]; }"
         ) == [True, False, "Cancelling", []]
-    reason = "cancelled by the test" if when == "transferring" else "changed my mind"
+    reason = (
+        "cancelled by the test" if when == "transferring" else "changed my mind: trop lent 🐢 100%"
+    )
     wait(app_page, "window.ups[0] && window.ups[0].cancelled")
     assert app_page.evaluate("() => [window.ups[0].cancelling, window.events]") == [
         False, [[0, "cancelled", f"Cancelled: {reason}"]],
     ]  # fmt: skip
     ticket = app_page.evaluate("() => window.ups[0].ticket")
-    [notice] = handovers(demo, ticket)
-    # a tus DELETE carries no reason: the server gives the backend its own
-    assert (notice["cancelled"], notice["cancelReason"]) == ("yes", "cancelled by the user")
+    notice = cancel_notice(demo, ticket)
+    # the page's reason reaches the backend (the DELETE's Incoming-Cancel-Reason)
+    assert (notice["cancelled"], notice["cancelReason"]) == ("yes", reason)
     assert incoming.parts() == []
     assert not (demo.files / "c.bin").exists()
     assert (

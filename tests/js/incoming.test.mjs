@@ -329,3 +329,61 @@ test("a zero-byte file and a finish found on reconnect both end in onfinished", 
   env.sockets.at(-1).receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished" });
   assert.deepEqual(finished, ["empty", "late"]);
 });
+
+test("the backend's verdict in MsgAllDone is `result` when onfinished fires", async () => {
+  const env = load();
+  const verdict = JSON.stringify({ url: "/files/été.mp4", sha256: "ab".repeat(32) });
+  const up = new env.incoming.Uploader("t", file(1024), WS);
+  const seen = [];
+  up.onprogress = (u) => seen.push(["progress", u.result]);
+  up.onfinished = (u) => seen.push(["finished", u.result, u.finished]);
+  const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  socket.receive("MsgChunkAck", { ChunkSize: 1024 });
+  assert.equal(up.result, "", "nothing until finished");
+  seen.length = 0;
+  socket.receive("MsgAllDone", { Success: true, Result: verdict });
+  assert.deepEqual(seen, [["progress", verdict], ["finished", verdict, true]]);
+  assert.equal(up.result, verdict);
+  assert.throws(() => { up.result = "x"; }, TypeError, "read-only");
+  assert.ok(Object.keys(Object.getPrototypeOf(up)).includes("result"));
+});
+
+test("a server that sends no verdict (the 2014 one, or a plain done) leaves `result` empty", async () => {
+  for (const data of [{ Success: true }, { Success: true, Result: "" }, { Success: true, Result: null }]) {
+    const env = load();
+    const up = new env.incoming.Uploader("t", file(0), WS);
+    const events = recorder(up);
+    const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+    socket.receive("MsgAllDone", data);
+    assert.deepEqual([events, up.result], [["finished"], ""], JSON.stringify(data));
+  }
+});
+
+test("a finish found on reconnect (11) brings the verdict along, as does one that answers a cancel", async () => {
+  const env = load();
+  const late = new env.incoming.Uploader("t", file(10), WS);
+  const results = [];
+  late.onfinished = (u) => results.push(u.result);
+  late.start();
+  env.sockets.at(-1).open();
+  env.sockets.at(-1).receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished",
+                                           Result: '{"url": "/files/a"}' });
+  assert.deepEqual(results, ['{"url": "/files/a"}']);
+  // the cancel came too late
+  const cancelled = new env.incoming.Uploader("u", file(4096), WS);
+  cancelled.onfinished = (u) => results.push(u.result);
+  await confirmed(env, cancelled, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 1 });
+  cancelled.pause("pause");
+  cancelled.cancel("too slow");
+  env.sockets.at(-1).open();
+  env.sockets.at(-1).receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished",
+                                           Result: "ok" });
+  assert.deepEqual(results, ['{"url": "/files/a"}', "ok"]);
+  // an older server's error 11 has none
+  const old = new env.incoming.Uploader("v", file(10), WS);
+  old.onfinished = (u) => results.push(u.result);
+  old.start();
+  env.sockets.at(-1).open();
+  env.sockets.at(-1).receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished" });
+  assert.deepEqual(results, ['{"url": "/files/a"}', "ok", ""]);
+});

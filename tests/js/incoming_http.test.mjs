@@ -139,7 +139,10 @@ test("cancel aborts the PATCH and sends DELETE; its 204 ends in oncancelled", ()
   up.cancel("no longer needed");
   assert.equal(patch.aborted, true);
   assert.deepEqual(request(env.xhr()), ["DELETE", URL]);
-  assert.deepEqual(env.xhr().requestHeaders, { "Tus-Resumable": "1.0.0" });
+  assert.deepEqual(env.xhr().requestHeaders, {
+    "Tus-Resumable": "1.0.0",
+    "Incoming-Cancel-Reason": "no%20longer%20needed",
+  });
   assert.deepEqual([up.cancelling, up.cancelled, up.can_cancel, up.state_msg],
                    [true, false, false, "Cancelling"]);
   assert.deepEqual(events, [], "cancelled only when the server says so");
@@ -522,4 +525,108 @@ test("uploads work where localStorage is missing, throws, or is full", () => {
     assert.deepEqual(events, ["finished"]);
     assert.equal(env.incoming.find_upload(a), null);
   }
+});
+
+test("the cancel reason goes with the DELETE, percent-encoded UTF-8, as much as the server keeps", () => {
+  const reasons = [
+    [undefined, "cancelled by the user"],
+    ["trop lent, désolé 🐢 +&%", "trop lent, désolé 🐢 +&%"],
+    ["x".repeat(499) + "🐢", "x".repeat(499)], // 500 chars, the last one half of a pair
+    ["é".repeat(800), "é".repeat(500)],
+    ["lone \ud800 surrogate", "lone \ufffd surrogate"],
+  ];
+  for (const [reason, sent] of reasons) {
+    const env = load();
+    const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+    const events = recorder(up);
+    created(env, up);
+    up.cancel(reason);
+    const header = env.xhr().requestHeaders["Incoming-Cancel-Reason"];
+    assert.equal(env.xhr().method, "DELETE");
+    assert.equal(decodeURIComponent(header), sent, String(reason));
+    assert.match(header, /^[A-Za-z0-9%\-_.!~*'()]*$/, "ASCII only");
+    env.xhr().respond(204);
+    assert.deepEqual(events, ["cancelled: " + (reason || "cancelled by the user")], "the page keeps it whole");
+  }
+});
+
+const verdict = JSON.stringify({ url: "/files/été 100%.mp4", sha256: "ab".repeat(32), name: "a+b" });
+
+test("the final PATCH's Incoming-Result is `result` (decoded) when onfinished fires", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB), { chunkSize: 4 * MiB });
+  const seen = [];
+  up.onfinished = (u) => seen.push([u.result, u.finished]);
+  created(env, up).respond(204, { "Upload-Offset": 4 * MiB, ...live, "Incoming-Result": "ignored" });
+  assert.equal(up.result, "", "nothing until finished");
+  env.xhr().respond(204, { "Upload-Offset": 8 * MiB, "Incoming-Result": encodeURIComponent(verdict) });
+  assert.deepEqual(seen, [[verdict, true]]);
+  assert.equal(up.result, verdict);
+  assert.throws(() => { up.result = "x"; }, TypeError, "read-only");
+});
+
+test("without Incoming-Result (an older server, no verdict) `result` stays empty", () => {
+  for (const headers of [{}, { "Incoming-Result": "" }]) {
+    const env = load();
+    const up = new env.incoming.Uploader("t", file(MiB));
+    const events = recorder(up);
+    created(env, up).respond(204, { "Upload-Offset": MiB, ...headers });
+    assert.deepEqual([events, up.result], [["finished"], ""]);
+  }
+  // and text that is not percent-encoded is taken as it came
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(MiB));
+  created(env, up).respond(204, { "Upload-Offset": MiB, "Incoming-Result": "100% done" });
+  assert.deepEqual([up.finished, up.result], [true, "100% done"]);
+});
+
+test("an upload found finished by HEAD (lost final PATCH, reload, late cancel) gets HEAD's verdict", () => {
+  const finished = { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB, "Incoming-Result": encodeURIComponent(verdict) };
+  // the final PATCH's answer was lost; HEAD waits out the handover
+  let env = load();
+  let up = new env.incoming.Uploader("t", file(4 * MiB));
+  const results = [];
+  const record = (u) => (u.onfinished = () => results.push(u.result));
+  record(up);
+  created(env, up).fail();
+  env.fire();
+  env.xhr().respond(200, { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB, ...live });
+  assert.equal(up.result, "");
+  env.fire();
+  assert.equal(env.xhr().method, "HEAD");
+  env.xhr().respond(200, finished);
+  // a reloaded page: the creation finds it finished (410), HEAD tells
+  env = load();
+  up = new env.incoming.Uploader("t", file(4 * MiB));
+  record(up);
+  up.start();
+  env.xhr().respond(410, {}, "this upload is already finished");
+  assert.equal(env.xhr().method, "HEAD");
+  env.xhr().respond(200, finished);
+  // a cancel that came too late
+  env = load();
+  up = new env.incoming.Uploader("t", file(4 * MiB));
+  record(up);
+  created(env, up);
+  up.cancel("stop");
+  env.xhr().respond(410, {}, "this upload is already finished");
+  env.xhr().respond(200, finished);
+  // an older server's HEAD has none
+  env = load();
+  up = new env.incoming.Uploader("t", file(4 * MiB));
+  record(up);
+  up.start();
+  env.xhr().respond(410, {}, "this upload is already finished");
+  env.xhr().respond(200, { "Upload-Offset": 4 * MiB, "Upload-Length": 4 * MiB });
+  assert.deepEqual(results, [verdict, verdict, verdict, ""]);
+});
+
+test("a zero-byte file: the creation's answer carries the verdict", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(0));
+  const results = [];
+  up.onfinished = (u) => results.push(u.result);
+  up.start();
+  env.xhr().respond(201, { "Upload-Offset": 0, "Incoming-Result": encodeURIComponent("é") });
+  assert.deepEqual(results, ["é"]);
 });

@@ -2,7 +2,9 @@
  *
  * Uploads go over HTTP (incoming.js's default). A file this browser had started
  * to upload before the page was reloaded (or closed) continues with the same
- * ticket: incoming.find_upload(file) remembers it, so no new ticket is asked for. */
+ * ticket: incoming.find_upload(file) remembers it, so no new ticket is asked for.
+ * When a file is finished, the web app's verdict (the uploader's `result`: JSON with the
+ * file's URL, SHA-256 and stored name) says where it is: no need to ask the web app. */
 "use strict";
 
 incoming.set_server_hostname(window.INCOMING_HOST);
@@ -101,7 +103,7 @@ function start(row, file, ticket, resumed) {
   }
 
   up.onprogress = render;
-  up.onfinished = function () { render(); refreshFiles(); };
+  up.onfinished = function () { render(); received(row, up); };
   up.oncancelled = function () { render(); showError(row, "Cancelled: " + up.cancel_msg); };
   up.onerror = function () {
     if (resumed && up.error_code === 10) {
@@ -118,6 +120,40 @@ function start(row, file, ticket, resumed) {
   render();
 }
 
+// The web app's verdict: where it keeps the file, and the SHA-256 of what it received.
+function received(row, up) {
+  var verdict = null;
+  try {
+    verdict = JSON.parse(up.result);
+  } catch (e) {
+    // none: an Incoming!! server older than `result`
+  }
+  if (!verdict || typeof verdict.url !== "string") {
+    refreshFiles(); // then ask the web app
+    return;
+  }
+  var box = row.querySelector(".received");
+  var link = box.querySelector("a");
+  link.href = verdict.url;
+  link.textContent = verdict.name;
+  box.querySelector(".sha256").textContent = verdict.sha256;
+  box.hidden = false;
+  listFile({ name: verdict.name, url: verdict.url, size: up.bytes_total }, true);
+}
+
+function listFile(f, first) {
+  var empty = filesList.querySelector(".empty");
+  if (empty) { empty.remove(); }
+  var li = document.createElement("li");
+  var a = document.createElement("a");
+  a.href = f.url;
+  a.textContent = f.name;
+  li.appendChild(a);
+  li.appendChild(document.createTextNode(" (" + human(f.size) + ")"));
+  filesList.insertBefore(li, first ? filesList.firstChild : null);
+}
+
+// The files the web app has, from earlier visits too.
 function refreshFiles() {
   fetch("/api/files").then(function (r) { return r.json(); }).then(function (files) {
     filesList.textContent = "";
@@ -125,15 +161,7 @@ function refreshFiles() {
       filesList.innerHTML = '<li class="empty">No files yet.</li>';
       return;
     }
-    files.forEach(function (f) {
-      var li = document.createElement("li");
-      var a = document.createElement("a");
-      a.href = f.url;
-      a.textContent = f.name;
-      li.appendChild(a);
-      li.appendChild(document.createTextNode(" (" + human(f.size) + ")"));
-      filesList.appendChild(li);
-    });
+    files.forEach(function (f) { listFile(f, false); });
   });
 }
 
