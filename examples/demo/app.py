@@ -9,15 +9,17 @@ stored name, which the page gets as the uploader's `result`. `--handover wait`
 answers `wait` and calls `finish_upload` with that verdict as `result` once the
 file is moved.
 
-The secrets of the tickets not yet handed over are kept in a file (`--secrets`),
-so that an upload a reloaded page continues with its ticket is still accepted
-after this app restarts.
+The tickets' secrets, and the verdicts of the files received, are kept in a file
+(`--secrets`), so that an upload a reloaded page continues with its ticket is
+still accepted after this app restarts, and a handover that comes again (they
+come at least once) gets the same answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -57,13 +59,17 @@ class Demo:
     handover: str = "done"
     secrets_file: Path | None = None  # where the secrets outlive a restart
     secrets: dict[str, str] = field(default_factory=dict)
+    # the verdicts of the files received: a handover may come again (at least once)
+    verdicts: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, str]] = field(default_factory=list)
     app: Klein = field(default_factory=Klein)
 
     def __post_init__(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)
         if self.secrets_file is not None and self.secrets_file.exists():
-            self.secrets.update(json.loads(self.secrets_file.read_text()))
+            kept = json.loads(self.secrets_file.read_text())
+            self.secrets.update(kept.get("secrets", {}))
+            self.verdicts.update(kept.get("verdicts", {}))
         app = self.app
         app.route("/", methods=["GET"])(self.index)
         app.route("/static/", branch=True)(lambda request: File(str(HERE / "static")))
@@ -102,7 +108,7 @@ class Demo:
         if self.secrets_file is None:
             return
         partial = self.secrets_file.with_name(self.secrets_file.name + ".new")
-        partial.write_text(json.dumps(self.secrets))
+        partial.write_text(json.dumps({"secrets": self.secrets, "verdicts": self.verdicts}))
         partial.chmod(0o600)
         os.replace(partial, self.secrets_file)
 
@@ -120,6 +126,8 @@ class Demo:
             self.secrets.pop(ticket, None)
             self._save_secrets()
             return b"ok"
+        if ticket in self.verdicts:  # the same handover again (its answer was lost)
+            return b"done\n" + self.verdicts[ticket].encode()
         # Disk work in a thread, never on the reactor: the move, and reading the file
         # to hash it (Incoming!! without a checksum, `--checksum none`, sends no sha256).
         target, digest = await threads.deferToThread(
@@ -140,22 +148,25 @@ class Demo:
         verdict = json.dumps(
             {"url": "/files/" + quote(target.name), "sha256": digest, "name": target.name}
         )
+        self.verdicts[ticket] = verdict
+        self._save_secrets()
         if self.handover == "wait":
             # A worker finishes the job; its finish_upload may arrive before our answer.
             ensureDeferred(self._finish(ticket, verdict))
             return b"wait"
-        self.secrets.pop(ticket, None)
-        self._save_secrets()
         return b"done\n" + verdict.encode()  # the verdict reaches the page as `result`
 
     def _move(self, source: str, browser_name: str) -> tuple[Path, str]:
-        """Into the files folder, under a name of its own; and its SHA-256."""
+        """Into the files folder, under a name of its own (reserved with O_EXCL: two
+        handovers at once may bring the same name); and its SHA-256."""
         stem = safe_name(browser_name)
-        target = self.files / stem
-        n = 1
-        while target.exists():
-            target = self.files / f"{n}-{stem}"
-            n += 1
+        for n in itertools.count():
+            target = self.files / (f"{n}-{stem}" if n else stem)
+            try:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+                break
+            except FileExistsError:
+                continue
         shutil.move(source, target)
         with target.open("rb") as f:
             return target, hashlib.file_digest(f, "sha256").hexdigest()
@@ -163,8 +174,7 @@ class Demo:
     async def _finish(self, ticket: str, verdict: str) -> None:
         """The work is done: tell Incoming!! (it accepts this even before our `wait`),
         with the verdict for the page."""
-        secret = self.secrets.pop(ticket, "")
-        self._save_secrets()
+        secret = self.secrets.get(ticket, "")
         response = await treq.post(
             f"{self.incoming}/incoming/backend/finish_upload",
             data={"id": ticket, "backendSecret": secret, "result": verdict},

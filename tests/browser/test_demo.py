@@ -153,7 +153,7 @@ def test_demo_backend_refuses_a_file_whose_sha256_differs(demo: Demo, tmp_path: 
         urllib.request.Request(f"{demo.url}api/ticket", method="POST")
     ) as r:
         ticket = json.load(r)["ticket"]
-    secret = json.loads((tmp_path / "secrets.json").read_text())[ticket]
+    secret = json.loads((tmp_path / "secrets.json").read_text())["secrets"][ticket]
     stored = random_file(tmp_path / "stored", 100_000)
     form = {
         "id": ticket,
@@ -178,3 +178,6 @@ def test_demo_backend_refuses_a_file_whose_sha256_differs(demo: Demo, tmp_path: 
         "url": "/files/x.bin", "sha256": digest, "name": "x.bin",
     }  # fmt: skip
     assert sha256(demo.files / "x.bin") == digest
+    again_status, again = post_handover(demo, form)  # the same handover again: at least once
+    assert (again_status, again) == (status, text)
+    assert [p.name for p in demo.files.iterdir()] == ["x.bin"]
