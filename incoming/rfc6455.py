@@ -40,6 +40,7 @@ from zope.interface import implementer
 log = Logger()
 
 READ_SIZE = 256 * 1024
+FRAGMENT_COST = 64  # a fragment counts as at least this many bytes: empty ones are not free
 MAX_UNREAD_REPLIES = 1024 * 1024  # bytes written while the peer takes none; then it is dropped
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -247,7 +248,7 @@ class WebSocketConnection(TwistedProtocol):
             (size,) = struct.unpack_from("!Q", view, 2)
             used = 10
         if opcode in _DATA_OPCODES:
-            self._check_data_frame(opcode, size)
+            self._check_data_frame(opcode, size, fin)
         if len(view) < used + 4:
             return 0
         self._opcode, self._fin = opcode, fin
@@ -255,7 +256,7 @@ class WebSocketConnection(TwistedProtocol):
         self._in_frame, self._size, self._filled = True, size, 0
         return used + 4
 
-    def _check_data_frame(self, opcode: int, size: int) -> None:
+    def _check_data_frame(self, opcode: int, size: int, fin: bool) -> None:
         if opcode == CONTINUATION:
             if not self._message_opcode:
                 raise _Refused(PROTOCOL_ERROR, "continuation frame without a message")
@@ -265,7 +266,8 @@ class WebSocketConnection(TwistedProtocol):
         else:
             kind = opcode
         limit = self._max[kind]
-        if self._fragments_size + size > limit:
+        fragment = opcode == CONTINUATION or not fin
+        if self._fragments_size + (max(size, FRAGMENT_COST) if fragment else size) > limit:
             raise _Refused(
                 TOO_BIG,
                 f"message of {self._fragments_size + size} bytes exceeds the limit of {limit}",
@@ -289,8 +291,9 @@ class WebSocketConnection(TwistedProtocol):
     def _fragment(self, opcode: int, payload: bytes, fin: bool) -> None:
         if opcode != CONTINUATION:
             self._message_opcode = opcode
-        self._fragments.append(payload)
-        self._fragments_size += len(payload)
+        if payload:
+            self._fragments.append(payload)
+        self._fragments_size += max(len(payload), FRAGMENT_COST)
         if fin:
             opcode, whole = self._message_opcode, b"".join(self._fragments)
             self._message_opcode, self._fragments, self._fragments_size = 0, [], 0

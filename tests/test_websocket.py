@@ -115,6 +115,17 @@ def test_fragments_count_towards_the_limit() -> None:
     assert close_code(transport.value()) == rfc6455.TOO_BIG
 
 
+def test_empty_fragments_are_not_free() -> None:
+    """A message of endless empty fragments holds no memory and ends at the limit."""
+    connection, recorder, transport, _ = make(max_binary=4096)
+    connection.dataReceived(client_frame(rfc6455.BINARY, b"", fin=False))
+    for _ in range(4096 // rfc6455.FRAGMENT_COST - 1):
+        connection.dataReceived(client_frame(rfc6455.CONTINUATION, b"", fin=False))
+    assert not transport.disconnecting
+    connection.dataReceived(client_frame(rfc6455.CONTINUATION, b"", fin=False))
+    assert close_code(transport.value()) == rfc6455.TOO_BIG
+
+
 @pytest.mark.parametrize(
     "frame_bytes, code",
     [
