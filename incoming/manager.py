@@ -19,7 +19,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -297,6 +297,8 @@ class UploadManager:
     # Effects (upload.Effects)
 
     def write(self, upload: Upload, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+        if self._abandoned(upload):
+            return
         self.metrics.bytes_received.inc(len(data))
         arrived = self.clock.seconds()
 
@@ -311,12 +313,16 @@ class UploadManager:
         self.storage.write(upload.id, offset, data, digests).addCallbacks(stored, failed)
 
     def touch(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
         self._arm_idle(upload, self.max_idle)
         self._unsaved.add(upload.id)
 
     def save(self, upload: Upload, durable: bool = False) -> Deferred[None]:
         """Save, logging a failure; later disk work for this upload queues behind it.
         Cluster: in Redis too (when it is away, again with the next renewal)."""
+        if self._abandoned(upload):
+            return succeed(None)
         self._unsaved.discard(upload.id)
         if self.cluster is not None:
             self._spawn(self._send(upload))
@@ -336,10 +342,14 @@ class UploadManager:
             self._unsent.add(upload.id)
 
     def release(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
         self.storage.release(upload.id)
         self._let_go_soon(upload)
 
     def hand_over(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
         self._spawn(self._hand_over(upload))
 
     async def _hand_over(self, upload: Upload) -> None:
@@ -362,6 +372,8 @@ class UploadManager:
             upload.life.answered_wait()
 
     def finalize(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
         self._spawn(self._finalize(upload))
 
     async def _finalize(self, upload: Upload) -> None:
@@ -372,6 +384,8 @@ class UploadManager:
         self._let_go_soon(upload)
 
     def discard_file(self, upload: Upload, notice: str | None) -> None:
+        if self._abandoned(upload):
+            return
         self._spawn(self._discard_file(upload, notice))
 
     async def _discard_file(self, upload: Upload, notice: str | None) -> None:
@@ -387,6 +401,8 @@ class UploadManager:
             log.error("upload {id}: cannot remove file: {e}", id=upload.id, e=e)
 
     def arm_confirm(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
         now = self.clock.seconds()
         if upload.confirm_deadline is None:
             upload.confirm_deadline = now + self.confirm_timeout
@@ -396,18 +412,24 @@ class UploadManager:
         )
 
     def disarm_confirm(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
         upload.confirm_deadline = None
         timer = self._confirm.pop(upload.id, None)
         if timer is not None and timer.active():
             timer.cancel()
 
     def truncate(self, upload: Upload, size: int) -> None:
+        if self._abandoned(upload):
+            return
         self.storage.truncate(upload.id, size).addErrback(
             lambda f: log.error("upload {id}: cannot truncate: {e}", id=upload.id, e=f.value)
         )
 
     def forget(self, upload: Upload) -> None:
-        del self._uploads[upload.id]
+        if self._abandoned(upload):
+            return
+        self._uploads.pop(upload.id, None)
         self._unsaved.discard(upload.id)
         self._unsent.discard(upload.id)
         self._spawn(self._forget(upload))
@@ -422,6 +444,11 @@ class UploadManager:
         log.info("upload {id} forgotten", id=upload.id)
 
     # Cluster: letting go of uploads, renewing leases, the janitor
+
+    def _abandoned(self, upload: Upload) -> bool:
+        """Cluster: an upload no longer held here (taken over by another instance, whose
+        lease it is now) is inert: no write, save, timer or handover of ours touches it."""
+        return self.cluster is not None and self._uploads.get(upload.id) is not upload
 
     def _let_go_soon(self, upload: Upload) -> None:
         if self.cluster is not None:
@@ -481,6 +508,12 @@ class UploadManager:
             upload = self._uploads.pop(upload_id, None)
             if upload is not None:
                 log.error("upload {id}: another instance took it over", id=upload_id)
+                for timers in (self._idle, self._confirm):
+                    timer = timers.pop(upload_id, None)
+                    if timer is not None and timer.active():
+                        timer.cancel()
+                self._unsaved.discard(upload_id)
+                self._unsent.discard(upload_id)
                 if upload.transport is not None:
                     upload.transport.going_away()
         for upload in list(self._uploads.values()):
