@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-tus load system-packages
+.PHONY: run test lint bench bench-tus bench-cluster load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -46,6 +46,11 @@ bench: $(VENV)/.installed
 # tus-js-client against @tus/server and against ours (bench/tus_bench.py).
 bench-tus: $(VENV)/.installed node_modules/.installed
 	$(PY) bench/tus_bench.py $(ARGS)
+
+# One process against cluster mode (--redis, with a redis-server of its own): tickets
+# per second and one 256 MiB WebSocket upload (bench/cluster_bench.py).
+bench-cluster: $(VENV)/.installed
+	$(PY) bench/cluster_bench.py $(ARGS)
 
 load: $(VENV)/.installed
 	cd bench && $(abspath $(PY)) load.py
