@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest_twisted
 import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from incoming.errors import ErrorCode
 
@@ -130,3 +132,41 @@ async def test_a_tus_upload_resumes_across_instances_through_nginx(
     turns = [upstream for _, _, status, upstream in patches if status == 204]
     assert set(turns) == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
     assert nginx.problems() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_goes_on_through_nginx_when_its_instance_is_killed(
+    tmp_path: Path, redis: Redis, nginx: Nginx, backend: Backend, stopper: list[Any]
+) -> None:
+    started, front, api = await behind_nginx(tmp_path, redis, nginx, stopper)
+    data = os.urandom(7 * CHUNK + 1)
+    ticket = await api.new_upload(backend.url, removeFileWhenFinished="false")
+    client = await connect(front.ws_url())
+    client.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="f.bin")
+    await client.expect("MsgUploadConf")
+    client.send("MsgAck", Ack=True)
+    await send_all(client, data[: 3 * CHUNK], CHUNK, SEND_AHEAD)
+    [(daemon, process, _)] = [s for s in started if served(s[0], ticket)]
+    await daemon.kill(process)
+    await client.closed
+    while True:  # nginx skips the dead instance; the other waits for its lease to run out
+        client = await connect(front.ws_url())
+        client.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="f.bin")
+        message = await client.next()
+        if message["MsgType"] == "MsgUploadConf":
+            break
+        assert message["MsgData"]["ErrorCode"] == ErrorCode.ALREADY_CONNECTED, message
+        await client.closed
+        await deferLater(reactor, 0.5)
+    assert message["MsgData"]["FilePos"] == 3 * CHUNK
+    client.send("MsgAck", Ack=True)
+    await send_all(client, data[3 * CHUNK :], CHUNK, SEND_AHEAD)
+    await client.expect("MsgAllDone")
+    post = await backend.posts.get()
+    assert (post["id"], post["sha256"], post["size"]) == (ticket, sha256(data), str(len(data)))
+    assert (tmp_path / "shared" / ticket).read_bytes() == data
+    await stop_all(started)
+    assert backend.posts.pending == []
+    await nginx.stop()
+    # what nginx said of the dead instance: it could not connect, and tried the other
+    assert all("connect() failed (111: Connection refused)" in e for e in nginx.problems())
