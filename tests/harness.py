@@ -255,8 +255,10 @@ class Redis:
 
 # The load balancer of README's "Several instances", word for word: round robin (the
 # default) over the instances, no stickiness; the browser routes (script, WebSocket,
-# tus) streamed both ways; the backend API on a listener of its own. The tests listen on
-# loopback ports instead of 443 with TLS and an internal address.
+# tus) streamed both ways, with room for the longest Incoming-Result header (nginx
+# refuses a proxy_buffer_size above 14k without larger proxy_buffers, even unbuffered);
+# the backend API on a listener of its own. The tests listen on loopback ports instead
+# of 443 with TLS and an internal address.
 NGINX_SITE = r"""
 upstream incoming {
     server @INSTANCE_A@;
@@ -264,7 +266,7 @@ upstream incoming {
 }
 map $http_upgrade $connection_upgrade {
     default upgrade;
-    ""      close;
+    ""      "";
 }
 server {
     listen @PUBLIC@;
@@ -276,6 +278,8 @@ server {
         proxy_set_header Host $host;
         proxy_request_buffering off;
         proxy_buffering off;
+        proxy_buffer_size 64k;
+        proxy_buffers 4 64k;
         proxy_read_timeout 120s;
         proxy_send_timeout 120s;
         client_max_body_size 0;

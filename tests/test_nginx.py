@@ -10,6 +10,7 @@ import re
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest_twisted
 import treq
@@ -98,6 +99,8 @@ async def test_a_tus_upload_resumes_across_instances_through_nginx(
     started, front, api = await behind_nginx(tmp_path, redis, nginx, stopper)
     data = os.urandom(300 * 1024 + 3)
     ticket = await api.new_upload(backend.url, removeFileWhenFinished="false")
+    verdict = "é" * 2048  # the longest (4 KiB), 12 KiB percent-encoded: proxy_buffer_size
+    backend.answer = b"done\n" + verdict.encode()
     created = await treq.post(
         f"{front.base}/tus/",
         headers={**TUS, "Upload-Length": str(len(data)),
@@ -120,6 +123,7 @@ async def test_a_tus_upload_resumes_across_instances_through_nginx(
             continue
         assert response.code == 204, response.code
         offset = int(response.headers.getRawHeaders("upload-offset")[0])
+    assert response.headers.getRawHeaders("incoming-result") == [quote(verdict, safe="")]
     post = await backend.posts.get()
     assert (post["id"], post["sha256"], post["size"]) == (ticket, sha256(data), str(len(data)))
     assert (tmp_path / "shared" / ticket).read_bytes() == data
