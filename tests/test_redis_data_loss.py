@@ -1,6 +1,7 @@
 """Cluster mode when Redis loses its data (restarted without persistence, FLUSHALL, a
-fail-over to an empty replica): every upload's state file is still in the shared
-directory, so what Redis forgot can be found again."""
+fail-over to an empty replica) and nobody runs `python -m incoming.cluster` (which puts
+the shared directory's records back, with every instance stopped): every upload's state
+file is still in the shared directory, so what Redis forgot can be found again."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from .test_cluster import instances, stop_all
 @pytest.mark.xfail(
     strict=True,
     reason="server bug: the janitor expires only what Redis's deadline set names, and no "
-    "instance looks in StorageDir for the <ticket>.json files Redis forgot",
+    "instance notices that Redis lost its data or looks in StorageDir for the "
+    "<ticket>.json files Redis forgot: untouched uploads never expire",
 )
 @pytest_twisted.ensureDeferred
 async def test_an_idle_upload_expires_even_after_redis_lost_its_data(
