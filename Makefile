@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-tus load system-packages
+.PHONY: run test lint bench bench-tus bench-cluster load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -20,11 +20,14 @@ lint: $(VENV)/.installed
 
 # Debian packages the tests need: chromium for the browser tests (never a
 # downloaded browser build), node for the library's unit tests and the tus
-# clients, npm to install those.
+# clients, npm to install those, redis-server and nginx for the cluster tests
+# (which start their own on free loopback ports, never the system services).
 system-packages:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 	@command -v node >/dev/null || { apt-get update -q && apt-get install -y -q nodejs; }
 	@command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q npm; }
+	@test -x /usr/bin/redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
+	@test -x /usr/sbin/nginx || { apt-get update -q && apt-get install -y -q nginx; }
 
 # Test and benchmark tools from npm, at the exact versions of package-lock.json:
 # tus-js-client, Uppy (bundled for the browser by esbuild during the tests) and
@@ -43,6 +46,11 @@ bench: $(VENV)/.installed
 # tus-js-client against @tus/server and against ours (bench/tus_bench.py).
 bench-tus: $(VENV)/.installed node_modules/.installed
 	$(PY) bench/tus_bench.py $(ARGS)
+
+# One process against cluster mode (--redis, with a redis-server of its own): tickets
+# per second and one 256 MiB WebSocket upload (bench/cluster_bench.py).
+bench-cluster: $(VENV)/.installed
+	$(PY) bench/cluster_bench.py $(ARGS)
 
 load: $(VENV)/.installed
 	cd bench && $(abspath $(PY)) load.py

@@ -17,6 +17,7 @@ from .harness import (
     CHUNK_KB,
     SEND_AHEAD,
     Backend,
+    Nginx,
     Redis,
     Server,
     start_backend,
@@ -70,6 +71,15 @@ async def redis(tmp_path: Path) -> AsyncIterator[Redis]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def nginx(tmp_path: Path) -> AsyncIterator[Nginx]:
+    """An nginx of the test's own, on free loopback ports; the test starts it in front of
+    its instances (`await nginx.start([port_a, port_b])`)."""
+    balancer = Nginx(tmp_path / "nginx")
+    yield balancer
+    await balancer.stop()
 
 
 @pytest.fixture

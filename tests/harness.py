@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -249,6 +251,148 @@ class Redis:
             self.process.signalProcess(signal.SIGTERM)
             await self.daemon.ended
         self.process = None
+
+
+# The load balancer of README's "Several instances", word for word: round robin (the
+# default) over the instances, no stickiness; the browser routes (script, WebSocket,
+# tus) streamed both ways, with room for the longest Incoming-Result header (nginx
+# refuses a proxy_buffer_size above 14k without larger proxy_buffers, even unbuffered);
+# the backend API on a listener of its own. The tests listen on loopback ports instead
+# of 443 with TLS and an internal address.
+NGINX_SITE = r"""
+upstream incoming {
+    server @INSTANCE_A@;
+    server @INSTANCE_B@;
+}
+map $http_upgrade $connection_upgrade {
+    default upgrade;
+    ""      "";
+}
+server {
+    listen @PUBLIC@;
+    location ~ ^/incoming/(0\.1/)?(frontend|tus)/ {
+        proxy_pass http://incoming;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        proxy_set_header Host $host;
+        proxy_request_buffering off;
+        proxy_buffering off;
+        proxy_buffer_size 64k;
+        proxy_buffers 4 64k;
+        proxy_read_timeout 120s;
+        proxy_send_timeout 120s;
+        client_max_body_size 0;
+    }
+    location / {
+        return 404;
+    }
+}
+server {
+    listen @BACKEND@;
+    location /incoming/ {
+        proxy_pass http://incoming;
+        proxy_http_version 1.1;
+        proxy_set_header Host $host;
+    }
+}
+"""
+
+
+class Nginx:
+    """Debian's nginx on free loopback ports, as a load balancer in front of `upstreams`:
+    its configuration, pid file, logs and temporary files in a directory of the test's
+    (nothing of /etc/nginx is read). The access log names the instance of every request."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()  # browsers
+        self.backend_port = free_port()  # the backend API
+        self.daemon: Daemon | None = None
+        self.process: Any = None
+
+    @property
+    def access_log(self) -> Path:
+        return self.directory / "access.log"
+
+    def requests(self) -> list[tuple[str, str, int, str]]:
+        """(method, URI, status, instance's address) of every request answered so far."""
+        lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+        found = []
+        for line in lines:
+            method, uri, status, upstream = line.split(" ")
+            found.append((method, uri, int(status), upstream))
+        return found
+
+    def problems(self) -> list[str]:
+        """Its error log's lines of level `error` or worse (a worker that could not write
+        a temporary file, an instance it could not reach...)."""
+        log = self.directory / "error.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [line for line in lines if re.search(r"\[(error|crit|alert|emerg)\]", line)]
+
+    def config(self, upstreams: list[int]) -> str:
+        d = self.directory
+        site = NGINX_SITE.replace("@PUBLIC@", f"127.0.0.1:{self.port}")
+        site = site.replace("@BACKEND@", f"127.0.0.1:{self.backend_port}")
+        for name, port in zip(("@INSTANCE_A@", "@INSTANCE_B@"), upstreams, strict=True):
+            site = site.replace(name, f"127.0.0.1:{port}")
+        # As root, the workers run as nginx's built-in user (nobody) if it exists.
+        user = "user root;" if os.geteuid() == 0 and not _has_user("nobody") else ""
+        return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {d}/nginx.pid;
+lock_file {d}/nginx.lock;
+error_log {d}/error.log notice;
+error_log stderr notice;
+events {{
+    worker_connections 256;
+}}
+http {{
+    log_format upstream "$request_method $request_uri $status $upstream_addr";
+    access_log {d}/access.log upstream;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{site}
+}}
+"""
+
+    async def start(self, upstreams: list[int]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "nginx.conf"
+        conf.write_text(self.config(upstreams))
+        # the master logs this once its sockets listen and it starts the worker
+        self.daemon = Daemon(ready=rb"start worker process")
+        command = [NGINX, "-p", str(self.directory), "-c", str(conf),
+                   "-e", str(self.directory / "error.log")]  # fmt: skip
+        self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.daemon, NGINX, command, env=dict(os.environ)
+        )
+        await self.daemon.listening
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.pid is not None:
+            assert self.daemon is not None
+            self.process.signalProcess(signal.SIGTERM)  # fast shutdown
+            await self.daemon.ended
+        self.process = None
+
+
+NGINX = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin") or "/usr/sbin/nginx"
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 async def stop_daemon(daemon: Daemon, process: Any) -> None:
