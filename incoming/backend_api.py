@@ -100,6 +100,9 @@ class BackendApi:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
+        if not self.manager.registry_reachable:  # cluster: new uploads are refused here
+            request.setResponseCode(503)
+            return text(request, "redis unavailable")
         return text(request, "ok")
 
     async def _authorised(self, request: IRequest) -> Upload:

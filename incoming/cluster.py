@@ -30,7 +30,7 @@ log = Logger()
 Record = dict[str, Any]
 PREFIX = "incoming:"
 CALL_TIMEOUT = 2.0  # seconds a Redis call may take before Redis counts as unavailable
-REQUEST_TIMEOUT = 3.0  # for the holder of an upload to answer a request aimed at it
+REQUEST_TIMEOUT = 10.0  # for the holder of an upload to answer (its disk work included)
 
 # Renew the leases that are still ours; take back those that lapsed (Redis lost them
 # while it was away); return the keys another instance holds now.
@@ -209,6 +209,13 @@ class Cluster:
         )
         return found
 
+    async def populated(self) -> bool:
+        """Whether Redis holds the cluster's records (False: it is new, or lost its data)."""
+        return bool(await self._call("exists", self._key("populated")))
+
+    async def mark_populated(self) -> None:
+        await self._call("set", self._key("populated"), self.instance)
+
     async def handovers(self) -> list[str]:
         """Uploads in a handover (or waiting for finish_upload)."""
         return list(await self._call("smembers", self._key("handovers")))
@@ -223,7 +230,9 @@ class Cluster:
         self._replies[rid] = answer
         message = {"op": op, "id": upload_id, "args": args, "from": self.instance, "rid": rid}
         try:
-            await self._call("publish", self._key("to", holder), json.dumps(message))
+            listeners = await self._call("publish", self._key("to", holder), json.dumps(message))
+            if not int(listeners or 0):  # the holder is gone; its lease runs out soon
+                raise Unavailable(f"instance {holder} is not listening")
             reply = await answer.addTimeout(REQUEST_TIMEOUT, self.reactor)
         except defer.TimeoutError:
             raise Unavailable(f"instance {holder} did not answer") from None

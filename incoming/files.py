@@ -26,6 +26,7 @@ class Pieces:
 
 Chunk = Buffer | Pieces  # what an upload's transport hands on to be written
 STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
+IOV_MAX = 1024  # buffers one pwritev takes (Linux)
 
 
 class Digest(Protocol):
@@ -47,7 +48,7 @@ def pwrite_all(fd: int, data: Chunk, offset: int) -> None:
     """Write every byte of `data` at `offset` (carrying on after short writes)."""
     views = [memoryview(p).cast("B") for p in (data.parts if isinstance(data, Pieces) else [data])]
     while views:
-        written = os.pwritev(fd, views, offset)
+        written = os.pwritev(fd, views[:IOV_MAX], offset)
         offset += written
         while views and written >= len(views[0]):
             written -= len(views[0])

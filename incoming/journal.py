@@ -46,8 +46,8 @@ class TicketJournal:
         self._size = 0
         self._fd: int | None = None
 
-    def load(self) -> dict[str, Record]:
-        """Live journal records by id, and a compacted journal (at start-up)."""
+    def load(self, tidy: bool = True) -> dict[str, Record]:
+        """Live journal records by id, and (`tidy`, at start-up) a compacted journal."""
         records: dict[str, Record] = {}
         lines: dict[str, bytes] = {}
         if self.path.exists():
@@ -62,9 +62,10 @@ class TicketJournal:
                         lines[entry["id"]] = line + b"\n"
                 except (ValueError, KeyError, TypeError):
                     log.error("ignoring a damaged line of {path}", path=self.path)
-        self._live = lines
-        self._live_bytes = sum(map(len, lines.values()))
-        self._rewrite()
+        if tidy:
+            self._live = lines
+            self._live_bytes = sum(map(len, lines.values()))
+            self._rewrite()
         return records
 
     def append(self, upload_id: str, record: Record) -> Deferred[None]:

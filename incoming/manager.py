@@ -19,9 +19,9 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from .cluster import Busy, Cluster, RequestFailed, Unavailable
@@ -67,8 +67,10 @@ class UploadManager:
         metrics.count_uploads(self.phases)
         self.cluster = cluster
         self._loading: dict[str, Deferred[Upload]] = {}  # uploads being taken up from Redis
+        self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
         self._unsent: set[str] = set()  # saved to disk, not yet to Redis (it was away)
         self._rounds: list[LoopingCall] = []
+        self.registry_reachable = True  # cluster: Redis answered the last lease renewal
         if cluster is not None:
             cluster.serve = self._serve
 
@@ -111,7 +113,12 @@ class UploadManager:
         record = upload.to_record()
         await self.storage.save_state(upload.id, record)
         self.storage.forget(upload.id)  # no bookkeeping here for an upload not held here
-        await self._registry(self.cluster.create(record, upload.idle_deadline))
+        try:
+            await self._registry(self.cluster.create(record, upload.idle_deadline))
+        except UploadError:  # Redis is away: the backend gets 503, and no ticket stays
+            await self.storage.discard(upload.id)
+            self.storage.forget(upload.id)
+            raise
         self.metrics.tickets_created.inc()
         return upload
 
@@ -130,6 +137,23 @@ class UploadManager:
         stored, _ = await self.storage.stored(upload_id)
         self.storage.forget(upload_id)
         return Upload.from_record(record, stored)
+
+    async def answered(self, upload_id: str, within: float) -> Upload | None:
+        """The upload once the backend answered its handover (if one runs), or as it stands
+        after `within` seconds: a client asking where it stands learns the outcome."""
+        deadline = self.clock.seconds() + within
+        while True:
+            upload = await self.find(upload_id)
+            left = deadline - self.clock.seconds()
+            if upload is None or not upload.handing_over or left <= 0:
+                return upload
+            if upload_id in self._uploads:  # the handover runs here: wait for its answer
+                answer: Deferred[None] = Deferred()
+                self._answers.setdefault(upload_id, []).append(answer)
+                with contextlib.suppress(TimeoutError):
+                    await answer.addTimeout(left, self.clock)
+            else:  # another instance hands it over: look again
+                await deferLater(self.clock, min(left, 0.5), lambda: None)
 
     async def hold(self, upload_id: str) -> Upload:
         """The upload, to act on: held here (cluster: under its lease, taken up from
@@ -323,6 +347,9 @@ class UploadManager:
         Cluster: in Redis too (when it is away, again with the next renewal)."""
         if self._abandoned(upload):
             return succeed(None)
+        if not upload.handing_over:  # each phase is saved: those waiting for it hear
+            for answer in self._answers.pop(upload.id, []):
+                answer.callback(None)
         self._unsaved.discard(upload.id)
         if self.cluster is not None:
             self._spawn(self._send(upload))
@@ -502,8 +529,13 @@ class UploadManager:
                 if upload is not None:
                     await self._send(upload)
         except Unavailable:
-            log.warn("Redis is unavailable; uploads being written carry on")
+            if self.registry_reachable:
+                log.warn("Redis is unavailable; uploads being written carry on")
+            self.registry_reachable = False
             return
+        if not self.registry_reachable:
+            log.info("Redis is back")
+        self.registry_reachable = True
         for upload_id in lost:
             upload = self._uploads.pop(upload_id, None)
             if upload is not None:
@@ -527,14 +559,36 @@ class UploadManager:
         try:
             if not await self.cluster.janitor():
                 return
+            if not await self.cluster.populated():
+                await self._repopulate()
             now = self.clock.seconds()
             for upload_id in await self.cluster.due(now):
-                await self._janitor_expire(upload_id, now)
+                await self._janitor_duty(self._janitor_expire(upload_id, now), upload_id)
             for upload_id in await self.cluster.handovers():
                 if upload_id not in self._uploads and await self.cluster.holder(upload_id) is None:
-                    await self._janitor_take_up(upload_id)
+                    await self._janitor_duty(self._janitor_take_up(upload_id), upload_id)
         except Unavailable:
             return
+
+    async def _janitor_duty(self, work: Coroutine[Any, Any, None], upload_id: str) -> None:
+        """One upload's work: a record it cannot read must not stop the others'."""
+        try:
+            await work
+        except Unavailable:
+            raise
+        except Exception:
+            log.failure("janitor: upload {id} skipped", id=upload_id)
+
+    async def _repopulate(self) -> None:
+        """Redis is new, or lost its data: put back the records of the shared directory
+        (the tickets' state files), then say it holds them."""
+        assert self.cluster is not None
+        saved = await self.storage.saved()
+        for found in saved:
+            upload = Upload.from_record(found.record, found.stored)
+            await self.cluster.save(found.record, upload.idle_deadline, upload.with_backend)
+        await self.cluster.mark_populated()
+        log.info("Redis holds the records of {n} uploads of the shared directory", n=len(saved))
 
     async def _janitor_expire(self, upload_id: str, now: float) -> None:
         if upload_id in self._uploads:
@@ -596,6 +650,7 @@ class UploadManager:
             if upload.transport is not None:
                 upload.transport.going_away()
         await self.storage.drain_all()
+        await self.storage.drain_all()  # and what the landed writes queued (a voided body)
         for upload_id in list(self._unsaved):
             changed = self._uploads.get(upload_id)
             if changed is not None:

@@ -119,6 +119,7 @@ def build_site(
             allowed_origins=config.allowed_origins,
             max_upload=config.max_upload_bytes,
             patches=manager.metrics.tus_patches,
+            handover_timeout=config.handover_timeout,
         )
         owners[b"tus"] = tus.app.resource()
         streams = tus.stream

@@ -181,7 +181,7 @@ class IncomingSite(server.Site):
             access_log.info(
                 '{client} "{method} {path}" {code}',
                 client=getattr(client, "host", "-"),
-                method=request.method.decode("ascii", "replace"),
+                method=clipped(request.method.decode("ascii", "backslashreplace"), 20),
                 path=clipped(request.path.decode("ascii", "backslashreplace")),
                 code=request.code,
             )

@@ -19,11 +19,11 @@ import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -46,6 +46,8 @@ Record = dict[str, object]
 log = Logger()
 MAX_OPEN_FILES = 256
 REHASH_BLOCK = 4 * 1024 * 1024  # read to hash again what a restart or a rewind lost
+HASH_MARKS = 8  # copies of an upload's SHA-256 kept where its last writes began
+FREE_SPACE_AGE = 5.0  # seconds a measure of the free space is used
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,26 @@ class Completed:
 
 @dataclass
 class _Hashing:
-    """An upload's SHA-256 so far: it covers the file's first `upto` bytes."""
+    """An upload's SHA-256 so far: it covers the file's first `upto` bytes. It also keeps
+    copies of itself where the last few writes began, so that voiding a request's bytes
+    (a tus checksum that failed) does not mean hashing the whole file again."""
 
     digest: Any
     upto: int = 0
+    marks: dict[int, Any] = field(default_factory=dict)  # offset -> the digest there
+
+    def mark(self) -> None:
+        self.marks[self.upto] = self.digest.copy()
+        while len(self.marks) > HASH_MARKS:
+            del self.marks[min(self.marks)]
+
+    def cut(self, size: int) -> bool:
+        """Go back to covering the first `size` bytes; False if no mark is there."""
+        if size not in self.marks:
+            return False
+        self.digest, self.upto = self.marks[size], size
+        self.marks = {at: d for at, d in self.marks.items() if at < size}
+        return True
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,8 @@ class Storage(Protocol):
     """Upload files and saved state; every call for one upload runs after the earlier ones."""
 
     def load(self) -> list[Saved]: ...
+
+    def saved(self) -> Deferred[list[Saved]]: ...
 
     def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]: ...
 
@@ -124,6 +144,7 @@ class DiskStorage:
         self.root = root.absolute()
         self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
         self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
+        self._free, self._free_measured = 0, 0.0
         self._reactor = reactor
         self._pool = pool
         self._locks: dict[str, DeferredLock] = {}
@@ -136,6 +157,7 @@ class DiskStorage:
         """Create the storage directory (at start-up, before the reactor runs)."""
         if not self.root.is_dir():
             self.root.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
+        self._measure_free()
 
     def part_path(self, upload_id: str) -> Path:
         return self.root / f"{_checked(upload_id)}.part"
@@ -146,11 +168,13 @@ class DiskStorage:
     def state_path(self, upload_id: str) -> Path:
         return self.root / f"{_checked(upload_id)}.json"
 
-    def load(self) -> list[Saved]:
-        """Every saved upload with what its file says (at start-up, before the reactor)."""
-        for stray in self.root.glob("*.json.tmp"):
-            stray.unlink(missing_ok=True)
-        records = self.journal.load()
+    def load(self, tidy: bool = True) -> list[Saved]:
+        """Every saved upload with what its file says (at start-up, before the reactor:
+        `tidy` also removes stray temporary files and compacts the journal)."""
+        if tidy:
+            for stray in self.root.glob("*.json.tmp"):
+                stray.unlink(missing_ok=True)
+        records = self.journal.load(tidy)
         for path in sorted(self.root.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -178,14 +202,26 @@ class DiskStorage:
             found.append(Saved(record, size, stat is not None, modified))
         return found
 
+    def saved(self) -> Deferred[list[Saved]]:
+        """Every upload saved in the directory, read in a thread while other instances
+        may be writing it (so nothing is tidied)."""
+        return deferToThreadPool(self._reactor, self._pool, self.load, False)
+
     def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]:
         """The bytes in the upload's file (partial or complete), and whether it has one;
         after the writes queued for it."""
-        return self._run(upload_id, self._stored, upload_id)
+        return self._after_queued(upload_id, self._stored, upload_id)
 
     def read_state(self, upload_id: str) -> Deferred[Record | None]:
         """The upload's saved state (a cluster rebuilding Redis from the directory)."""
-        return self._run(upload_id, self._read_state, upload_id)
+        return self._after_queued(upload_id, self._read_state, upload_id)
+
+    def _after_queued(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
+        """Like `_run`, but an upload with nothing queued gets no bookkeeping for it (a
+        stranger's look at an unknown ticket must leave nothing behind)."""
+        if upload_id in self._locks:
+            return self._run(upload_id, call, *args)
+        return deferToThreadPool(self._reactor, self._pool, call, *args)
 
     def _run(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
         """Run `call(*args)` in the pool after every earlier call for this upload."""
@@ -218,6 +254,9 @@ class DiskStorage:
 
     def drain(self, upload_id: str) -> Deferred[None]:
         """Fires once every call queued so far for this upload has finished."""
+        lock = self._locks.get(upload_id)
+        if lock is None or not lock.locked:
+            return succeed(None)
         return self._run(upload_id, _nothing)
 
     def drain_all(self) -> Deferred[list[None]]:
@@ -264,10 +303,21 @@ class DiskStorage:
         lock = self._locks.get(upload_id)
         if lock is not None and not lock.locked and not lock.waiting:
             del self._locks[upload_id]
+            self._hashing.pop(upload_id, None)  # no thread touches it: nothing is queued
 
     def free_bytes(self) -> int:
+        """The free space, as last measured: statvfs runs in a thread (on a network file
+        system it can take a while), at most every FREE_SPACE_AGE seconds."""
+        if self._reactor.seconds() - self._free_measured > FREE_SPACE_AGE:  # type: ignore[attr-defined]
+            self._free_measured = self._reactor.seconds()  # type: ignore[attr-defined]
+            deferToThreadPool(self._reactor, self._pool, self._measure_free).addErrback(
+                lambda f: log.error("cannot measure the free space: {e}", e=f.value)
+            )
+        return self._free
+
+    def _measure_free(self) -> None:
         stat = os.statvfs(self.root)
-        return stat.f_bavail * stat.f_frsize
+        self._free = stat.f_bavail * stat.f_frsize
 
     # The methods below run in pool threads.
 
@@ -287,7 +337,9 @@ class DiskStorage:
     def _write(self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
         fd = self._fd(upload_id)
         if self._sha256:
-            digests = (*digests, self._hashed_up_to(upload_id, fd, offset).digest)
+            hashing = self._hashed_up_to(upload_id, fd, offset)
+            hashing.mark()
+            digests = (*digests, hashing.digest)
         for part in data.parts if isinstance(data, Pieces) else [data]:
             for digest in digests:
                 digest.update(part)
@@ -324,6 +376,9 @@ class DiskStorage:
 
     def _truncate(self, upload_id: str, size: int) -> None:
         os.ftruncate(self._fd(upload_id), size)
+        hashing = self._hashing.get(upload_id)
+        if hashing is not None and not hashing.cut(size):
+            del self._hashing[upload_id]  # hashed again from the file at the next write
 
     def _complete(self, upload_id: str) -> Completed:
         final, part = self.final_path(upload_id), self.part_path(upload_id)

@@ -39,6 +39,7 @@ EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
 CHECKSUMS: dict[str, Callable[[], Digest]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 OFFSET_STREAM = "application/offset+octet-stream"
 READ_SIZE = 256 * 1024  # socket reads while a body streams
+MAX_PIECES = 64  # reads kept apart before a write; more are joined
 MAX_REASON_CHARS = 500  # of a client's cancel reason (header Incoming-Cancel-Reason)
 EXPOSED = (
     "Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Location, Tus-Version, "
@@ -116,6 +117,7 @@ class TusApi:
         allowed_origins: frozenset[str],
         max_upload: int | None,
         patches: Gauge,
+        handover_timeout: float = 55.0,
     ) -> None:
         self.manager = manager
         self.clock = clock
@@ -124,6 +126,7 @@ class TusApi:
         self.allowed_origins = allowed_origins
         self.max_upload = max_upload
         self.patches = patches
+        self.handover_timeout = handover_timeout
 
     # Routes
 
@@ -162,7 +165,9 @@ class TusApi:
     async def head(self, request: IRequest, ticket: str) -> bytes:
         try:
             self.check(request)
-            upload = await self.created(ticket)
+            # All stored while the handover runs: the answer waits for the backend's, so
+            # that a tus client seeing every byte stored knows the backend has the file.
+            upload = await self.created(ticket, answered=True)
             await self.manager.resume_position(upload)  # writes still in flight land first
             answer = Answer(200, headers={"Cache-Control": "no-store"})
             answer.headers["Upload-Offset"] = str(upload.offset)
@@ -236,10 +241,14 @@ class TusApi:
                 412, f"Tus-Resumable must be {TUS_VERSION}", **{"Tus-Version": TUS_VERSION}
             )
 
-    async def created(self, ticket: str) -> Upload:
-        """The upload of a ticket that a creation has given a length."""
+    async def created(self, ticket: str, answered: bool = False) -> Upload:
+        """The upload of a ticket that a creation has given a length (`answered`: once
+        the backend answered its handover, if one runs)."""
         try:
-            upload = await self.manager.find(ticket)
+            if answered:
+                upload = await self.manager.answered(ticket, self.handover_timeout)
+            else:
+                upload = await self.manager.find(ticket)
         except UploadError as e:
             raise _refusal(e) from None
         if upload is not None and upload.cancelled:
@@ -428,6 +437,8 @@ class PatchStream:
         self._piled += len(data)
         if self._piled >= self.api.block_size:
             self._flush()
+        elif len(self._pieces) >= MAX_PIECES:  # many small reads: join them, keep the memory
+            self._pieces = [b"".join(self._pieces)]
         if upload.pending_bytes >= self.api.max_pending:
             self._pause()
 
@@ -456,7 +467,7 @@ class PatchStream:
         self._let_go()
 
     def _flush(self) -> None:
-        if self._pieces and self.upload is not None and not self._done:
+        if self._pieces and self.upload is not None and self._attached and not self._done:
             data = Pieces(self._pieces)
             self._pieces, self._piled = [], 0
             self._sent += len(data)
@@ -491,7 +502,11 @@ class PatchStream:
             self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message))
 
     def going_away(self) -> None:
-        self._finish(Answer(503, "the server is restarting; resume the upload"))
+        away = TusError(503, "the server is restarting; resume the upload")
+        if self.digests and self._sent:  # bytes no checksum vouches for: void them first
+            self._refuse(away)
+        else:
+            self._finish(away.answer)
 
     # The answer
 
@@ -499,7 +514,8 @@ class PatchStream:
         """All of the body is on disk: check it, then answer (after the handover's
         answer, if it completed the upload)."""
         upload = self.upload
-        if self._done or not self._ended or self._acked < self._sent or upload is None:
+        stopped = self._ended or self._refusal is not None
+        if self._done or not stopped or self._acked < self._sent or upload is None:
             return
         if self._refusal is not None:
             if self._sent:
@@ -526,8 +542,9 @@ class PatchStream:
                 self.upload.life.ready()
 
     def _refuse(self, refusal: TusError) -> None:
-        """Answer `refusal` once this body's writes have landed, voiding its bytes."""
-        self._refusal, self._ended = refusal, True
+        """Take no more of the body; answer `refusal` once its writes have landed, voiding
+        its bytes (at once, and then hang up, if the body is still arriving)."""
+        self._refusal = refusal
         self._pieces, self._piled = [], 0
         self._maybe_complete()
 

@@ -40,6 +40,9 @@ class MemoryStorage:
     def free_bytes(self) -> int:
         return self.free
 
+    def saved(self) -> Deferred[list[Saved]]:
+        return succeed(self.load())
+
     def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]:
         for files in (self.parts, self.finals):
             if upload_id in files:

@@ -67,6 +67,35 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+async def resumed_on(server: Server, ticket: str, length: int) -> tuple[Any, dict[str, Any]]:
+    """MsgUploadReq until MsgUploadConf, as a browser does: the instance that served the
+    last connection lets go of the upload a moment after it closed (13 meanwhile)."""
+    while True:
+        client = await connect(server.ws_url())
+        client.send("MsgUploadReq", Id=ticket, LengthBytes=length, Name="f.bin")
+        message = await client.next()
+        if message["MsgType"] == "MsgUploadConf":
+            return client, message["MsgData"]
+        assert message["MsgData"]["ErrorCode"] == ErrorCode.ALREADY_CONNECTED, message
+        await client.closed
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+async def patched(url: str, body: bytes, offset: int) -> Any:
+    """A PATCH, again after a 423 (the instance of the last one is letting go), as tus
+    clients do."""
+    while True:
+        response = await treq.request(
+            "PATCH", url, data=body,
+            headers={**TUS, "Content-Type": "application/offset+octet-stream",
+                     "Upload-Offset": str(offset)},
+        )  # fmt: skip
+        if response.code != 423:
+            return response
+        await response.content()
+        await deferLater(reactor, 0.1, lambda: None)
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_upload_resumes_on_another_instance(
     tmp_path: Path, redis: Redis, backend: Backend, stopper: list[Any]
@@ -80,7 +109,7 @@ async def test_an_upload_resumes_on_another_instance(
     await send_all(client, data[: 4 * CHUNK], CHUNK, SEND_AHEAD)
     client.close()
     await client.closed
-    resumed, conf = await upload_request(c, ticket, len(data))
+    resumed, conf = await resumed_on(c, ticket, len(data))
     assert conf["FilePos"] == 4 * CHUNK
     await complete_upload(resumed, data[4 * CHUNK :], CHUNK, SEND_AHEAD)
     post = await backend.posts.get()
@@ -121,16 +150,10 @@ async def test_sigkill_of_the_writing_instance_then_resume_elsewhere(
     await daemon_a.kill(process_a)
     await client.closed
     # the lease of the dead instance runs out within LEASE seconds; until then 13
-    while True:
-        resumed = await connect(b.ws_url())
-        resumed.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="x")
-        message = await resumed.next()
-        if message["MsgType"] == "MsgUploadConf":
-            break
-        assert message["MsgData"]["ErrorCode"] == ErrorCode.ALREADY_CONNECTED
-        await resumed.closed
-        await deferLater(reactor, 0.5)
-    position = message["MsgData"]["FilePos"]
+    asked = reactor.seconds()
+    resumed, conf = await resumed_on(b, ticket, len(data))
+    assert reactor.seconds() - asked <= LEASE + 1
+    position = conf["FilePos"]
     assert position == 5 * CHUNK
     await complete_upload(resumed, data[position:], CHUNK, SEND_AHEAD)
     post = await backend.posts.get()
@@ -240,10 +263,7 @@ async def test_tus_resumes_on_another_instance(
     assert first.code == 204
     head = await treq.head(f"{b.base}/tus/{ticket}", headers=TUS)
     assert head.headers.getRawHeaders("upload-offset") == [str(CHUNK)]
-    rest = await treq.request(
-        "PATCH", f"{b.base}/tus/{ticket}", data=data[CHUNK:],
-        headers={**stream, "Upload-Offset": str(CHUNK)},
-    )  # fmt: skip
+    rest = await patched(f"{b.base}/tus/{ticket}", data[CHUNK:], CHUNK)
     assert rest.code == 204
     post = await backend.posts.get()
     assert post["sha256"] == sha256(data)
@@ -352,7 +372,7 @@ async def test_redis_is_rebuilt_from_the_directory_and_one_process_can_take_it_o
     assert rebuilt.stdout.startswith("2 uploads put back")
     started = await instances(1, redis, tmp_path, stopper)
     [(_, _, c)] = started
-    resumed, conf = await upload_request(c, ticket, len(data))
+    resumed, conf = await resumed_on(c, ticket, len(data))
     assert conf["FilePos"] == CHUNK
     await complete_upload(resumed, data[CHUNK:], CHUNK, SEND_AHEAD)
     assert (await backend.posts.get())["sha256"] == sha256(data)

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -17,12 +16,6 @@ from .harness import Backend, Redis
 from .test_cluster import instances, stop_all
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the janitor expires only what Redis's deadline set names, and no "
-    "instance notices that Redis lost its data or looks in StorageDir for the "
-    "<ticket>.json files Redis forgot: untouched uploads never expire",
-)
 @pytest_twisted.ensureDeferred
 async def test_an_idle_upload_expires_even_after_redis_lost_its_data(
     tmp_path: Path, redis: Redis, backend: Backend, stopper: list[Any]
