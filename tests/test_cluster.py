@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -388,3 +389,23 @@ async def test_redis_is_rebuilt_from_the_directory_and_one_process_can_take_it_o
     late.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="x")
     await late.expect_error(ErrorCode.TICKET_FINISHED)
     await stop_daemon(daemon, process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreadable_record_does_not_stop_the_janitor(
+    tmp_path: Path, redis: Redis, backend: Backend, stopper: list[Any]
+) -> None:
+    started = await instances(1, redis, tmp_path, stopper, "--max-idle", "1")
+    [(_, _, a)] = started
+    stranger = "7e6a8b8e-0a0a-4a0a-8a0a-0a0a0a0a0a0a"  # a newer version's record, say
+    for command in (
+        ["SET", f"incoming:upload:{stranger}", json.dumps({"id": stranger, "phase": "v2"})],
+        ["ZADD", "incoming:deadlines", "0", stranger],  # first in line
+    ):
+        await threads.deferToThread(
+            subprocess.run, ["redis-cli", "-p", str(redis.port), *command], check=True
+        )
+    ticket = await a.new_upload(backend.url)
+    notice = await backend.posts.get()  # expired all the same
+    assert (notice["id"], notice["cancelled"]) == (ticket, "yes")
+    await stop_all(started)

@@ -547,3 +547,70 @@ def test_a_patch_body_that_stalls_is_dropped_at_the_timeout(tmp_path: Any) -> No
     channel.connectionLost(Failure(ConnectionDone()))
     assert upload.transport is None
     assert bytes(storage.parts[upload.id]) == b"s" * 5000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_of_many_tiny_chunks_is_written_whole(
+    config: Config, backend: Backend
+) -> None:
+    """1,100 chunks of 100 bytes, within one 512 KiB write: more than a pwritev takes."""
+    server, port, pool = await start_server(dataclasses.replace(config, chunk_size_kb=512))
+    try:
+        data = os.urandom(1100 * 100)
+        ticket = await created(server, backend, len(data), removeFileWhenFinished="false")
+        body = b"".join(b"64\r\n" + data[i : i + 100] + b"\r\n" for i in range(0, len(data), 100))
+        answer = await threads.deferToThread(
+            raw_patch, server.port, ticket, 0, "Transfer-Encoding: chunked\r\n",
+            [body + b"0\r\n\r\n"],
+        )  # fmt: skip
+        assert answer.startswith(b"HTTP/1.1 204")
+        assert server.files() == {ticket: data}
+    finally:
+        await port.stopListening()
+        await server.settled()
+        await ensureDeferred(server.manager.shutdown())
+        pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_past_upload_length_is_refused_before_it_ends(
+    server: Server, backend: Backend
+) -> None:
+    ticket = await created(server, backend, 10, removeFileWhenFinished="false")
+
+    def overflow_and_wait() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            s.sendall(
+                f"PATCH /incoming/tus/{ticket} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                f"Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+                + b"14\r\n"
+                + b"o" * 20
+                + b"\r\n"  # fmt: skip
+            )  # and the body goes on (no last chunk): the answer must not wait for its end
+            return s.recv(4096)
+
+    answer = await threads.deferToThread(overflow_and_wait)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert header(await head(server, ticket), "Upload-Offset") == "0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_while_the_handover_runs_waits_for_the_backends_answer(
+    server: Server, backend: Backend
+) -> None:
+    """A tus client that sees every byte stored takes the upload as done: so HEAD says so
+    only once the backend has answered."""
+    ticket = await created(server, backend, 3, removeFileWhenFinished="false")
+    backend.hold = True
+    patching = ensureDeferred(patch(server, ticket, 0, b"abc"))
+    await backend.posts.get()  # the handover runs
+    probing = ensureDeferred(head(server, ticket))
+    await eventually(lambda: server.manager._answers.get(ticket))  # it waits
+    assert not probing.called
+    backend.answer = b"done\nok"
+    backend.release()
+    probe = await probing
+    assert header(probe, "Upload-Offset") == "3"
+    assert header(probe, "Incoming-Result") == "ok"
+    assert (await patching).code == 204
