@@ -25,7 +25,6 @@ threads of its own).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from upload_bench import (  # noqa: E402
     disk_write_mb_s,
     http_post,
     loopback_mb_s,
+    sha256_file,
     start_backend,
     summary,
 )
@@ -151,7 +151,7 @@ def upload(
             stored, source = server.stored(event["url"]), files[event["upload"]]
             if stored.stat().st_size != source.stat().st_size:
                 raise RuntimeError(f"{server.name}: {stored} has the wrong size")
-            if verify and sha256(stored) != sha256(source):
+            if verify and sha256_file(stored) != sha256_file(source):
                 raise RuntimeError(f"{server.name}: {stored} differs from {source}")
             stored.unlink()
     total = sum(f.stat().st_size for f in files)
@@ -161,14 +161,6 @@ def upload(
         (user_after - user) / gib,
         (system_after - system) / gib,
     )
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def random_file(path: Path, size: int) -> Path:

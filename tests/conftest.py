@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import ensureDeferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
@@ -20,8 +19,8 @@ from .harness import (
     Nginx,
     Redis,
     Server,
+    serving,
     start_backend,
-    start_server,
 )
 
 
@@ -55,13 +54,8 @@ async def backend() -> AsyncIterator[Backend]:
 
 @pytest_twisted.async_yield_fixture
 async def server(config: Config) -> AsyncIterator[Server]:
-    s, port, pool = await start_server(config)
-    yield s
-    await port.stopListening()
-    for d in list(s.manager.running):
-        await d
-    await ensureDeferred(s.manager.shutdown())
-    pool.stop()
+    async with serving(config) as s:
+        yield s
 
 
 @pytest_twisted.async_yield_fixture

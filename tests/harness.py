@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 import treq
 from klein import Klein
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.threadpool import ThreadPool
@@ -137,6 +137,19 @@ async def start_server(
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(site)
     return Server(manager, port.getHost().port, config.storage_dir), port, pool
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config, storage: Storage | None = None) -> AsyncIterator[Server]:
+    """A server on a loopback port for the block's length; then its work ends, it stops."""
+    server, port, pool = await start_server(config, storage)
+    try:
+        yield server
+    finally:
+        await port.stopListening()
+        await server.settled()
+        await ensureDeferred(server.manager.shutdown())
+        pool.stop()
 
 
 class Daemon(ProcessProtocol):

@@ -20,7 +20,7 @@ from incoming.config import Config
 from incoming.service import build_manager, build_site
 
 from .conftest import CHUNK_KB, SEND_AHEAD
-from .harness import Backend, Server, complete_upload, start_server, upload_request
+from .harness import Backend, Server, complete_upload, serving, upload_request
 
 CHUNK = CHUNK_KB * 1024
 
@@ -101,8 +101,7 @@ async def test_backend_api_only_on_its_own_listener(split: Any, backend: Backend
 @pytest_twisted.ensureDeferred
 async def test_handover_host_allow_list(config: Config, backend: Backend) -> None:
     config = dataclasses.replace(config, handover_hosts=frozenset({"127.0.0.1"}))
-    server, port, pool = await start_server(config)
-    try:
+    async with serving(config) as server:
         response = await treq.post(
             f"{server.base}/backend/new_upload", data={"signalFinishURL": "http://evil.example/x"}
         )
@@ -111,17 +110,13 @@ async def test_handover_host_allow_list(config: Config, backend: Backend) -> Non
             "signalFinishURL host 'evil.example' is not allowed",
         )
         assert await server.new_upload(backend.url)
-    finally:
-        await port.stopListening()
-        pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_websocket_origin_allow_list(config: Config) -> None:
     config = dataclasses.replace(config, allowed_origins=frozenset({"https://app.example"}))
-    server, port, pool = await start_server(config)
 
-    def status(origin: str | None) -> bytes:
+    def status(server: Server, origin: str | None) -> bytes:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             extra = f"Origin: {origin}\r\n" if origin else ""
             s.sendall(
@@ -131,10 +126,7 @@ async def test_websocket_origin_allow_list(config: Config) -> None:
             )
             return s.recv(4096).split(b" ")[1]
 
-    try:
-        assert await threads.deferToThread(status, "https://evil.example") == b"403"
-        assert await threads.deferToThread(status, "https://APP.example/") == b"101"
-        assert await threads.deferToThread(status, None) == b"101"  # not a browser
-    finally:
-        await port.stopListening()
-        pool.stop()
+    async with serving(config) as server:
+        assert await threads.deferToThread(status, server, "https://evil.example") == b"403"
+        assert await threads.deferToThread(status, server, "https://APP.example/") == b"101"
+        assert await threads.deferToThread(status, server, None) == b"101"  # not a browser

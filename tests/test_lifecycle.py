@@ -31,7 +31,7 @@ from incoming.websocket_protocol import UploadProtocolSession
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .fakes import MemoryStorage, RecordingHandover, RecordingTransport
-from .harness import Backend, Server, connect, send_all, start_server, upload_request
+from .harness import Backend, Server, connect, send_all, serving, upload_request
 
 T = TypeVar("T")
 
@@ -277,12 +277,8 @@ def test_restart_redoes_an_interrupted_handover_or_sees_it_was_taken() -> None:
 @pytest_twisted.async_yield_fixture
 async def full_server(config: Config) -> AsyncIterator[Server]:
     """A server whose storage fills up after the first 8 KiB of any upload."""
-    s, port, pool = await start_server(config, MemoryStorage(full_at=8192))
-    yield s
-    await port.stopListening()
-    await s.settled()
-    await ensureDeferred(s.manager.shutdown())
-    pool.stop()
+    async with serving(config, MemoryStorage(full_at=8192)) as s:
+        yield s
 
 
 @pytest_twisted.ensureDeferred

@@ -21,7 +21,7 @@ from incoming.config import Config
 from incoming.errors import ErrorCode
 
 from .fakes import MemoryStorage
-from .harness import CHUNK_KB, SEND_AHEAD, Backend, Server, acked_upload, start_server
+from .harness import CHUNK_KB, SEND_AHEAD, Backend, Server, acked_upload, serving, start_server
 
 CHUNK = CHUNK_KB * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -306,8 +306,7 @@ async def test_a_patch_is_locked_out_while_a_websocket_writes(
 @pytest_twisted.ensureDeferred
 async def test_max_upload_size_applies_to_both_transports(config: Config, backend: Backend) -> None:
     limited = dataclasses.replace(config, max_upload_bytes=1000)
-    server, port, pool = await start_server(limited)
-    try:
+    async with serving(limited) as server:
         options = await treq.request("OPTIONS", f"{server.base}/tus/")
         assert header(options, "Tus-Max-Size") == "1000"
         ticket = await server.new_upload(backend.url)
@@ -318,18 +317,12 @@ async def test_max_upload_size_applies_to_both_transports(config: Config, backen
         client.send("MsgUploadReq", Id=ticket, LengthBytes=1001, Name="big")
         await client.expect_error(ErrorCode.TOO_LARGE)
         assert (await create(server, ticket, 1000)).code == 201
-    finally:
-        await port.stopListening()
-        await server.settled()
-        await ensureDeferred(server.manager.shutdown())
-        pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_origins_outside_the_allow_list_are_refused(config: Config, backend: Backend) -> None:
     allowed = dataclasses.replace(config, allowed_origins=frozenset({"https://app.example"}))
-    server, port, pool = await start_server(allowed)
-    try:
+    async with serving(allowed) as server:
         ticket = await server.new_upload(backend.url)
         evil = await create(server, ticket, 3, Origin="https://evil.example")
         assert evil.code == 403
@@ -337,10 +330,6 @@ async def test_origins_outside_the_allow_list_are_refused(config: Config, backen
         assert fine.code == 201
         assert header(fine, "Access-Control-Allow-Origin") == "https://app.example"
         assert header(fine, "Vary") == "Origin"
-    finally:
-        await port.stopListening()
-        await ensureDeferred(server.manager.shutdown())
-        pool.stop()
 
 
 # Bodies as they stream
@@ -554,8 +543,7 @@ async def test_a_body_of_many_tiny_chunks_is_written_whole(
     config: Config, backend: Backend
 ) -> None:
     """1,100 chunks of 100 bytes, within one 512 KiB write: more than a pwritev takes."""
-    server, port, pool = await start_server(dataclasses.replace(config, chunk_size_kb=512))
-    try:
+    async with serving(dataclasses.replace(config, chunk_size_kb=512)) as server:
         data = os.urandom(1100 * 100)
         ticket = await created(server, backend, len(data), removeFileWhenFinished="false")
         body = b"".join(b"64\r\n" + data[i : i + 100] + b"\r\n" for i in range(0, len(data), 100))
@@ -565,11 +553,6 @@ async def test_a_body_of_many_tiny_chunks_is_written_whole(
         )  # fmt: skip
         assert answer.startswith(b"HTTP/1.1 204")
         assert server.files() == {ticket: data}
-    finally:
-        await port.stopListening()
-        await server.settled()
-        await ensureDeferred(server.manager.shutdown())
-        pool.stop()
 
 
 @pytest_twisted.ensureDeferred
