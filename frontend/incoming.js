@@ -5,7 +5,7 @@
  *   <script src="https://HOST/incoming/frontend/incoming.js"></script>
  *   incoming.set_server_hostname("HOST");
  *   var up = new incoming.Uploader(ticket, file);
- *   up.onprogress = function (u) { bar.value = u.frac_complete; };
+ *   up.onprogress = function (u) { bar.value = u.frac_sent; };
  *   up.onfinished = function (u) { show(u.result); }; // the backend's verdict ("" if none)
  *   up.start();
  *
@@ -254,6 +254,7 @@
       started: false
     };
     this._ws = null;
+    this._ws_unsent = 0; // what the last socket had not sent when it went
     this._generation = 0; // one per connection; late events of old ones are ignored
     this._confirmed = false;
     this._chunk_size = 0;
@@ -296,6 +297,20 @@
     }
     return s.bytes_acked / s.bytes_total;
   });
+  // For a progress bar: the bytes that have left the browser, over bytes_total. It moves
+  // within a PATCH, where frac_complete waits for the answer, and is never below it but
+  // during the handover: frac_sent is 1 only once finished (the last byte counts when
+  // the backend has the file), so frac_sent === 1 means finished.
+  readonly("frac_sent", function () {
+    var s = this._s;
+    if (s.finished) {
+      return 1;
+    }
+    if (s.bytes_total === 0) {
+      return 0;
+    }
+    return Math.min(this._bytes_sent(), s.bytes_total - 1) / s.bytes_total;
+  });
   readonly("can_pause", function () {
     var s = this._s;
     return s.started && !this._ended() && !s.cancelling && s.bytes_acked < s.bytes_total;
@@ -323,6 +338,19 @@
         }
       }
     }
+  };
+
+  // Over HTTP bytes_tx is what the PATCH's upload events count; over the WebSocket it
+  // counts what was given to the socket, which may not have sent it yet.
+  P._bytes_sent = function () {
+    var s = this._s;
+    return Math.max(s.bytes_acked, s.bytes_tx - this._unsent());
+  };
+
+  // Bytes given to the WebSocket that it has not sent: as they were when the last socket
+  // went, until the next MsgUploadConf says where the server stands.
+  P._unsent = function () {
+    return this._ws && this._confirmed ? this._ws.bufferedAmount || 0 : this._ws_unsent;
   };
 
   P._set_state = function (msg) {
@@ -477,6 +505,7 @@
   P._drop_socket = function () {
     var ws = this._ws;
     this._generation++;
+    this._ws_unsent = this._unsent();
     this._ws = null;
     this._confirmed = false;
     this._queue = [];
@@ -492,6 +521,7 @@
 
   P._closed = function () {
     var s = this._s;
+    this._ws_unsent = this._unsent();
     this._ws = null;
     this._confirmed = false;
     s.connected = false;
@@ -531,6 +561,7 @@
       this._send_ahead = data.SendAhead;
       s.bytes_acked = data.FilePos;
       s.bytes_tx = data.FilePos;
+      this._ws_unsent = 0;
       this._read_pos = data.FilePos;
       this._send("MsgAck", { Ack: true });
       if (s.cancelling) {

@@ -4,8 +4,8 @@ Its backend asks Incoming!! for a ticket per file (with a fresh backendSecret),
 checks the secret on the handover, moves each finished file into its own folder
 and checks its SHA-256 against the handover's `sha256` (a mismatch fails the
 handover), and lists the files for download. It answers `done` and, on the next
-line, its verdict for the page: JSON with the file's download URL, SHA-256 and
-stored name, which the page gets as the uploader's `result`. `--handover wait`
+line, its verdict for the page: JSON with the file's download URL, size (as stored),
+SHA-256 and stored name, which the page gets as the uploader's `result`. `--handover wait`
 answers `wait` and calls `finish_upload` with that verdict as `result` once the
 file is moved.
 
@@ -130,7 +130,7 @@ class Demo:
             return b"done\n" + self.verdicts[ticket].encode()
         # Disk work in a thread, never on the reactor: the move, and reading the file
         # to hash it (Incoming!! without a checksum, `--checksum none`, sends no sha256).
-        target, digest = await threads.deferToThread(
+        target, size, digest = await threads.deferToThread(
             self._move, form["filename"], form["filenameFromBrowser"]
         )
         expected = form.get("sha256")
@@ -146,8 +146,9 @@ class Demo:
             return b"the file's SHA-256 does not match"
         log.info("upload {id} stored as {t}, SHA-256 {d}", id=ticket, t=target.name, d=digest)
         verdict = json.dumps(
-            {"url": "/files/" + quote(target.name), "sha256": digest, "name": target.name}
-        )
+            {"url": "/files/" + quote(target.name), "size": size, "sha256": digest,
+             "name": target.name}
+        )  # fmt: skip
         self.verdicts[ticket] = verdict
         self._save_secrets()
         if self.handover == "wait":
@@ -156,9 +157,9 @@ class Demo:
             return b"wait"
         return b"done\n" + verdict.encode()  # the verdict reaches the page as `result`
 
-    def _move(self, source: str, browser_name: str) -> tuple[Path, str]:
+    def _move(self, source: str, browser_name: str) -> tuple[Path, int, str]:
         """Into the files folder, under a name of its own (reserved with O_EXCL: two
-        handovers at once may bring the same name); and its SHA-256."""
+        handovers at once may bring the same name); its size and SHA-256."""
         stem = safe_name(browser_name)
         for n in itertools.count():
             target = self.files / (f"{n}-{stem}" if n else stem)
@@ -169,7 +170,8 @@ class Demo:
                 continue
         shutil.move(source, target)
         with target.open("rb") as f:
-            return target, hashlib.file_digest(f, "sha256").hexdigest()
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            return target, os.fstat(f.fileno()).st_size, digest
 
     async def _finish(self, ticket: str, verdict: str) -> None:
         """The work is done: tell Incoming!! (it accepts this even before our `wait`),

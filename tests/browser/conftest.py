@@ -214,7 +214,7 @@ TEST_HOOKS = """() => {
     const input = document.createElement("input");
     input.type = "file"; input.multiple = true; input.id = "testfiles";
     document.body.appendChild(input);
-    window.ups = []; window.events = []; window.states = [];
+    window.ups = []; window.events = []; window.states = []; window.fracs = [];
     const behaviours = {
         pause: (up) => up.pause("pause"),
         cancel: (up) => up.cancel("cancelled by the test"),
@@ -233,11 +233,13 @@ TEST_HOOKS = """() => {
         up.ticket = ticket;
         const n = window.ups.push(up) - 1;
         const states = window.states[n] = [];  // [state_msg, bytes_acked] at each new state
+        const fracs = window.fracs[n] = [];  // [frac_sent, frac_complete, finished] each time
         const note = (what) => window.events.push([n, what, up.state_msg]);
         up.onprogress = () => {
             if (!states.length || states.at(-1)[0] !== up.state_msg) {
                 states.push([up.state_msg, up.bytes_acked]);
             }
+            fracs.push([up.frac_sent, up.frac_complete, up.finished]);
             if (behaviour && !up.acted && (up.bytes_acked > 0 || up.bytes_tx >= 1 << 20)) {
                 up.acted = true;
                 behaviours[behaviour](up);

@@ -93,6 +93,29 @@ def test_50_mib_file_arrives_byte_identical(
     )
 
 
+def test_http_frac_sent_moves_within_one_patch(app_page: Page, demo: Demo, tmp_path: Path) -> None:
+    """A 20 MiB file is one PATCH: frac_complete jumps from 0 to 1 when it is answered,
+    while frac_sent follows Chromium's upload progress, never back and below 1 until
+    the upload is finished."""
+    source = random_file(tmp_path / "twenty.bin", 20 * MiB)
+    patches: list[str] = []
+    app_page.on("request", lambda r: r.method == "PATCH" and patches.append(r.url))
+    throttle(app_page, 8 * MiB)
+    upload(app_page, source)
+    wait(app_page, "window.ups[0].finished")
+    fracs = app_page.evaluate("() => window.fracs[0]")
+    assert len(patches) == 1
+    sent = [f[0] for f in fracs]
+    assert sent == sorted(sent), "never back"
+    moving = {f[0] for f in fracs if f[1] == 0 and 0 < f[0] < 1}
+    assert len(moving) >= 5, fracs  # several figures before the PATCH is answered
+    assert all(f[0] < 1 for f in fracs if not f[2])
+    assert all(f[0] >= f[1] for f in fracs if f[1] < 1)
+    assert {f[1] for f in fracs} == {0, 1}  # what frac_complete could show
+    assert fracs[-1] == [1, 1, True]
+    assert sha256(demo.files / "twenty.bin") == sha256(source)
+
+
 @TRANSPORTS
 def test_three_files_at_once(
     app_page: Page, demo: Demo, tmp_path: Path, options: dict[str, str]

@@ -39,10 +39,16 @@ export function load(options = {}) {
       this.sent = [];
       this.readyState = 0;
       this.closed = false;
+      this.bufferedAmount = 0; // bytes given to send() and not yet transmitted
       sockets.push(this);
     }
     send(data) {
       this.sent.push(typeof data === "string" ? JSON.parse(data) : data);
+      this.bufferedAmount += typeof data === "string" ? Buffer.byteLength(data) : data.byteLength;
+    }
+    // The browser sends `bytes` of what it buffers (all of it by default).
+    transmit(bytes = this.bufferedAmount) {
+      this.bufferedAmount -= Math.min(bytes, this.bufferedAmount);
     }
     close() {
       this.closed = true;

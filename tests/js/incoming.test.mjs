@@ -388,3 +388,41 @@ test("a finish found on reconnect (11) brings the verdict along, as does one tha
   env.sockets.at(-1).receive("MsgError", { ErrorCode: 11, Msg: "this upload is already finished" });
   assert.deepEqual(results, ['{"url": "/files/a"}', "ok", ""]);
 });
+
+test("frac_sent counts what the socket has sent, not what it buffers, across a reconnect", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(10 * 1024), WS);
+  let socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
+  const text = socket.bufferedAmount - 2048; // MsgUploadReq and MsgAck, before the chunks
+  assert.deepEqual([up.bytes_tx, up.frac_sent], [2048, 0]);
+  socket.transmit(text + 512);
+  assert.equal(up.frac_sent, 0.05);
+  socket.transmit(1024);
+  assert.equal(up.frac_sent, 0.15);
+  socket.receive("MsgChunkAck", { ChunkSize: 1024 });
+  await settle();
+  assert.deepEqual([up.bytes_tx, up.frac_complete, up.frac_sent], [3072, 0.1, 0.15]);
+  socket.drop(); // 1536 bytes never left: they do not count while reconnecting
+  assert.equal(up.frac_sent, 0.15);
+  env.fire();
+  socket = env.sockets.at(-1);
+  socket.open();
+  assert.equal(up.frac_sent, 0.15);
+  socket.receive("MsgUploadConf", { ChunkSizeKB: 1, FilePos: 2048, SendAhead: 2 });
+  await settle();
+  assert.deepEqual([up.bytes_tx, up.frac_complete, up.frac_sent], [4096, 0.2, 0.2]);
+  socket.transmit();
+  assert.equal(up.frac_sent, 0.4);
+});
+
+test("frac_sent stays below 1 while the handover runs, and is 1 once finished", async () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(2048), WS);
+  const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 2 });
+  socket.transmit();
+  socket.receive("MsgChunkAck", { ChunkSize: 1024 });
+  socket.receive("MsgChunkAck", { ChunkSize: 1024 });
+  assert.deepEqual([up.state_msg, up.frac_complete, up.frac_sent], ["Handing over", 1, 2047 / 2048]);
+  socket.receive("MsgAllDone", {});
+  assert.deepEqual([up.finished, up.frac_sent], [true, 1]);
+});

@@ -630,3 +630,48 @@ test("a zero-byte file: the creation's answer carries the verdict", () => {
   env.xhr().respond(201, { "Upload-Offset": 0, "Incoming-Result": encodeURIComponent("é") });
   assert.deepEqual(results, ["é"]);
 });
+
+test("frac_sent moves within a PATCH, never below frac_complete, and is 1 only once finished", () => {
+  const env = load();
+  const total = 10 * MiB;
+  const up = new env.incoming.Uploader("t", file(total), { chunkSize: 4 * MiB });
+  const seen = [];
+  up.onprogress = (u) => {
+    if (seen.at(-1) !== u.frac_sent) seen.push(u.frac_sent);
+    assert.ok(u.frac_sent >= u.frac_complete || !u.finished && u.bytes_acked === total);
+  };
+  assert.equal(up.frac_sent, 0);
+  let patch = created(env, up);
+  for (const sent of [1, 2, 3]) {
+    patch.progress(sent * MiB);
+    assert.deepEqual([up.frac_sent, up.frac_complete], [sent / 10, 0]);
+  }
+  patch.respond(204, { "Upload-Offset": 4 * MiB, ...live });
+  assert.deepEqual([up.frac_sent, up.frac_complete], [0.4, 0.4]);
+  env.xhr().progress(MiB);
+  assert.equal(up.frac_sent, 0.5);
+  assert.deepEqual(seen, [0, 0.1, 0.2, 0.3, 0.4, 0.5], "onprogress at each step");
+  // paused: what was sent counts until HEAD says what the server kept of it
+  up.pause("pause");
+  assert.equal(up.frac_sent, 0.5);
+  up.pause("unpause");
+  env.xhr().respond(200, { "Upload-Offset": 4.5 * MiB, ...live });
+  assert.deepEqual([up.frac_sent, up.frac_complete], [0.45, 0.45]);
+  env.xhr().respond(204, { "Upload-Offset": 8.5 * MiB, ...live });
+  patch = env.xhr();
+  patch.progress(MiB);
+  patch.progress(1.5 * MiB);
+  patch.bodySent();
+  assert.equal(up.state_msg, "Handing over");
+  assert.deepEqual([up.frac_sent, up.frac_complete], [(total - 1) / total, 0.85], "sent, not finished");
+  patch.respond(204, { "Upload-Offset": total });
+  assert.deepEqual([up.finished, up.frac_sent, up.frac_complete], [true, 1, 1]);
+  assert.deepEqual(seen.slice(6), [0.45, 0.85, 0.95, (total - 1) / total, 1],
+                   "back only to the server's offset, after the pause");
+
+  const empty = new env.incoming.Uploader("t", file(0));
+  empty.start();
+  assert.equal(empty.frac_sent, 0);
+  env.xhr().respond(201, {});
+  assert.deepEqual([empty.finished, empty.frac_sent], [true, 1]);
+});

@@ -4,7 +4,9 @@
  * to upload before the page was reloaded (or closed) continues with the same
  * ticket: incoming.find_upload(file) remembers it, so no new ticket is asked for.
  * When a file is finished, the web app's verdict (the uploader's `result`: JSON with the
- * file's URL, SHA-256 and stored name) says where it is: no need to ask the web app. */
+ * file's URL, size, SHA-256 and stored name) says where it is: no need to ask the web app.
+ * The bar shows the bytes sent (`frac_sent`); the speed, those sent by this page while
+ * they move (speed.js). */
 "use strict";
 
 incoming.set_server_hostname(window.INCOMING_HOST);
@@ -72,7 +74,9 @@ function showError(row, text) {
 
 function start(row, file, ticket, resumed) {
   var up = new incoming.Uploader(ticket, file);
-  var samples = []; // [time, bytes sent] over the last few seconds, for MB/s
+  var speed = new Speed();
+  var failed = false;
+  var ticker = setInterval(render, 1000); // the speed falls when bytes stop moving
   row.dataset.ticket = ticket;
   row.uploader = up;
   var pauseButton = row.querySelector(".pause");
@@ -81,46 +85,48 @@ function start(row, file, ticket, resumed) {
   cancelButton.onclick = function () { up.cancel("cancelled on the demo page"); };
 
   function render() {
-    var now = performance.now();
-    var uploading = up.connected && !up.paused && !up.finished && !up.cancelled;
-    if (!uploading) { samples.length = 0; } // bytes_tx starts again from the server's offset
-    samples.push([now, up.bytes_tx]);
-    while (samples.length > 2 && now - samples[0][0] > 3000) { samples.shift(); }
-    var first = samples[0];
-    var seconds = (now - first[0]) / 1000;
-    var rate = seconds > 0.2 ? (up.bytes_tx - first[1]) / seconds : 0;
-    // bytes sent: over HTTP the server acknowledges a whole PATCH at once
-    row.querySelector("progress").value = up.finished ? 1 : up.bytes_tx / (up.bytes_total || 1);
+    var ended = up.finished || up.cancelled || failed;
+    // bytes move: not while connecting, paused, cancelling or handing over
+    var moving = up.connected && !up.paused && !up.cancelling && !ended &&
+      up.bytes_tx < up.bytes_total;
+    speed.sample(performance.now(), up.bytes_tx, moving);
+    var rate = speed.rate();
+    // bytes sent, moving within a request; 1 once finished
+    row.querySelector("progress").value = up.frac_sent;
     row.querySelector(".state").textContent = up.state_msg;
-    row.querySelector(".rate").textContent = uploading && rate > 0 ? human(rate) + "/s" : "";
+    row.querySelector(".rate").textContent = rate > 0 ? human(rate) + "/s" : "";
     row.querySelector(".eta").textContent =
-      uploading && rate > 0 ? duration((up.bytes_total - up.bytes_tx) / rate) : "";
+      rate > 0 ? duration((up.bytes_total - up.bytes_tx) / rate) : "";
     pauseButton.textContent = up.paused ? "Resume" : "Pause";
     pauseButton.disabled = !up.can_pause;
     cancelButton.disabled = !up.can_cancel;
+    pauseButton.hidden = cancelButton.hidden = ended; // nothing left to pause or cancel
     row.classList.toggle("cancelled", up.cancelled);
     row.classList.toggle("finished", up.finished);
+    if (ended) { clearInterval(ticker); }
   }
 
   up.onprogress = render;
   up.onfinished = function () { render(); received(row, up); };
   up.oncancelled = function () { render(); showError(row, "Cancelled: " + up.cancel_msg); };
   up.onerror = function () {
+    failed = true;
     if (resumed && up.error_code === 10) {
       // Incoming!! no longer knows the ticket (it expired): start over with a new one
+      clearInterval(ticker);
       row.querySelector(".note").textContent = "The earlier upload had expired; starting over";
       newTicket(row, file);
       return;
     }
     render();
-    row.classList.toggle("failed", !up.can_cancel && !up.finished && !up.cancelled);
+    row.classList.add("failed");
     showError(row, "Error " + up.error_code + ": " + up.error_msg);
   };
   up.start();
   render();
 }
 
-// The web app's verdict: where it keeps the file, and the SHA-256 of what it received.
+// The web app's verdict: where it keeps the file, its size and the SHA-256 of what it received.
 function received(row, up) {
   var verdict = null;
   try {
@@ -136,9 +142,11 @@ function received(row, up) {
   var link = box.querySelector("a");
   link.href = verdict.url;
   link.textContent = verdict.name;
+  var size = typeof verdict.size === "number" ? verdict.size : up.bytes_total; // kept from before sizes
+  box.querySelector(".received-size").textContent = human(size);
   box.querySelector(".sha256").textContent = verdict.sha256;
   box.hidden = false;
-  listFile({ name: verdict.name, url: verdict.url, size: up.bytes_total }, true);
+  listFile({ name: verdict.name, url: verdict.url, size: size }, true);
 }
 
 function listFile(f, first) {
