@@ -14,8 +14,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from incoming.files import fsync_dir
+
 from .harness import Daemon
-from .powercut import PowerCutDir
+from .powercut import PowerCutDir, mounted, unavailable
 
 
 def write(path: Path, data: bytes, sync: str | None = "fsync", flags: int = os.O_TRUNC) -> None:
@@ -29,18 +31,10 @@ def write(path: Path, data: bytes, sync: str | None = "fsync", flags: int = os.O
         os.close(fd)
 
 
-def sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def durable(path: Path, data: bytes) -> None:
     """A file whose content and name are both on disk."""
     write(path, data)
-    sync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -64,12 +58,15 @@ async def test_unsynced_writes_are_read_back_then_lost(powercut_dir: PowerCutDir
     assert f.read_bytes() == b"durable"
 
 
-@pytest.mark.parametrize("sync", ["fsync", "fdatasync"])
+@pytest.mark.parametrize("sync", ["fsync", "fdatasync", "O_DSYNC"])
 @pytest_twisted.ensureDeferred
 async def test_synced_writes_are_kept(powercut_dir: PowerCutDir, sync: str) -> None:
     f = powercut_dir.path / "f"
     durable(f, b"old")
-    write(f, b"new content", sync=sync)
+    if sync == "O_DSYNC":  # each write durable on return
+        write(f, b"new content", sync=None, flags=os.O_TRUNC | os.O_DSYNC)
+    else:
+        write(f, b"new content", sync=sync)
     await powercut_dir.power_cut()
     assert f.read_bytes() == b"new content"
 
@@ -102,7 +99,7 @@ async def test_a_new_file_needs_its_directory_fsynced(
     f = powercut_dir.path / "new"
     write(f, b"fsynced data")
     if dir_synced:
-        sync_dir(powercut_dir.path)
+        fsync_dir(powercut_dir.path)
     await powercut_dir.power_cut()
     assert tree(powercut_dir.path) == ({"new": b"fsynced data"} if dir_synced else {})
 
@@ -112,7 +109,7 @@ async def test_a_durable_name_without_fsynced_data_comes_back_empty(
     powercut_dir: PowerCutDir,
 ) -> None:
     write(powercut_dir.path / "f", b"never fsynced", sync=None)
-    sync_dir(powercut_dir.path)
+    fsync_dir(powercut_dir.path)
     await powercut_dir.power_cut()
     assert tree(powercut_dir.path) == {"f": b""}
 
@@ -125,9 +122,33 @@ async def test_rename_needs_the_directory_fsynced(
     durable(powercut_dir.path / "a", b"content")
     os.rename(powercut_dir.path / "a", powercut_dir.path / "b")
     if dir_synced:
-        sync_dir(powercut_dir.path)
+        fsync_dir(powercut_dir.path)
     await powercut_dir.power_cut()
     assert tree(powercut_dir.path) == {"b" if dir_synced else "a": b"content"}
+
+
+@pytest.mark.parametrize(
+    ("synced", "survivors"),
+    [
+        ({"from", "to"}, {"from": None, "to": None, "to/f": b"content"}),
+        ({"to"}, {"from": None, "from/f": b"content", "to": None, "to/f": b"content"}),
+        ({"from"}, {"from": None, "to": None}),  # lost: strict POSIX, unlike ext4's journal
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_move_between_directories_needs_both_fsynced(
+    powercut_dir: PowerCutDir, synced: set[str], survivors: dict[str, bytes | None]
+) -> None:
+    root = powercut_dir.path
+    (root / "from").mkdir()
+    (root / "to").mkdir()
+    fsync_dir(root)
+    durable(root / "from" / "f", b"content")
+    os.rename(root / "from" / "f", root / "to" / "f")
+    for name in synced:
+        fsync_dir(root / name)
+    await powercut_dir.power_cut()
+    assert tree(root) == survivors
 
 
 @pytest.mark.parametrize("dir_synced", [True, False])
@@ -144,7 +165,7 @@ async def test_atomic_replace_survives_only_with_the_directory_fsynced(
     os.replace(temporary, target)
     assert tree(powercut_dir.path) == {"state.json": b'{"version": 2}'}
     if dir_synced:
-        sync_dir(powercut_dir.path)
+        fsync_dir(powercut_dir.path)
     await powercut_dir.power_cut()
     if dir_synced:
         assert tree(powercut_dir.path) == {"state.json": b'{"version": 2}'}
@@ -185,7 +206,7 @@ async def test_unlink_needs_the_directory_fsynced(
         file.write(b" not synced")
     os.unlink(powercut_dir.path / "f")
     if dir_synced:
-        sync_dir(powercut_dir.path)
+        fsync_dir(powercut_dir.path)
     await powercut_dir.power_cut()
     assert tree(powercut_dir.path) == ({} if dir_synced else {"f": b"content"})
 
@@ -218,7 +239,7 @@ async def test_nested_directories_need_each_level_fsynced(
     write(root / "a" / "b" / "f", b"deep")
     for level in ("a/b", "a", "."):
         if level != unsynced:
-            sync_dir(root / level)
+            fsync_dir(root / level)
     await powercut_dir.power_cut()
     full = {"a": None, "a/b": None, "a/b/f": b"deep"}
     survivors = {
@@ -237,7 +258,7 @@ async def test_renamed_and_removed_directories_come_back(powercut_dir: PowerCutD
     (root / "removed").mkdir()
     durable(root / "moved" / "f", b"in moved")
     durable(root / "removed" / "g", b"in removed")
-    sync_dir(root)
+    fsync_dir(root)
     os.rename(root / "moved", root / "elsewhere")
     os.unlink(root / "removed" / "g")
     os.rmdir(root / "removed")
@@ -322,3 +343,17 @@ async def test_a_killed_writer_keeps_exactly_its_synced_records(
     assert acked + 1 <= len(records) <= acked + 2
     assert records == [b"record %06d\n" % n for n in range(len(records))]
     assert scratch.read_bytes() == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_file_system_is_reported_and_unmounted(tmp_path: Path) -> None:
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    directory = PowerCutDir(tmp_path)
+    await directory.mount()
+    assert mounted(directory.path)
+    directory._process.signalProcess(signal.SIGKILL)
+    with pytest.raises(AssertionError, match="powercut-fs mounted"):
+        await directory.close()
+    assert not mounted(directory.path)
