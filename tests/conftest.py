@@ -22,6 +22,7 @@ from .harness import (
     serving,
     start_backend,
 )
+from .powercut import PowerCutDir, unavailable
 
 
 @pytest.fixture
@@ -96,3 +97,17 @@ async def stopper() -> AsyncIterator[list[Any]]:
     for process in processes:  # only if a test failed before stopping its own
         if process.pid is not None:
             process.signalProcess(signal.SIGKILL)
+
+
+@pytest_twisted.async_yield_fixture
+async def powercut_dir(tmp_path: Path) -> AsyncIterator[PowerCutDir]:
+    """A directory on the power-cut file system (`tests/powercut.py`): `.path`, `.power_cut()`."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    directory = PowerCutDir(tmp_path / "powercut")
+    try:
+        await directory.mount()
+        yield directory
+    finally:
+        await directory.close()
