@@ -62,7 +62,13 @@ def build_manager(
     """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
     metrics = Metrics()
     if storage is None:
-        disk = DiskStorage(config.storage_dir, reactor, pool, sha256=config.checksum == "sha256")
+        disk = DiskStorage(
+            config.storage_dir,
+            reactor,
+            pool,
+            sha256=config.checksum == "sha256",
+            sync=config.sync == "fsync",
+        )
         disk.prepare()
         storage = disk
     handover = HandoverClient(handover_client(reactor), reactor, config.handover_timeout, metrics)

@@ -6,6 +6,13 @@ replaced atomically, so a restarted server carries on. Names come from the
 server's own ticket ids only. State files hold backend secrets: they are 0600,
 data files 0640, and a storage directory the server creates is 0750.
 
+With `sync` on (the default; README: Durability), whatever a caller is told is
+saved survives a power cut: state files, tickets and finished files are fsynced
+(and their directory) before their Deferred fires, and `synced` tells when an
+upload's bytes are. Its syncs are grouped: one fdatasync at a time per upload,
+beside its writes (not queued behind them), each covering every write that
+landed before it began; callers that ask meanwhile share the next one.
+
 An upload's file stays open only while a connection writes it, and at most
 MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 """
@@ -13,6 +20,7 @@ MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,13 +28,21 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    ensureDeferred,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from .files import (
@@ -36,6 +52,7 @@ from .files import (
     Digest,
     Pieces,
     fsync_dir,
+    make_dirs,
     pwrite_all,
     replace_file,
 )
@@ -48,6 +65,12 @@ MAX_OPEN_FILES = 256
 REHASH_BLOCK = 4 * 1024 * 1024  # read to hash again what a restart or a rewind lost
 HASH_MARKS = 8  # copies of an upload's SHA-256 kept where its last writes began
 FREE_SPACE_AGE = 5.0  # seconds a measure of the free space is used
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or quota: the upload waits
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether a storage error means a full disk (or quota), which freeing space cures."""
+    return isinstance(error, OSError) and error.errno in NO_SPACE
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,17 @@ class _Hashing:
         return True
 
 
+@dataclass
+class _Durable:
+    """How much of an upload's file is known durable, and its syncs (reactor thread)."""
+
+    durable: int = 0  # bytes fdatasynced, by this process
+    running: bool = False  # a sync is under way
+    waiting: list[tuple[int, Deferred[None]]] = field(default_factory=list)  # (upto, d)
+    era: int = 0  # a cut makes what a sync under way found void
+    named: bool = False  # its file's directory entry is durable
+
+
 @dataclass(frozen=True)
 class Saved:
     """An upload as a restart finds it."""
@@ -113,6 +147,8 @@ class Storage(Protocol):
         self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]: ...
 
+    def synced(self, upload_id: str, upto: int) -> Deferred[None]: ...
+
     def truncate(self, upload_id: str, size: int) -> Deferred[None]: ...
 
     def release(self, upload_id: str) -> Deferred[None]: ...
@@ -140,10 +176,16 @@ class DiskStorage:
         pool: ThreadPool,
         max_open_files: int = MAX_OPEN_FILES,
         sha256: bool = True,
+        sync: bool = True,
+        fdatasync: Callable[[int], None] = os.fdatasync,
     ) -> None:
         self.root = root.absolute()
+        self.sync = sync  # make what callers are told is saved durable (fsync)
+        self._fdatasync = fdatasync
         self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
         self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
+        self._durable: dict[str, _Durable] = {}  # reactor thread
+        self._short: dict[str, int] = {}  # upload -> errno of a write that found no space
         self._free, self._free_measured = 0, 0.0
         self._reactor = reactor
         self._pool = pool
@@ -151,12 +193,13 @@ class DiskStorage:
         self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
         self._open: OrderedDict[str, None] = OrderedDict()  # uploads that may hold an fd, LRU
         self._max_open_files = max_open_files
-        self.journal = TicketJournal(self.root / "tickets.journal", reactor, pool)
+        self.journal = TicketJournal(
+            self.root / "tickets.journal", reactor, pool, sync=sync, fdatasync=fdatasync
+        )
 
     def prepare(self) -> None:
-        """Create the storage directory (at start-up, before the reactor runs)."""
-        if not self.root.is_dir():
-            self.root.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
+        """Create the storage directory, durably (at start-up, before the reactor runs)."""
+        make_dirs(self.root, DIRECTORY_MODE, self.sync)
         self._measure_free()
 
     def part_path(self, upload_id: str) -> Path:
@@ -172,9 +215,10 @@ class DiskStorage:
         """Every saved upload with what its file says (at start-up, before the reactor:
         `tidy` also removes stray temporary files and compacts the journal)."""
         if tidy:
-            for stray in self.root.glob("*.json.tmp"):
+            for stray in self.root.glob("*.tmp"):  # a replacement cut short
                 stray.unlink(missing_ok=True)
         records = self.journal.load(tidy)
+        set_aside = False
         for path in sorted(self.root.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -182,10 +226,13 @@ class DiskStorage:
                 if path != self.state_path(upload_id):
                     raise ValueError("file name does not match its id")
             except (OSError, ValueError, KeyError, TypeError) as e:
-                log.error("ignoring unreadable upload state {path}: {e}", path=path, e=e)
+                if tidy:
+                    set_aside = self._set_aside(path, e) or set_aside
                 continue
             records[upload_id] = record
             self.journal.superseded(upload_id)
+        if set_aside and self.sync:
+            fsync_dir(self.root)
         found = []
         for upload_id, record in records.items():
             try:
@@ -201,6 +248,21 @@ class DiskStorage:
             modified = stat.st_mtime if stat and partial else None
             found.append(Saved(record, size, stat is not None, modified))
         return found
+
+    def _set_aside(self, path: Path, error: Exception) -> bool:
+        """Rename an unreadable state file (written by a version that did not sync, or
+        damaged) out of the way, for a person to look at; its data file stays."""
+        when = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = path.with_name(f"{path.name}.unreadable-{when}")
+        try:
+            path.rename(aside)
+        except OSError as e:
+            log.error("unreadable upload state {path} ({e}) cannot be set aside: {why}",
+                      path=path, e=error, why=e)  # fmt: skip
+            return False
+        log.error("unreadable upload state {path} ({e}) set aside as {aside}; its data "
+                  "file, if any, is kept", path=path, e=error, aside=aside.name)  # fmt: skip
+        return True
 
     def saved(self) -> Deferred[list[Saved]]:
         """Every upload saved in the directory, read in a thread while other instances
@@ -231,13 +293,88 @@ class DiskStorage:
     def write(
         self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]:
-        """Write `data` at `offset`, feeding `digests` with it in the same thread."""
+        """Write `data` at `offset`, feeding `digests` with it in the same thread. Fires
+        once written (not yet durable: see `synced`). After a write that found no space
+        (`no_space`), the upload's later writes fail the same way until a `truncate`."""
         self._opening(upload_id)
-        return self._run(upload_id, self._write, upload_id, offset, data, digests)
+        d = self._run(upload_id, self._write, upload_id, offset, data, digests)
+        return d.addErrback(self._failed_write)
+
+    def _failed_write(self, failure: Failure) -> Failure:
+        if failure.value is not None and no_space(failure.value):
+            self._free_measured = float("-inf")  # measure again at the next look
+        return failure
+
+    def synced(self, upload_id: str, upto: int) -> Deferred[None]:
+        """Fires once the upload's first `upto` bytes, already written, are durable.
+
+        Grouped: one fdatasync at a time per upload, running beside its writes; each
+        covers every write that landed before it began, so a caller waits for the
+        first sync that begins after it asked. The first sync of a file also makes its
+        name durable. Fails (OSError) if the sync does, or if the bytes were cut off
+        before they were durable."""
+        state = self._durable.setdefault(upload_id, _Durable())
+        if not self.sync or upto <= state.durable:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        state.waiting.append((upto, d))
+        self._sync_next(upload_id, state)
+        return d
+
+    def _sync_next(self, upload_id: str, state: _Durable) -> None:
+        if not state.running and state.waiting:
+            state.running = True
+            ensureDeferred(self._sync(upload_id, state))
+
+    async def _sync(self, upload_id: str, state: _Durable) -> None:
+        era, covered, state.waiting = state.era, state.waiting, []
+        try:
+            # A handle on the file once the writes queued so far have landed; the sync
+            # itself then runs in any thread, while later writes go on.
+            handle = await self._run(upload_id, self._sync_handle, upload_id)
+            size = await deferToThreadPool(
+                self._reactor, self._pool, self._sync_file, handle, not state.named
+            )
+        except Exception:
+            failed: Failure | None = Failure()
+        else:
+            failed = None
+            if era == state.era:
+                state.durable = max(state.durable, size)
+                state.named = True
+        state.running = False
+        later = [(upto, waiter) for upto, waiter in state.waiting if upto <= state.durable]
+        state.waiting = [each for each in state.waiting if each not in later]
+        for upto, waiter in covered:
+            if failed is not None:
+                waiter.errback(failed)
+            elif upto <= state.durable:
+                waiter.callback(None)
+            else:
+                waiter.errback(_cut_off(upload_id, upto))
+        for _, waiter in later:  # asked meanwhile, for bytes this sync covered after all
+            waiter.callback(None)
+        self._sync_next(upload_id, state)
 
     def truncate(self, upload_id: str, size: int) -> Deferred[None]:
-        """Cut the partial file to `size` bytes, after queued writes."""
-        return self._run(upload_id, self._truncate, upload_id, size)
+        """Cut the partial file to `size` bytes, after queued writes (durably: bytes cut
+        off must not come back). Callers waiting for bytes past `size` hear they are gone."""
+        state = self._durable.setdefault(upload_id, _Durable())
+        state.era += 1  # a sync under way may have seen the bytes cut off
+        state.durable = min(state.durable, size)
+        waiting, state.waiting = state.waiting, []
+        for upto, waiter in waiting:
+            if upto <= size:
+                state.waiting.append((upto, waiter))
+            else:
+                waiter.errback(_cut_off(upload_id, upto))
+        d = self._run(upload_id, self._truncate, upload_id, size)
+
+        def cut(_: None) -> None:
+            if self.sync:  # the cut was fdatasynced: what is left is durable
+                state.durable = size
+
+        return d.addCallback(cut)
 
     def _opening(self, upload_id: str) -> None:
         """Note that the upload's file is open; close the least recent past the bound."""
@@ -280,7 +417,8 @@ class DiskStorage:
         return self.journal.append(upload_id, record)
 
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
-        """Replace the upload's state record atomically; `sync` also makes it durable."""
+        """Replace the upload's state record atomically, and durably if syncing is on
+        (whatever `sync` says: a state a client was answered on must survive)."""
         d = self._run(upload_id, self._save_state, upload_id, record, sync)
 
         def saved(_: None) -> None:
@@ -304,6 +442,10 @@ class DiskStorage:
         if lock is not None and not lock.locked and not lock.waiting:
             del self._locks[upload_id]
             self._hashing.pop(upload_id, None)  # no thread touches it: nothing is queued
+            self._short.pop(upload_id, None)
+            durable = self._durable.get(upload_id)
+            if durable is not None and not durable.running and not durable.waiting:
+                del self._durable[upload_id]
 
     def free_bytes(self) -> int:
         """The free space, as last measured: statvfs runs in a thread (on a network file
@@ -335,6 +477,9 @@ class DiskStorage:
             os.close(fd)
 
     def _write(self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+        short = self._short.get(upload_id)
+        if short is not None:  # a hole must not open where an earlier write failed
+            raise OSError(short, f"{os.strerror(short)} (an earlier write of this upload)")
         fd = self._fd(upload_id)
         if self._sha256:
             hashing = self._hashed_up_to(upload_id, fd, offset)
@@ -343,9 +488,49 @@ class DiskStorage:
         for part in data.parts if isinstance(data, Pieces) else [data]:
             for digest in digests:
                 digest.update(part)
-        pwrite_all(fd, data, offset)
+        try:
+            pwrite_all(fd, data, offset)
+        except OSError as e:
+            self._undo_write(upload_id, fd, offset)
+            if e.errno in NO_SPACE:
+                self._short[upload_id] = e.errno
+            raise
         if self._sha256:
             self._hashing[upload_id].upto += len(data)
+
+    def _undo_write(self, upload_id: str, fd: int, offset: int) -> None:
+        """A write that failed (maybe part-way): the file and its hash end where it began."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, offset)
+        hashing = self._hashing.get(upload_id)
+        if hashing is not None and not hashing.cut(offset):
+            del self._hashing[upload_id]
+
+    def _sync_handle(self, upload_id: str) -> tuple[int, int] | None:
+        """A descriptor of the upload's file of its own, and the file's size now (after
+        the writes queued before this call); None if it has no file."""
+        fd = self._fds.get(upload_id)
+        if fd is not None:
+            fd = os.dup(fd)
+        else:
+            try:
+                fd = os.open(self.part_path(upload_id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+        return fd, os.fstat(fd).st_size
+
+    def _sync_file(self, handle: tuple[int, int] | None, name_too: bool) -> int:
+        """fdatasync (and the directory, for a new file's name); the bytes now durable."""
+        if handle is None:
+            return 0
+        fd, size = handle
+        try:
+            self._fdatasync(fd)
+        finally:
+            os.close(fd)
+        if name_too:
+            fsync_dir(self.root)
+        return size
 
     def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing:
         """The upload's hash covering exactly its first `offset` bytes: the one kept while
@@ -375,7 +560,11 @@ class DiskStorage:
         return record if record.get("id") == upload_id else None
 
     def _truncate(self, upload_id: str, size: int) -> None:
-        os.ftruncate(self._fd(upload_id), size)
+        fd = self._fd(upload_id)
+        os.ftruncate(fd, size)
+        if self.sync:
+            self._fdatasync(fd)
+        self._short.pop(upload_id, None)
         hashing = self._hashing.get(upload_id)
         if hashing is not None and not hashing.cut(size):
             del self._hashing[upload_id]  # hashed again from the file at the next write
@@ -386,12 +575,14 @@ class DiskStorage:
             return Completed(final, self._digest_of(upload_id, final))
         fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
         try:
-            os.fsync(fd)
+            if self.sync:
+                self._fdatasync(fd)
             digest = self._digest_of(upload_id, part, fd)
         finally:
             self._close(upload_id)
         os.replace(part, final)
-        fsync_dir(self.root)
+        if self.sync:
+            fsync_dir(self.root)
         return Completed(final, digest)
 
     def _digest_of(self, upload_id: str, path: Path, fd: int | None = None) -> str | None:
@@ -413,21 +604,36 @@ class DiskStorage:
     def _remove(self, upload_id: str) -> None:
         self._close(upload_id)
         self._hashing.pop(upload_id, None)
-        for path in (self.part_path(upload_id), self.final_path(upload_id)):
-            path.unlink(missing_ok=True)
+        self._short.pop(upload_id, None)
+        self._unlink(self.part_path(upload_id), self.final_path(upload_id))
 
     def _save_state(self, upload_id: str, record: Record, sync: bool) -> None:
-        replace_file(self.state_path(upload_id), json.dumps(record).encode("utf-8"), sync)
+        data = json.dumps(record).encode("utf-8")
+        replace_file(self.state_path(upload_id), data, self.sync, fsync=self._fdatasync)
 
     def _discard(self, upload_id: str) -> None:
         self._close(upload_id)
         self._hashing.pop(upload_id, None)
-        self.part_path(upload_id).unlink(missing_ok=True)
-        self.state_path(upload_id).unlink(missing_ok=True)
+        self._short.pop(upload_id, None)
+        self._unlink(self.part_path(upload_id), self.state_path(upload_id))
+
+    def _unlink(self, *paths: Path) -> None:
+        """Remove files for good: a power cut must not bring them back."""
+        removed = False
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed = True
+        if removed and self.sync:
+            fsync_dir(self.root)
 
 
 def _nothing() -> None:
     return None
+
+
+def _cut_off(upload_id: str, upto: int) -> OSError:
+    return OSError(errno.EIO, f"upload {upload_id}: bytes up to {upto} were cut off unsynced")
 
 
 def _checked(upload_id: str) -> str:

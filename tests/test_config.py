@@ -154,3 +154,14 @@ def test_upload_limit_and_checksum_from_command_line_and_yaml(tmp_path: Path) ->
         parse("--checksum", "md5")
     with pytest.raises(usage.UsageError, match="--max-upload-size"):
         parse("--max-upload-size", "-1")
+
+
+def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert (Config().sync, parse().sync) == ("fsync", "fsync")
+    assert parse("--sync", "none").sync == "none"
+    path = tmp_path / "c.yaml"
+    path.write_text("Sync: none\n")
+    assert parse("--config", str(path)).sync == "none"
+    assert parse("--config", str(path), "--sync", "fsync").sync == "fsync"
+    with pytest.raises(usage.UsageError, match="--sync"):
+        parse("--sync", "sometimes")
