@@ -3,6 +3,7 @@ the access log."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -65,13 +66,13 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def streamed_body(opener: Callable[..., BodyStream | None]) -> Callable[[Handler], Handler]:
-    """Declares, below a `StreamingKlein` route, that the route takes its body as it
-    arrives: once the headers are in, `opener(self, request, **route_values)` gives the
+    """Declares that a `StreamingKlein` route takes its body as it arrives: once the
+    headers are in, `opener(self, request, **route_values)` gives the
     stream (None: the body is buffered, capped, as any other). The route finds it as
     `request.body_stream`."""
 
     def declare(handler: Handler) -> Handler:
-        handler.body_opener = opener  # type: ignore[attr-defined]  # klein's wrapper copies it
+        handler.body_opener = opener  # type: ignore[attr-defined]
         return handler
 
     return declare
@@ -98,7 +99,8 @@ class StreamingKlein(Klein):
             rule, values = mapper.match(return_rule=True)
         except HTTPException:
             return None  # no route, or not for this method: its answer takes no body
-        opener = getattr(self.endpoints[rule.endpoint], "body_opener", None)
+        handler = inspect.unwrap(self.endpoints[rule.endpoint])  # under klein's wrapper
+        opener = getattr(handler, "body_opener", None)
         if opener is None:
             return None
         IKleinRequest(request).mapper = mapper  # for `url_for` before the route runs
