@@ -247,7 +247,8 @@ class UploadManager:
         upload = await self.hold(upload_id)
         try:
             if op == "declare":
-                upload.life.declare(int(args[0]), str(args[1]), self.room())
+                metadata = str(args[2]) if len(args) > 2 else ""  # older instances send none
+                upload.life.declare(int(args[0]), str(args[1]), self.room(), metadata)
             else:
                 getattr(upload.life, op)(*args)
         finally:

@@ -96,7 +96,6 @@ def build_site(
 ) -> IncomingSite:
     """The HTTP site of one listener, serving the given roles."""
     owners: dict[bytes, IResource] = {}
-    streams = None
     if backend:
         api = BackendApi(manager, manager.metrics, config.handover_hosts).app.resource()
         owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
@@ -128,10 +127,7 @@ def build_site(
             handover_timeout=config.handover_timeout,
         )
         owners[b"tus"] = tus.app.resource()
-        streams = tus.stream
-    return IncomingSite(
-        url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor, streams
-    )
+    return IncomingSite(url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor)
 
 
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:

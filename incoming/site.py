@@ -1,19 +1,29 @@
-"""The HTTP site: the URL tree of a listener, capped request bodies, the access log."""
+"""The HTTP site: the URL tree of a listener, request bodies routed (streamed or capped),
+the access log."""
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote_to_bytes
 
+from klein import Klein
+from klein._resource import URLDecodeError, extractURLparts  # how Klein reads a path
+from klein.interfaces import IKleinRequest
+from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import HTTPException
 
 from .errors import clipped
 
 access_log = Logger(namespace="incoming.access")
 MAX_DROPPED = 1024 * 1024  # body bytes read (and dropped) after an early answer
+METHOD = re.compile(rb"[A-Za-z]{1,20}")  # what X-HTTP-Method-Override may name
 
 
 def url_tree(owners: dict[bytes, IResource]) -> Resource:
@@ -52,30 +62,87 @@ class BodyStream(Protocol):
     def connection_lost(self) -> None: ...
 
 
-# Given a request whose headers have arrived, its method and path: a stream for its body.
-BodyStreams = Callable[["IncomingRequest", bytes, bytes], BodyStream | None]
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def streamed_body(opener: Callable[..., BodyStream | None]) -> Callable[[Handler], Handler]:
+    """Declares that a `StreamingKlein` route takes its body as it arrives: once the
+    headers are in, `opener(self, request, **route_values)` gives the
+    stream (None: the body is buffered, capped, as any other). The route finds it as
+    `request.body_stream`."""
+
+    def declare(handler: Handler) -> Handler:
+        handler.body_opener = opener  # type: ignore[attr-defined]
+        return handler
+
+    return declare
+
+
+class StreamingKlein(Klein):
+    """A Klein app whose routes may stream request bodies (`streamed_body`). The route
+    that will answer a request also decides, from its headers, where its body goes: the
+    same declared routes, matched the same way, so a path nobody serves takes no body."""
+
+    def resource(self) -> KleinResource:
+        return _StreamingResource(self)
+
+    def body_stream(self, request: IncomingRequest) -> BodyStream | None:
+        try:
+            scheme, host, _, path_info, script_name = extractURLparts(request)
+        except URLDecodeError:
+            return None  # the route answers 400
+        mapper = self.url_map.bind(
+            host, script_name, path_info=path_info,
+            default_method=request.method.decode("latin-1"), url_scheme=scheme,
+        )  # fmt: skip
+        try:
+            rule, values = mapper.match(return_rule=True)
+        except HTTPException:
+            return None  # no route, or not for this method: its answer takes no body
+        handler = inspect.unwrap(self.endpoints[rule.endpoint])  # under klein's wrapper
+        opener = getattr(handler, "body_opener", None)
+        if opener is None:
+            return None
+        IKleinRequest(request).mapper = mapper  # for `url_for` before the route runs
+        stream: BodyStream | None = opener(self._instance, request, **values)
+        return stream
+
+
+class _StreamingResource(KleinResource):
+    def __init__(self, app: StreamingKlein) -> None:
+        super().__init__(app)
+        self.app = app
 
 
 class IncomingRequest(server.Request):
-    """A request whose body is streamed to a `BodyStream` when the site has one for it,
-    and otherwise may not exceed the site's `max_body` bytes (413).
+    """A request whose body goes, as it arrives, to the `BodyStream` its route opens for
+    it (`StreamingKlein`), and otherwise may not exceed the site's `max_body` bytes (413).
 
-    `X-HTTP-Method-Override` (tus) replaces the method of a POST.
+    `X-HTTP-Method-Override` (tus) replaces the method of any request.
     """
 
     body_stream: BodyStream | None = None
+    _method = b""  # as overridden
+    body_length: int | None = None  # of the body, as framed (Content-Length); None: chunked
     _body_ended = False
     answered = False  # an answer went out before the body had ended (`answer_now`)
     _body_size = 0  # bytes of the body so far (buffered, or dropped after `answer_now`)
 
     def gotLength(self, length: int | None) -> None:
         site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
+        self.body_length = length
         # The request line is known here only to the channel (Twisted is pinned <27).
-        method = self._effective_method(self.channel._command)
-        path = self.channel._path
-        self.method, self.path = method, path.partition(b"?")[0]  # for an early answer's log
-        if site.body_streams is not None:
-            self.body_stream = site.body_streams(self, method, path)
+        self.method, self.path = self.channel._command, self.channel._path.partition(b"?")[0]
+        method = self._overridden(self.method)
+        if method is None:
+            text = "X-HTTP-Method-Override must name one method (HEAD only for a HEAD)"
+            self.answer_now(400, "Bad Request", {}, text)
+            super().gotLength(0)
+            return
+        self.method = self._method = method
+        route = self._resource()
+        if isinstance(route, _StreamingResource):
+            self.body_stream = route.app.body_stream(self)
         if self.body_stream is not None:
             super().gotLength(0)  # nothing is buffered
             return
@@ -83,6 +150,24 @@ class IncomingRequest(server.Request):
             self.answer_now(413, "Payload Too Large", {}, "request body too large")
             length = 0
         super().gotLength(length)
+
+    def _overridden(self, method: bytes) -> bytes | None:
+        """The method `X-HTTP-Method-Override` names, if any; None if it names no method,
+        or would make a HEAD answer carry a body or another request's answer lose it."""
+        values = self.requestHeaders.getRawHeaders(b"x-http-method-override", [b""])
+        override = values[0].upper()
+        if len(values) == 1 and not override:
+            return method
+        if len(values) > 1 or not METHOD.fullmatch(override):
+            return None
+        return override if (override == b"HEAD") == (method == b"HEAD") else None
+
+    def _resource(self) -> IResource:
+        """The resource that will answer, found as `process` will find it."""
+        self.prepath, self.postpath = [], list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        site: IncomingSite = self.channel.site  # type: ignore[attr-defined]
+        resource: IResource = site.getResourceFor(self)
+        return resource
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.answered:
@@ -112,7 +197,7 @@ class IncomingRequest(server.Request):
     def process(self) -> None:
         if self.answered:
             return
-        self.method = self._effective_method(self.method)
+        self.method = self._method or self.method  # as overridden (`gotLength`)
         super().process()
 
     def connectionLost(self, reason: Any) -> None:
@@ -124,12 +209,6 @@ class IncomingRequest(server.Request):
         transport = self.channel.transport
         if transport is not None:
             transport.loseConnection()
-
-    def _effective_method(self, method: bytes) -> bytes:
-        override = self.requestHeaders.getRawHeaders(b"x-http-method-override")
-        if method == b"POST" and override:
-            return override[0].strip().upper()
-        return method
 
     def answer_now(self, status: int, reason: str, headers: dict[str, str], text: str) -> None:
         """Answer before the body has arrived (a refused upload), then drop what comes of
@@ -165,13 +244,11 @@ class IncomingSite(server.Site):
         max_body: int,
         timeout: float,
         reactor: Any = None,
-        body_streams: BodyStreams | None = None,
     ) -> None:
         # `timeout` drops connections idle before, between or within requests
         # (slowloris); upgraded WebSockets have their own ping timeout.
         super().__init__(resource, timeout=timeout, parsePOSTFormSubmission=False, reactor=reactor)
         self.max_body = max_body
-        self.body_streams = body_streams
 
     def log(self, request: http.Request) -> None:
         """Access-log failed requests only, by path and status: never the query string

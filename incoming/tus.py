@@ -1,35 +1,40 @@
 """tus 1.0 over HTTP (SPEC: HTTP upload transport): the WebSocket's tickets and upload core.
 
-`TusApi` answers OPTIONS, creation (POST), HEAD and DELETE as Klein routes. The
-body of a PATCH (or of a creation-with-upload POST) is never held whole: the
-site hands it, as it arrives, to a `PatchStream`, the upload's `Transport` for
-that request. It writes the body in chunk-sized pieces and pauses the socket
-while more than chunk size x send-ahead bytes wait for the disk, so memory per
-upload stays bounded whatever the body's size.
+`TusApi` answers every tus request as a Klein route. The body of a PATCH (or of
+a creation-with-upload POST) is never held whole: its route declares
+(`site.streamed_body`) that it goes, as it arrives, to a `PatchStream`, the
+upload's `Transport` for that request. It writes the body in chunk-sized pieces
+and pauses the socket while more than chunk size x send-ahead bytes wait for
+the disk, so memory per upload stays bounded whatever the body's size.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from klein import Klein
+from klein.interfaces import IKleinRequest
 from prometheus_client import Gauge
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from .errors import ErrorCode, UploadError, clipped
 from .files import Digest, Pieces
 from .manager import UploadManager
-from .site import IncomingRequest
+from .site import IncomingRequest, StreamingKlein, streamed_body
 from .upload import Ending, Upload
 
 log = Logger()
@@ -41,6 +46,7 @@ OFFSET_STREAM = "application/offset+octet-stream"
 READ_SIZE = 256 * 1024  # socket reads while a body streams
 MAX_PIECES = 64  # reads kept apart before a write; more are joined
 MAX_REASON_CHARS = 500  # of a client's cancel reason (header Incoming-Cancel-Reason)
+DIGITS = re.compile(rb"[0-9]{1,19}")  # tus numbers are 1*DIGIT (and fit in 64 bits)
 EXPOSED = (
     "Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Location, Tus-Version, "
     "Tus-Resumable, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Incoming-Result"
@@ -57,6 +63,7 @@ REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
+    405: "Method Not Allowed",
     409: "Conflict",
     410: "Gone",
     412: "Precondition Failed",
@@ -103,9 +110,10 @@ def _refusal(e: UploadError) -> TusError:
 
 
 class TusApi:
-    """`PREFIX/tus/`: the tus endpoint, and `PREFIX/tus/<ticket>` the upload of a ticket."""
+    """`PREFIX/tus/` (or `PREFIX/tus`): the tus endpoint, and `PREFIX/tus/<ticket>` the
+    upload of a ticket."""
 
-    app = Klein()
+    app = StreamingKlein()
 
     def __init__(
         self,
@@ -128,24 +136,41 @@ class TusApi:
         self.patches = patches
         self.handover_timeout = handover_timeout
 
+    # Bodies streamed into their upload (site.streamed_body)
+
+    def open_creation(self, request: IncomingRequest) -> PatchStream | None:
+        """A creation that carries bytes, or that completes a zero-byte upload at once."""
+        if _content_type(request) != OFFSET_STREAM and not _zero_length(request):
+            return None  # an ordinary creation: no body to take
+        return self._open(request, "")
+
+    def open_patch(self, request: IncomingRequest, ticket: str) -> PatchStream | None:
+        if _content_type(request) != OFFSET_STREAM:
+            return None  # the route refuses it (415)
+        return self._open(request, ticket)
+
+    def _open(self, request: IncomingRequest, ticket: str) -> PatchStream:
+        stream = PatchStream(self, request, ticket)
+        ensureDeferred(stream.start()).addErrback(stream.internal_error)
+        return stream
+
     # Routes
 
-    @app.route("/tus/", methods=["OPTIONS"])
+    @app.route("/tus/", methods=["OPTIONS"], strict_slashes=False)
     @app.route("/tus/<ticket>", methods=["OPTIONS"], endpoint="options_upload")
     def options(self, request: IRequest, ticket: str = "") -> bytes:
         headers = {
             "Tus-Version": TUS_VERSION,
             "Tus-Extension": EXTENSIONS,
             "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
-            "Access-Control-Allow-Methods": METHODS,
-            "Access-Control-Allow-Headers": ALLOWED,
-            "Access-Control-Max-Age": "86400",
         }
         if self.max_upload is not None:
             headers["Tus-Max-Size"] = str(self.max_upload)
-        return self._send(request, Answer(204, headers=headers), resumable=False)
+        answer = Answer(204, headers=headers)
+        return self._send(request, answer, resumable=False, preflight=True)
 
-    @app.route("/tus/", methods=["POST"])
+    @app.route("/tus/", methods=["POST"], strict_slashes=False)
+    @streamed_body(open_creation)
     async def create(self, request: IRequest) -> bytes:
         stream = _stream_of(request)
         if stream is not None:
@@ -172,6 +197,8 @@ class TusApi:
             answer = Answer(200, headers={"Cache-Control": "no-store"})
             answer.headers["Upload-Offset"] = str(upload.offset)
             answer.headers["Upload-Length"] = str(upload.length)
+            if upload.tus_metadata:
+                answer.headers["Upload-Metadata"] = upload.tus_metadata
             if not upload.phase.final:
                 answer.headers["Upload-Expires"] = self.expires(upload)
             else:  # finished: a returning client learns the backend's verdict too
@@ -182,6 +209,7 @@ class TusApi:
         return b""
 
     @app.route("/tus/<ticket>", methods=["PATCH"])
+    @streamed_body(open_patch)
     async def patch(self, request: IRequest, ticket: str) -> bytes:
         stream = _stream_of(request)
         if stream is None:  # refused before its body was streamed
@@ -208,38 +236,32 @@ class TusApi:
             answer = e.answer
         return self._send(request, answer)
 
-    # Streamed bodies (IncomingSite.body_streams)
-
-    def stream(self, request: IncomingRequest, method: bytes, path: bytes) -> PatchStream | None:
-        """A stream for the body of a PATCH, or of a creation POST that carries one."""
-        parts = path.partition(b"?")[0].split(b"/")
-        if len(parts) < 2 or parts[-2] != b"tus":
-            return None
-        content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
-        if method == b"PATCH" and parts[-1]:
-            if content_type != OFFSET_STREAM:
-                return None
-        elif method == b"POST" and not parts[-1]:
-            # a creation that carries bytes, or that completes a zero-byte upload at once
-            if content_type != OFFSET_STREAM and request.getHeader("upload-length") != "0":
-                return None
-        else:
-            return None
-        stream = PatchStream(self, request, parts[-1].decode("ascii", "replace"))
-        ensureDeferred(stream.start()).addErrback(stream.internal_error)
-        return stream
+    @app.handle_errors(HTTPException)
+    def unrouted(self, request: IRequest, failure: Failure) -> bytes:
+        """No route for the path or the method: still a tus answer a page can read."""
+        error = failure.value
+        assert isinstance(error, HTTPException) and error.code is not None
+        answer = Answer(error.code, f"{error.code} {error.name}")
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            answer.headers["Allow"] = ", ".join(error.valid_methods)
+        elif isinstance(error, RequestRedirect):
+            answer.headers["Location"] = error.new_url
+        return self._send(request, answer)
 
     # Helpers
 
     def check(self, request: IRequest) -> None:
         """Refusals every tus request gets the same way."""
-        origin = (request.getHeader("origin") or "").lower().rstrip("/")
-        if origin and self.allowed_origins and origin not in self.allowed_origins:
+        origin = request.getHeader("origin")
+        if origin and not self.origin_allowed(origin):
             raise TusError(403, "this Origin may not upload here")
         if request.getHeader("tus-resumable") != TUS_VERSION:
             raise TusError(
                 412, f"Tus-Resumable must be {TUS_VERSION}", **{"Tus-Version": TUS_VERSION}
             )
+
+    def origin_allowed(self, origin: str) -> bool:
+        return not self.allowed_origins or origin.lower().rstrip("/") in self.allowed_origins
 
     async def created(self, ticket: str, answered: bool = False) -> Upload:
         """The upload of a ticket that a creation has given a length (`answered`: once
@@ -258,21 +280,16 @@ class TusApi:
         return upload
 
     async def declared(self, request: IRequest) -> Upload:
-        """Creation: the ticket's upload, with the length and name the client gives."""
-        try:
-            length = int(request.getHeader("upload-length") or "", 10)
-        except ValueError:
-            raise TusError(400, "Upload-Length must be a whole number of bytes") from None
-        if length < 0:
-            raise TusError(400, "Upload-Length must not be negative")
-        metadata = _metadata(request.getHeader("upload-metadata") or "")
-        ticket = metadata.get("ticket", "")
+        """Creation: the ticket's upload, with the length and name the client gives (and
+        its `Upload-Metadata`, for HEAD to give back)."""
+        length = _whole_number(request, "Upload-Length")
+        given, metadata = _metadata(request)
+        ticket = _text(metadata, "ticket")
         if not ticket:
             raise TusError(400, "Upload-Metadata must carry the ticket")
+        name = _text(metadata, "filename")[:4096]
         try:
-            await self.manager.command(
-                ticket, "declare", length, metadata.get("filename", "")[:4096]
-            )
+            await self.manager.command(ticket, "declare", length, name, given)
             upload = await self.manager.find(ticket)
         except UploadError as e:
             raise _refusal(e) from None
@@ -283,20 +300,31 @@ class TusApi:
         when: bytes = datetimeToString(int(upload.idle_deadline))
         return when.decode()
 
-    def cors(self, request: IRequest) -> dict[str, str]:
+    def cors(self, request: IRequest, preflight: bool = False) -> dict[str, str]:
+        """For a page on another origin that may upload here; never names another one."""
         origin = request.getHeader("origin")
         if not origin:
             return {}
-        allowed = "*" if not self.allowed_origins else origin
-        return {"Access-Control-Allow-Origin": allowed, "Access-Control-Expose-Headers": EXPOSED}
+        if not self.allowed_origins:
+            headers = {"Access-Control-Allow-Origin": "*"}
+        elif self.origin_allowed(origin):
+            headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        else:
+            return {"Vary": "Origin"}
+        headers["Access-Control-Expose-Headers"] = EXPOSED
+        if preflight:
+            headers["Access-Control-Allow-Methods"] = METHODS
+            headers["Access-Control-Allow-Headers"] = ALLOWED
+            headers["Access-Control-Max-Age"] = "86400"
+        return headers
 
-    def _send(self, request: IRequest, answer: Answer, resumable: bool = True) -> bytes:
+    def _send(
+        self, request: IRequest, answer: Answer, resumable: bool = True, preflight: bool = False
+    ) -> bytes:
         request.setResponseCode(answer.status)
-        headers = {**self.cors(request), **answer.headers}
+        headers = {**self.cors(request, preflight), **answer.headers}
         if resumable:
             headers["Tus-Resumable"] = TUS_VERSION
-        if request.getHeader("origin") and self.allowed_origins:
-            headers["Vary"] = "Origin"
         for name, value in headers.items():
             request.setHeader(name, value)
         body = answer.text.encode("utf-8")
@@ -306,16 +334,43 @@ class TusApi:
         return body if request.method != b"HEAD" else b""
 
 
+class Stage(enum.Enum):
+    """Where a request body stands in its upload. Each of `PatchStream`'s events says,
+    by stage, what it means there."""
+
+    CONNECTING = 1  # the upload is found, checked, its earlier writes awaited; the body waits
+    RECEIVING = 2  # the body is written as it arrives
+    DISCARDING = 3  # the upload has every byte already (a repeated request): the body is dropped
+    REFUSING = 4  # refused: no more is taken; its writes land, are voided, then it answers
+    LANDING = 5  # the body has all arrived; its writes land, then its checksum is checked
+    HANDING_OVER = 6  # its bytes stand and complete the upload: the backend's answer is its
+    ANSWERED = 7  # it answered (or its client went away) and let go of the upload
+
+
+class Body(enum.Enum):
+    """How much of the request's body the client has sent."""
+
+    ARRIVING = 1
+    ARRIVED = 2
+    LOST = 3  # the connection broke (before the body's end, or while the answer was awaited)
+
+
 class PatchStream:
-    """One request body written into an upload as it arrives; the upload's Transport."""
+    """One request body written into an upload as it arrives; the upload's Transport.
+
+    Its `stage` reads every event: the body's (`body_received`, `body_ended`,
+    `connection_lost`) and the upload's (`stored`, `ended`, `waiting`, `going_away`);
+    each event's method says what it does in each stage."""
 
     def __init__(self, api: TusApi, request: IncomingRequest, ticket: str) -> None:
         self.api = api
         self.request = request
         self.ticket = ticket
         self.creating = not ticket  # a creation POST carrying the first bytes
+        self.stage = Stage.CONNECTING
+        self.body = Body.ARRIVING
         self.answer: Deferred[Answer] = Deferred()
-        self.upload: Upload | None = None
+        self.upload: Upload | None = None  # once connected to it
         self.digests: tuple[Digest, ...] = ()
         self._expected_digest = b""
         self._start = 0  # the upload's offset where this body begins
@@ -323,45 +378,35 @@ class PatchStream:
         self._acked = 0  # of those, bytes on disk
         self._pieces: list[bytes] = []  # arrived, not yet handed to the upload
         self._piled = 0  # their size
-        self._discard = False  # the body is not for the upload (it had the bytes already)
-        self._waiting = True  # for the upload's in-flight writes, before the first byte
-        self._early: list[bytes] = []  # body that came meanwhile (the socket is paused)
-        self._paused = False
+        self._early: list[bytes] = []  # body that came while CONNECTING (the socket is paused)
+        self._refusal: Answer | None = None  # REFUSING: the answer, once its writes landed
         self._released = False  # its bytes stand (see `holding`)
-        self._refusal: TusError | None = None  # the body will be refused once written
-        self._ended = False  # the body has all arrived
-        self._lost = False  # the connection broke
-        self._done = False  # this stream answered and let go of the upload
-        self._attached = False
+        self._paused = False
 
-    # Set-up, once the headers are in
+    # CONNECTING, once the headers are in
 
     async def start(self) -> None:
         self._pause()  # until the upload's earlier writes have landed
         try:
             self.api.check(self.request)
+            offset = None if self.creating else _whole_number(self.request, "Upload-Offset")
             upload = await self._connect()
+            position = await self.api.manager.resume_position(upload)
+            if self.stage is not Stage.CONNECTING:
+                return  # answered meanwhile (the upload ended, the server is stopping)
+            self._start, discard = self._starting_offset(upload, position, offset)
         except TusError as e:
             self._finish(e.answer)
             return
-        self.api.patches.inc()
-        position = await self.api.manager.resume_position(upload)
-        if self._done:
-            return
-        try:
-            self._start = self._starting_offset(upload, position)
-        except TusError as e:
-            self._finish(e.answer)
-            return
-        self._waiting = False
-        for data in self._early:
+        self.stage = Stage.DISCARDING if discard else Stage.RECEIVING
+        early, self._early = self._early, []
+        for data in early:
             self.body_received(data)
-        self._early.clear()
-        if self._lost:
-            self.connection_lost()
-        elif self._ended:
-            self.body_ended()
-        elif not self._done:
+        if self.body is Body.LOST:
+            self._on_lost()
+        elif self.body is Body.ARRIVED:
+            self._on_end()
+        elif upload.pending_bytes < self.api.max_pending:
             self._resume()
 
     async def _connect(self) -> Upload:
@@ -380,9 +425,8 @@ class PatchStream:
             )
         except UploadError as e:
             raise _refusal(e) from None
-        self.upload, self._attached = upload, True
-        if self._lost or self._done:  # the request went meanwhile
-            self._let_go()
+        self.upload = upload
+        self.api.patches.inc()
         return upload
 
     def _expect_checksum(self, header: str) -> None:
@@ -399,34 +443,66 @@ class PatchStream:
             ) from None
         self.digests = (CHECKSUMS[algorithm](),)
 
-    def _starting_offset(self, upload: Upload, position: int) -> int:
+    def _starting_offset(
+        self, upload: Upload, position: int, offset: int | None
+    ) -> tuple[int, bool]:
+        """Where the body goes, and whether it is to be dropped (the upload has it all)."""
         assert upload.length is not None
-        if not upload.receiving:
-            self._discard = True  # every byte is stored: the upload is (being) handed over
+        discard = not upload.receiving  # every byte is stored: it is (being) handed over
+        if discard:
             position = upload.offset
-        if self.creating:
-            self._discard = self._discard or position > 0  # a reloaded page created again
-            return position
-        try:
-            offset = int(self.request.getHeader("upload-offset") or "", 10)
-        except ValueError:
-            raise TusError(400, "Upload-Offset must be a whole number of bytes") from None
+        if offset is None:  # a creation
+            return position, discard or position > 0  # a reloaded page created again
         if offset != position:
             raise TusError(409, f"Upload-Offset {offset} is not the upload's offset {position}",
                            **{"Upload-Offset": str(position)})  # fmt: skip
-        length = self.request.getHeader("content-length")
-        if length is not None and length.isdigit() and offset + int(length) > upload.length:
+        length = self.request.body_length
+        if length is not None and offset + length > upload.length:
             raise TusError(413, f"the body would pass Upload-Length {upload.length}")
-        return offset
+        return offset, discard
 
     # The body (site.BodyStream)
 
     def body_received(self, data: bytes) -> None:
-        if self._waiting:
+        if self.stage is Stage.CONNECTING:
             self._early.append(data)
-            return
-        if self._done or self._discard or self._refusal is not None:
-            return
+        elif self.stage is Stage.RECEIVING:
+            self._write(data)
+        # else dropped: DISCARDING, REFUSING, ANSWERED (nothing comes after the body's end)
+
+    def body_ended(self) -> None:
+        self.body = Body.ARRIVED
+        self._on_end()
+
+    def _on_end(self) -> None:
+        if self.stage is Stage.RECEIVING:
+            self._flush()
+            self.stage = Stage.LANDING
+            self._check_landed()
+        elif self.stage is Stage.DISCARDING:
+            self._vouch()
+        # CONNECTING: `start` carries on from here; REFUSING: it answers once its writes land
+
+    def connection_lost(self) -> None:
+        self.body = Body.LOST
+        self._on_lost()
+
+    def _on_lost(self) -> None:
+        """Bytes that arrived are kept, unless they await a checksum; a final PATCH that
+        waited for the handover lets go of the upload, which carries on without it."""
+        gone = Answer(499, "the client went away")  # nobody reads it
+        if self.stage in (Stage.RECEIVING, Stage.DISCARDING, Stage.LANDING):
+            if self.digests:
+                self._refuse(TusError(400, "the connection broke before the checksum's end"))
+                return
+            self._flush()
+            self._release()
+            self._finish(gone)
+        elif self.stage is Stage.HANDING_OVER:
+            self._finish(gone)
+        # CONNECTING: `start` carries on from here; REFUSING: its answer goes to nobody
+
+    def _write(self, data: bytes) -> None:
         upload = self.upload
         assert upload is not None and upload.length is not None
         if self._start + self._sent + self._piled + len(data) > upload.length:
@@ -442,32 +518,8 @@ class PatchStream:
         if upload.pending_bytes >= self.api.max_pending:
             self._pause()
 
-    def body_ended(self) -> None:
-        self._ended = True
-        if self._waiting or self._done:
-            return
-        self._flush()
-        self._maybe_complete()
-
-    def connection_lost(self) -> None:
-        """Bytes that arrived are kept, unless they await a checksum; a final PATCH that
-        waited for the handover lets go of the upload, which carries on without it."""
-        if self._ended and not self._lost and not self._done and self._released:
-            self._lost = True
-            self._finish(Answer(499, "the client went away"))  # nobody reads it
-            return
-        self._lost = self._ended = True
-        if self._done or self._waiting:  # `start` carries on from here when it can
-            return
-        if self.digests:
-            self._refuse(TusError(400, "the connection broke before the checksum's end"))
-            return
-        self._flush()
-        self._release()
-        self._let_go()
-
     def _flush(self) -> None:
-        if self._pieces and self.upload is not None and self._attached and not self._done:
+        if self._pieces and self.upload is not None:
             data = Pieces(self._pieces)
             self._pieces, self._piled = [], 0
             self._sent += len(data)
@@ -485,7 +537,8 @@ class PatchStream:
         upload = self.upload
         if self._paused and upload is not None and upload.pending_bytes < self.api.max_pending:
             self._resume()
-        self._maybe_complete()
+        if self.stage in (Stage.LANDING, Stage.REFUSING):
+            self._check_landed()
 
     def waiting(self) -> None:
         self.ended(Ending(None))  # the backend has the file: that answers the final PATCH
@@ -510,29 +563,35 @@ class PatchStream:
 
     # The answer
 
-    def _maybe_complete(self) -> None:
-        """All of the body is on disk: check it, then answer (after the handover's
-        answer, if it completed the upload)."""
+    def _check_landed(self) -> None:
+        """LANDING or REFUSING: once every write of the body is on disk, answer."""
         upload = self.upload
-        stopped = self._ended or self._refusal is not None
-        if self._done or not stopped or self._acked < self._sent or upload is None:
+        if self._acked < self._sent or upload is None:
             return
-        if self._refusal is not None:
+        if self.stage is Stage.REFUSING:
+            assert self._refusal is not None
             if self._sent:
                 upload.life.rewind(self._start)
-            self._finish(self._refusal.answer)
-            return
+            self._finish(self._refusal)
+        else:
+            self._vouch()
+
+    def _vouch(self) -> None:
+        """LANDING (all on disk) or DISCARDING (all arrived): if it passes its checksum,
+        its bytes stand; answer, unless the handover they start is to answer."""
+        upload = self.upload
+        assert upload is not None
         if self.digests and self.digests[0].digest() != self._expected_digest:
-            self._refusal = TusError(460, "the body does not match Upload-Checksum")
-            self._maybe_complete()
+            self._refuse(TusError(460, "the body does not match Upload-Checksum"))
             return
         self.digests = ()
-        self._release()
-        if self._discard and upload.handing_over:
-            return  # nothing to add: like the final PATCH, it hears the backend's answer
-        if not upload.complete or self._discard:
+        wrote, self.stage = self.stage is Stage.LANDING, Stage.HANDING_OVER
+        self._release()  # may start the handover (which may end the upload at once)
+        # Bytes that complete the upload, or a repeat of the final PATCH while the backend
+        # is being told, hear the backend's answer (`waiting`, `ended`); others answer now.
+        handover = upload.complete if wrote else upload.handing_over
+        if self.stage is Stage.HANDING_OVER and not handover:
             self._finish(self._stored_answer(upload))
-        # else the handover has started: `waiting` or `ended` answers
 
     def _release(self) -> None:
         """Its bytes stand: if they complete the upload, the handover starts."""
@@ -544,9 +603,11 @@ class PatchStream:
     def _refuse(self, refusal: TusError) -> None:
         """Take no more of the body; answer `refusal` once its writes have landed, voiding
         its bytes (at once, and then hang up, if the body is still arriving)."""
-        self._refusal = refusal
+        if self.stage is Stage.ANSWERED:
+            return
+        self.stage, self._refusal = Stage.REFUSING, refusal.answer
         self._pieces, self._piled = [], 0
-        self._maybe_complete()
+        self._check_landed()
 
     def _stored_answer(self, upload: Upload) -> Answer:
         headers = {"Upload-Offset": str(upload.offset)}
@@ -558,12 +619,12 @@ class PatchStream:
         return Answer(204, headers=headers)
 
     def _finish(self, answer: Answer) -> None:
-        if self._done:
+        if self.stage is Stage.ANSWERED:
             return
-        self._done = True
+        self.stage = Stage.ANSWERED
         self._let_go()
-        if self._ended:
-            self.answer.callback(answer)
+        if self.body is not Body.ARRIVING:
+            self.answer.callback(answer)  # the route sends it (if its client is still there)
         else:  # the body is still arriving: answer now and hang up
             headers = {**self.api.cors(self.request), **answer.headers}
             headers["Tus-Resumable"] = TUS_VERSION
@@ -571,8 +632,7 @@ class PatchStream:
             self.request.answer_now(answer.status, reason, headers, answer.text)
 
     def _let_go(self) -> None:
-        if self._attached and self.upload is not None:
-            self._attached = False
+        if self.upload is not None:
             self.api.patches.dec()
             self.upload.life.disconnect(self, False)
         if self._paused:
@@ -606,22 +666,57 @@ def _stream_of(request: IRequest) -> PatchStream | None:
     return stream if isinstance(stream, PatchStream) else None
 
 
+def _content_type(request: IRequest) -> str:
+    return (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+
+
 def _location(request: IRequest, ticket: str) -> str:
-    """`PREFIX/tus/<ticket>`, under the prefix the client used."""
-    path = request.path.decode("ascii", "replace")
-    prefix = path[: path.index("/tus/")] if "/tus/" in path else "/incoming"
-    return f"{prefix}/tus/{ticket}"
+    """`PREFIX/tus/<ticket>`, under the prefix the client used: built by the routes."""
+    location: str = IKleinRequest(request).url_for("head", {"ticket": ticket})
+    return location
 
 
-def _metadata(header: str) -> dict[str, str]:
-    """`Upload-Metadata`: `key base64value` pairs, comma-separated."""
-    values = {}
-    for pair in header.split(","):
+def _whole_number(request: IRequest, name: str) -> int:
+    """A header tus defines as 1*DIGIT: exactly that, given once; else 400."""
+    values = request.requestHeaders.getRawHeaders(name.lower().encode())
+    if not values:
+        raise TusError(400, f"{name} is required")
+    if len(values) > 1 or not DIGITS.fullmatch(values[0]):
+        raise TusError(400, f"{name} must be one whole number of bytes, in digits")
+    return int(values[0])
+
+
+def _zero_length(request: IRequest) -> bool:
+    try:
+        return _whole_number(request, "Upload-Length") == 0
+    except TusError:
+        return False  # the creation refuses it
+
+
+def _metadata(request: IRequest) -> tuple[str, dict[str, bytes]]:
+    """`Upload-Metadata` as given (its lines joined), and its `key base64value` pairs:
+    keys unique, values any bytes."""
+    lines = request.requestHeaders.getRawHeaders(b"upload-metadata") or []
+    try:
+        given = ",".join(line.decode("ascii") for line in lines)
+    except UnicodeDecodeError:
+        raise TusError(400, "Upload-Metadata must be ASCII: keys and base64 values") from None
+    values: dict[str, bytes] = {}
+    for pair in given.split(","):
         key, _, encoded = pair.strip().partition(" ")
         if not key:
             continue
+        if key in values:
+            raise TusError(400, f"Upload-Metadata gives {clipped(key)!r} twice")
         try:
-            values[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+            values[key] = base64.b64decode(encoded.strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise TusError(400, f"Upload-Metadata {clipped(key)!r} is not base64 UTF-8") from None
-    return values
+            raise TusError(400, f"Upload-Metadata {clipped(key)!r} is not base64") from None
+    return given, values
+
+
+def _text(metadata: dict[str, bytes], key: str) -> str:
+    try:
+        return metadata.get(key, b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise TusError(400, f"Upload-Metadata {key!r} must be UTF-8 text") from None

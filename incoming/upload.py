@@ -127,9 +127,10 @@ class Effects(Protocol):
 class UploadLife(Protocol):
     """Everything that can happen to an upload: the inputs of the table."""
 
-    def declare(self, length: int, name: str, room: Room) -> None:
-        """A client announces the upload's length and name (tus creation); raises
-        UploadError if they do not fit or differ from what was announced before."""
+    def declare(self, length: int, name: str, room: Room, metadata: str = "") -> None:
+        """A client announces the upload's length and name (tus creation, whose
+        `Upload-Metadata` is kept as given); raises UploadError if they do not fit or
+        differ from what was announced before."""
 
     def connect(self, transport: Transport, length: int, name: str, room: Room) -> None:
         """A connection will carry the bytes; raises UploadError if it may not."""
@@ -191,6 +192,7 @@ _RECORDED = (
     "remove_file_when_finished",
     "length",
     "browser_name",
+    "tus_metadata",
     "cancel_reason",
     "result",
     "idle_deadline",
@@ -208,6 +210,7 @@ class Upload:
     remove_file_when_finished: bool
     length: int | None = None  # set by the first connection
     browser_name: str = ""
+    tus_metadata: str = ""  # `Upload-Metadata` of the tus creation, as given
     phase: Phase = Phase.RECEIVING
     cancel_reason: str = ""
     result: str = ""  # the backend's verdict for the page (`done` + text, finish_upload)
@@ -366,10 +369,16 @@ for _state in _LIVE:
         core.effects.save(core.upload)
 
     @_state.upon(On.declare).loop()
-    def _declare(life: UploadLife, core: _Core, length: int, name: str, room: Room) -> None:
-        if not _describe(core.upload, length, name, room):
-            core.effects.touch(core.upload)
-            core.effects.save(core.upload)
+    def _declare(
+        life: UploadLife, core: _Core, length: int, name: str, room: Room, metadata: str = ""
+    ) -> None:
+        upload = core.upload
+        known = _describe(upload, length, name, room)
+        if metadata and not upload.tus_metadata:  # the first creation's stay
+            upload.tus_metadata, known = metadata, False
+        if not known:
+            core.effects.touch(upload)
+            core.effects.save(upload)
 
     @_state.upon(On.disconnect).loop()
     def _disconnect(life: UploadLife, core: _Core, transport: Transport, paused: bool) -> None:
@@ -399,7 +408,9 @@ for _state in _ENDED:
         _refuse_ended(core)
 
     @_state.upon(On.declare).loop()
-    def _declare_ended(life: UploadLife, core: _Core, length: int, name: str, room: Room) -> None:
+    def _declare_ended(
+        life: UploadLife, core: _Core, length: int, name: str, room: Room, metadata: str = ""
+    ) -> None:
         _refuse_ended(core)
 
 

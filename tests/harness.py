@@ -283,7 +283,7 @@ map $http_upgrade $connection_upgrade {
 }
 server {
     listen @PUBLIC@;
-    location ~ ^/incoming/(0\.1/)?(frontend|tus)/ {
+    location ~ ^/incoming/(0\.1/)?(frontend/|tus(/|$)) {
         proxy_pass http://incoming;
         proxy_http_version 1.1;
         proxy_set_header Upgrade $http_upgrade;

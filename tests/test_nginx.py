@@ -101,14 +101,17 @@ async def test_a_tus_upload_resumes_across_instances_through_nginx(
     ticket = await api.new_upload(backend.url, removeFileWhenFinished="false")
     verdict = "é" * 2048  # the longest (4 KiB), 12 KiB percent-encoded: proxy_buffer_size
     backend.answer = b"done\n" + verdict.encode()
+    metadata = "ticket " + base64.b64encode(ticket.encode()).decode()
     created = await treq.post(
-        f"{front.base}/tus/",
-        headers={**TUS, "Upload-Length": str(len(data)),
-                 "Upload-Metadata": "ticket " + base64.b64encode(ticket.encode()).decode()},
-    )  # fmt: skip
+        f"{front.base}/tus",  # the endpoint without its slash, as tusd serves it too
+        headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": metadata},
+    )
     assert created.code == 201
     location = created.headers.getRawHeaders("location")[0]
     assert location == f"/incoming/tus/{ticket}"
+    for _ in started:  # each instance gives back the creation's metadata
+        probe = await treq.head(f"http://127.0.0.1:{nginx.port}{location}", headers=TUS)
+        assert probe.headers.getRawHeaders("upload-metadata") == [metadata]
     stream = {**TUS, "Content-Type": "application/offset+octet-stream"}
     offset, locked, piece = 0, 0, 64 * 1024
     while offset < len(data):  # a PATCH per 64 KiB, each one where nginx sends it
@@ -130,6 +133,8 @@ async def test_a_tus_upload_resumes_across_instances_through_nginx(
     await stop_all(started)
     await nginx.stop()
     assert backend.posts.pending == []  # one handover
+    heads = [r for r in nginx.requests() if r[0] == "HEAD"]
+    assert {upstream for *_, upstream in heads} == {f"127.0.0.1:{s.port}" for *_, s in started}
     patches = [r for r in nginx.requests() if r[0] == "PATCH"]
     assert [status for _, _, status, _ in patches if status != 423] == [204] * 5
     (_, _, a), (_, _, b) = started

@@ -242,6 +242,13 @@ async def test_a_zero_byte_upload_is_handed_over_at_its_creation(
     assert (response.code, header(response, "Upload-Offset")) == (201, "0")
     assert backend.posts.pending[0]["size"] == "0"
     assert server.files() == {ticket: b""}
+    zeros = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    response = await treq.post(  # `00` is as much a zero as `0`
+        f"{server.base}/tus/",
+        headers={**TUS, "Upload-Length": "00", "Upload-Metadata": metadata(ticket=zeros)},
+    )
+    assert response.code == 201
+    assert backend.posts.pending[1]["id"] == zeros
 
 
 @pytest_twisted.ensureDeferred
@@ -536,6 +543,47 @@ def test_a_patch_body_that_stalls_is_dropped_at_the_timeout(tmp_path: Any) -> No
     channel.connectionLost(Failure(ConnectionDone()))
     assert upload.transport is None
     assert bytes(storage.parts[upload.id]) == b"s" * 5000
+
+
+def test_a_refused_body_stays_refused_when_its_client_hangs_up() -> None:
+    """A body past Upload-Length is refused whole even when the client hangs up before
+    the refused body's writes have landed: none of it stands, no handover starts."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from incoming.manager import UploadManager
+    from incoming.metrics import Metrics
+    from incoming.service import build_site
+    from incoming.upload import Phase
+
+    from .fakes import RecordingHandover
+
+    clock, disk, handover = Clock(), SlowDisk(), RecordingHandover()
+    manager = UploadManager(disk, handover, clock, Metrics(), max_idle=3600, confirm_timeout=60)
+    config = Config(chunk_size_kb=CHUNK_KB, send_ahead=SEND_AHEAD, ws_timeout=58)
+    upload = ensureDeferred(manager.create("http://b/h", "", False)).result
+    upload.life.declare(2 * CHUNK, "full.bin", manager.room())
+    channel = build_site(manager, config, clock).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 1234)
+    )
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        f"PATCH /incoming/tus/{upload.id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: {OFFSET_STREAM}\r\nUpload-Offset: 0\r\n"
+        f"Transfer-Encoding: chunked\r\n\r\n{2 * CHUNK:x}\r\n".encode()
+        + b"f" * (2 * CHUNK)
+        + b"\r\n1\r\n!\r\n"  # one byte past Upload-Length
+    )
+    assert len(disk.held) == 1 and transport.value() == b""  # refused once its write lands
+    channel.connectionLost(Failure(ConnectionDone()))
+    disk.land()
+    assert (upload.stored, upload.phase, upload.transport) == (0, Phase.RECEIVING, None)
+    assert handover.handovers == []
+    assert bytes(disk.parts[upload.id]) == b""
 
 
 @pytest_twisted.ensureDeferred
