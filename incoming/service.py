@@ -84,6 +84,7 @@ def build_manager(
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
         cluster=cluster,
+        min_free=config.chunk_size,
     )
 
 

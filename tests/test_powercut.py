@@ -45,9 +45,7 @@ class Run:
         self.process: Any = None
 
     async def start(self) -> Server:
-        self.daemon, self.process, server = await start_daemon(
-            self.storage, self.cwd, self.stopper
-        )
+        self.daemon, self.process, server = await start_daemon(self.storage, self.cwd, self.stopper)
         return server
 
     async def power_cut(self) -> Server:
@@ -140,7 +138,9 @@ async def test_acknowledged_patches_survive_with_their_bytes(
     assert (await create(server, ticket, len(data))).code == 201
     piece, acknowledged = 3 * CHUNK + 1, 0
     for _ in range(4):
-        answer = await patch(server, ticket, acknowledged, data[acknowledged : acknowledged + piece])
+        answer = await patch(
+            server, ticket, acknowledged, data[acknowledged : acknowledged + piece]
+        )
         assert answer.code == 204, await answer.text()
         acknowledged = int(header(answer, "Upload-Offset") or "")
         assert acknowledged > 0
@@ -192,7 +192,7 @@ async def test_a_finished_upload_and_its_file_survive(
 ) -> None:
     run = Run(powercut_dir, tmp_path, stopper)
     server = await run.start()
-    backend.answer = b"done\n{\"kept\": true}"
+    backend.answer = b'done\n{"kept": true}'
     ws_data, tus_data = os.urandom(4 * CHUNK + 1), os.urandom(3 * CHUNK + 2)
     by_ws = await server.new_upload(backend.url, removeFileWhenFinished="false")
     await finish_over_websocket(server, by_ws, ws_data)
