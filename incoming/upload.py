@@ -716,17 +716,18 @@ for _state in (*_HANDING_OVER, *_ENDED):
 
 
 def _end(core: _Core, ending: Ending, notice: str | None) -> None:
-    """Cancel: `ending` reaches the client now; then the file goes and the backend hears
-    `notice` (none when the backend asked for the cancel itself)."""
+    """Cancel: `ending` reaches the client once that is saved (durably); then the file
+    goes and the backend hears `notice` (none when the backend asked for the cancel)."""
     upload = core.upload
     upload.phase = Phase.CANCELLED
     upload.cancel_reason = ending.message
     core.effects.disarm_confirm(upload)
     core.effects.touch(upload)
-    core.effects.save(upload)
+    saved = core.effects.save(upload)
     log.info("upload {id} cancelled: {reason}", id=upload.id, reason=clipped(ending.message))
-    if upload.transport is not None:
-        upload.transport.ended(ending)
+    transport = upload.transport
+    if transport is not None:
+        saved.addCallback(lambda _: transport.ended(ending))
     core.effects.discard_file(upload, notice)
 
 
@@ -765,7 +766,13 @@ _ignored(
 _ignored((finish_requested, awaiting_finish, *_ENDED), On.storage_failed)
 _ignored((receiving, handover, finish_requested, *_ENDED), On.confirm_timeout)
 _ignored((*_LIVE, cancelled), On.finalized)
-_ignored(_ENDED, On.restored)
+_ignored((cancelled,), On.restored)
+
+
+@finished.upon(On.restored).loop()
+def _restored_finished(life: UploadLife, core: _Core, file_present: bool) -> None:
+    if file_present and core.upload.remove_file_when_finished:  # a crash came before
+        core.effects.discard_file(core.upload, None)
 
 _Machine = _builder.build()
 

@@ -255,6 +255,7 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "connect": (RecordingTransport(), 3, "n", Room(10)),
         "declare": (3, "n", Room(10)),
         "rewind": (0,),
+        "synced": (0,),
         "answered_done": ("verdict",),
         "finish_upload": ("verdict",),
         "disconnect": (RecordingTransport(), False),
@@ -266,8 +267,8 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "restored": (True,),
     }
     inputs = (
-        "declare connect disconnect ready receive past_end rewind written all_stored "
-        "storage_failed "
+        "declare connect disconnect ready receive past_end rewind written synced all_stored "
+        "storage_full storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
         "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
     )
@@ -299,6 +300,19 @@ def test_restart_redoes_an_interrupted_handover_or_sees_it_was_taken() -> None:
     assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
     assert again.lookup(upload.id).phase is Phase.FINISHED
     assert again.lookup(taken.id).phase is Phase.FINISHED
+
+
+def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> None:
+    storage = MemoryStorage()
+    manager, clock, _, handover = make_manager(storage=storage)
+    removed, kept = new_ticket(manager, True), new_ticket(manager, False)
+    for upload in (removed, kept):  # finished (saved durably), then the power went
+        storage.states[upload.id] = {**upload.to_record(), "phase": "finished", "length": 3}
+        storage.finals[upload.id] = b"abc"
+    again, clock, _, handover = make_manager(storage=storage)
+    again.restore()
+    assert storage.finals == {kept.id: b"abc"}  # removeFileWhenFinished=false: the backend's
+    assert handover.notices == [] and again.lookup(removed.id).phase is Phase.FINISHED
 
 
 # Over loopback, with the disk.
