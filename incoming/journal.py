@@ -82,7 +82,13 @@ class TicketJournal:
         self._live[upload_id] = line
         self._live_bytes += len(line)
         d: Deferred[None] = Deferred()
-        self._queue(line, d)
+
+        def failed(failure: Failure) -> Failure:  # not a ticket: no compaction may keep it
+            if self._live.get(upload_id) is line:
+                self._drop(upload_id)
+            return failure
+
+        self._queue(line, d.addErrback(failed))
         return d
 
     def superseded(self, upload_id: str) -> None:
@@ -134,7 +140,12 @@ class TicketJournal:
         if self._fd is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self._fd = os.open(self.path, flags, STATE_MODE)
-        write_all(self._fd, data)
+            self._size = os.fstat(self._fd).st_size
+        try:
+            write_all(self._fd, data)
+        except OSError:  # a full disk: no torn line may glue itself to the next ticket's
+            os.ftruncate(self._fd, self._size)
+            raise
         self._size += len(data)
         if self.sync:
             self._fdatasync(self._fd)

@@ -298,11 +298,13 @@ class DiskStorage:
         (`no_space`), the upload's later writes fail the same way until a `truncate`."""
         self._opening(upload_id)
         d = self._run(upload_id, self._write, upload_id, offset, data, digests)
-        return d.addErrback(self._failed_write)
+        return d.addErrback(self._full_or_not)
 
-    def _failed_write(self, failure: Failure) -> Failure:
+    def _full_or_not(self, failure: Failure) -> Failure:
+        """A write that found no space: no room for new uploads until a new measure
+        (at the next look at the free space) says otherwise."""
         if failure.value is not None and no_space(failure.value):
-            self._free_measured = float("-inf")  # measure again at the next look
+            self._free, self._free_measured = 0, float("-inf")
         return failure
 
     def synced(self, upload_id: str, upto: int) -> Deferred[None]:
@@ -414,7 +416,7 @@ class DiskStorage:
 
     def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
         """Save a new ticket's first record (in the journal; see `journal`)."""
-        return self.journal.append(upload_id, record)
+        return self.journal.append(upload_id, record).addErrback(self._full_or_not)
 
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
         """Replace the upload's state record atomically, and durably if syncing is on

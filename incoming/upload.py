@@ -774,6 +774,7 @@ def _restored_finished(life: UploadLife, core: _Core, file_present: bool) -> Non
     if file_present and core.upload.remove_file_when_finished:  # a crash came before
         core.effects.discard_file(core.upload, None)
 
+
 _Machine = _builder.build()
 
 
