@@ -95,9 +95,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def make_dirs(path: Path, mode: int, sync: bool) -> None:
-    """Create `path` and any missing parents; `sync`: each new one's name made durable."""
+    """Create `path` (with `mode`) and any missing parents (as `mkdir -p` would); `sync`:
+    each new one's name made durable."""
     missing = [p for p in (path, *path.parents) if not p.is_dir()]
     for directory in reversed(missing):
-        directory.mkdir(mode=mode, exist_ok=True)
+        directory.mkdir(mode=mode if directory == path else 0o777, exist_ok=True)
         if sync:
             fsync_dir(directory.parent)
