@@ -66,9 +66,11 @@ def replace_file(
     sync: bool = False,
     mode: int = STATE_MODE,
     fsync: Callable[[int], None] = os.fsync,
+    fsync_directory: bool = True,
 ) -> None:
     """Give `path` the content `data` atomically; `sync` also makes it durable (write,
-    `fsync` it, rename, fsync the directory). A failure (a full disk) leaves the old file."""
+    `fsync` it, rename, fsync the directory: unless the caller does that itself, grouped
+    with others). A failure (a full disk) leaves the old file."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
@@ -81,7 +83,7 @@ def replace_file(
     finally:
         os.close(fd)
     os.replace(temporary, path)
-    if sync:
+    if sync and fsync_directory:
         fsync_dir(path.parent)
 
 

@@ -116,6 +116,46 @@ class _Durable:
     named: bool = False  # its file's directory entry is durable
 
 
+class DirectorySync:
+    """fsyncs of one directory (new names, renames, removals made durable), grouped: one
+    at a time, and a caller waits for the first that begins after it asked."""
+
+    def __init__(
+        self,
+        path: Path,
+        reactor: IReactorFromThreads,
+        pool: ThreadPool,
+        fsync: Callable[[Path], None] = fsync_dir,
+    ) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._pool = pool
+        self._fsync = fsync
+        self._waiting: list[Deferred[None]] = []
+        self._running = False
+
+    def synced(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        self._next()
+        return d
+
+    def _next(self) -> None:
+        if self._running or not self._waiting:
+            return
+        self._running = True
+        covered, self._waiting = self._waiting, []
+        work = deferToThreadPool(self._reactor, self._pool, self._fsync, self.path)
+
+        def done(result: None | Failure) -> None:
+            self._running = False
+            for d in covered:
+                d.errback(result) if isinstance(result, Failure) else d.callback(None)
+            self._next()
+
+        work.addBoth(done)
+
+
 @dataclass(frozen=True)
 class Saved:
     """An upload as a restart finds it."""
@@ -193,6 +233,7 @@ class DiskStorage:
         self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
         self._open: OrderedDict[str, None] = OrderedDict()  # uploads that may hold an fd, LRU
         self._max_open_files = max_open_files
+        self._directory = DirectorySync(self.root, reactor, pool)
         self.journal = TicketJournal(
             self.root / "tickets.journal", reactor, pool, sync=sync, fdatasync=fdatasync
         )
@@ -290,6 +331,22 @@ class DiskStorage:
         lock = self._locks.setdefault(upload_id, DeferredLock())
         return lock.run(deferToThreadPool, self._reactor, self._pool, call, *args)
 
+    def _run_named(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
+        """`_run` for a call that creates, renames or removes files: the directory is
+        fsynced after it (grouped with other uploads'), before later calls run."""
+        lock = self._locks.setdefault(upload_id, DeferredLock())
+        return lock.run(self._then_directory, call, *args)
+
+    def _then_directory(self, call: Callable[..., T], *args: object) -> Deferred[T]:
+        d = deferToThreadPool(self._reactor, self._pool, call, *args)
+        if not self.sync:
+            return d
+
+        def durably(result: T) -> Deferred[T]:
+            return self._directory.synced().addCallback(lambda _: result)
+
+        return d.addCallback(durably)
+
     def write(
         self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]:
@@ -334,9 +391,9 @@ class DiskStorage:
             # A handle on the file once the writes queued so far have landed; the sync
             # itself then runs in any thread, while later writes go on.
             handle = await self._run(upload_id, self._sync_handle, upload_id)
-            size = await deferToThreadPool(
-                self._reactor, self._pool, self._sync_file, handle, not state.named
-            )
+            size = await deferToThreadPool(self._reactor, self._pool, self._sync_file, handle)
+            if not state.named:  # a new file: its name too
+                await self._directory.synced()
         except Exception:
             failed: Failure | None = Failure()
         else:
@@ -407,12 +464,12 @@ class DiskStorage:
     def complete(self, upload_id: str) -> Deferred[Completed]:
         """Make the file durable and give it its final name; its path and SHA-256."""
         self._open.pop(upload_id, None)
-        return self._run(upload_id, self._complete, upload_id)
+        return self._run_named(upload_id, self._complete, upload_id)
 
     def remove(self, upload_id: str) -> Deferred[None]:
         """Delete the upload's file, partial or complete, after queued writes."""
         self._open.pop(upload_id, None)
-        return self._run(upload_id, self._remove, upload_id)
+        return self._run_named(upload_id, self._remove, upload_id)
 
     def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
         """Save a new ticket's first record (in the journal; see `journal`)."""
@@ -421,7 +478,7 @@ class DiskStorage:
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
         """Replace the upload's state record atomically, and durably if syncing is on
         (whatever `sync` says: a state a client was answered on must survive)."""
-        d = self._run(upload_id, self._save_state, upload_id, record, sync)
+        d = self._run_named(upload_id, self._save_state, upload_id, record, sync)
 
         def saved(_: None) -> None:
             self.journal.superseded(upload_id)
@@ -436,7 +493,7 @@ class DiskStorage:
         """
         self._open.pop(upload_id, None)
         await self.journal.forget(upload_id)  # first: a crash must not bring back the ticket
-        await self._run(upload_id, self._discard, upload_id)
+        await self._run_named(upload_id, self._discard, upload_id)
 
     def forget(self, upload_id: str) -> None:
         """Drop bookkeeping for an upload that will see no more calls."""
@@ -521,8 +578,8 @@ class DiskStorage:
                 return None
         return fd, os.fstat(fd).st_size
 
-    def _sync_file(self, handle: tuple[int, int] | None, name_too: bool) -> int:
-        """fdatasync (and the directory, for a new file's name); the bytes now durable."""
+    def _sync_file(self, handle: tuple[int, int] | None) -> int:
+        """fdatasync; the bytes now durable."""
         if handle is None:
             return 0
         fd, size = handle
@@ -530,8 +587,6 @@ class DiskStorage:
             self._fdatasync(fd)
         finally:
             os.close(fd)
-        if name_too:
-            fsync_dir(self.root)
         return size
 
     def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing:
@@ -582,9 +637,7 @@ class DiskStorage:
             digest = self._digest_of(upload_id, part, fd)
         finally:
             self._close(upload_id)
-        os.replace(part, final)
-        if self.sync:
-            fsync_dir(self.root)
+        os.replace(part, final)  # made durable by `_run_named`
         return Completed(final, digest)
 
     def _digest_of(self, upload_id: str, path: Path, fd: int | None = None) -> str | None:
@@ -607,27 +660,20 @@ class DiskStorage:
         self._close(upload_id)
         self._hashing.pop(upload_id, None)
         self._short.pop(upload_id, None)
-        self._unlink(self.part_path(upload_id), self.final_path(upload_id))
+        self.part_path(upload_id).unlink(missing_ok=True)  # durably: see `remove`
+        self.final_path(upload_id).unlink(missing_ok=True)
 
     def _save_state(self, upload_id: str, record: Record, sync: bool) -> None:
         data = json.dumps(record).encode("utf-8")
-        replace_file(self.state_path(upload_id), data, self.sync, fsync=self._fdatasync)
+        path = self.state_path(upload_id)  # its name made durable by `_run_named`
+        replace_file(path, data, self.sync, fsync=self._fdatasync, fsync_directory=False)
 
     def _discard(self, upload_id: str) -> None:
         self._close(upload_id)
         self._hashing.pop(upload_id, None)
         self._short.pop(upload_id, None)
-        self._unlink(self.part_path(upload_id), self.state_path(upload_id))
-
-    def _unlink(self, *paths: Path) -> None:
-        """Remove files for good: a power cut must not bring them back."""
-        removed = False
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed = True
-        if removed and self.sync:
-            fsync_dir(self.root)
+        self.part_path(upload_id).unlink(missing_ok=True)  # durably: see `discard`
+        self.state_path(upload_id).unlink(missing_ok=True)
 
 
 def _nothing() -> None:

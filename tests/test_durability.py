@@ -16,9 +16,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 
-from incoming.files import replace_file
+from incoming.files import fsync_dir, replace_file
 from incoming.journal import TicketJournal
-from incoming.storage import DiskStorage
+from incoming.storage import DirectorySync, DiskStorage
 
 BLOCK = 4096
 
@@ -166,6 +166,23 @@ async def test_tickets_appended_together_share_a_journal_sync(
     # go in the next batch, with the next sync.
     assert sync.calls == 3
     journal.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_directory_syncs_asked_for_together_are_shared(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    calls: list[Path] = []
+
+    def counted(path: Path) -> None:
+        calls.append(path)
+        fsync_dir(path)
+
+    directory = DirectorySync(tmp_path, reactor, pool, counted)
+    await gatherResults([directory.synced() for _ in range(20)])
+    assert calls == [tmp_path] * 2  # the first at once; the 19 asking meanwhile share one
+    await directory.synced()
+    assert len(calls) == 3
 
 
 def test_a_failed_replacement_keeps_the_old_file(tmp_path: Path) -> None:
