@@ -106,13 +106,16 @@ class TicketJournal:
         self._live_bytes -= len(self._live.pop(upload_id, b""))
 
     def _queue(self, line: bytes, d: Deferred[None] | None) -> None:
+        """The next batch starts once the one under way is done, or (none is) once the
+        reactor has read what else came with this line: requests that arrive together
+        share a batch, not one alone and the others the next."""
         self._pending.append((line, d))
         if not self._writing:
-            self._write_batch()
+            self._writing = True
+            self._reactor.callLater(0, self._write_batch)  # type: ignore[attr-defined]
 
     def _write_batch(self) -> None:
         batch, self._pending = self._pending, []
-        self._writing = True
         # Compact once at least half the journal is dead lines, so that many
         # live tickets do not make every batch rewrite the whole journal.
         compact = self._size > max(self.compact_at, 2 * self._live_bytes)
@@ -124,9 +127,10 @@ class TicketJournal:
             for _, d in batch:
                 if d is not None:
                     d.errback(result) if isinstance(result, Failure) else d.callback(None)
-            self._writing = False
             if self._pending:
                 self._write_batch()
+            else:
+                self._writing = False
 
         work.addBoth(done)
 

@@ -110,6 +110,7 @@ class _Durable:
     """How much of an upload's file is known durable, and its syncs (reactor thread)."""
 
     durable: int = 0  # bytes fdatasynced, by this process
+    written: int = 0  # bytes known written: by writes that landed, or as a caller says
     running: bool = False  # a sync is under way
     waiting: list[tuple[int, Deferred[None]]] = field(default_factory=list)  # (upto, d)
     era: int = 0  # a cut makes what a sync under way found void
@@ -355,7 +356,12 @@ class DiskStorage:
         (`no_space`), the upload's later writes fail the same way until a `truncate`."""
         self._opening(upload_id)
         d = self._run(upload_id, self._write, upload_id, offset, data, digests)
-        return d.addErrback(self._full_or_not)
+        state = self._durable.setdefault(upload_id, _Durable())
+
+        def landed(_: None) -> None:
+            state.written = offset + len(data)  # in order: writes land one after the other
+
+        return d.addCallbacks(landed, self._full_or_not)
 
     def _full_or_not(self, failure: Failure) -> Failure:
         """A write that found no space: no room for new uploads until a new measure
@@ -375,6 +381,7 @@ class DiskStorage:
         state = self._durable.setdefault(upload_id, _Durable())
         if not self.sync or upto <= state.durable:
             return succeed(None)
+        state.written = max(state.written, upto)  # (a restart finds bytes written before)
         d: Deferred[None] = Deferred()
         state.waiting.append((upto, d))
         self._sync_next(upload_id, state)
@@ -387,11 +394,9 @@ class DiskStorage:
 
     async def _sync(self, upload_id: str, state: _Durable) -> None:
         era, covered, state.waiting = state.era, state.waiting, []
+        size = state.written  # every byte of writes that landed before it begins
         try:
-            # A handle on the file once the writes queued so far have landed; the sync
-            # itself then runs in any thread, while later writes go on.
-            handle = await self._run(upload_id, self._sync_handle, upload_id)
-            size = await deferToThreadPool(self._reactor, self._pool, self._sync_file, handle)
+            await deferToThreadPool(self._reactor, self._pool, self._sync_file, upload_id)
             if not state.named:  # a new file: its name too
                 await self._directory.synced()
         except Exception:
@@ -430,6 +435,7 @@ class DiskStorage:
         d = self._run(upload_id, self._truncate, upload_id, size)
 
         def cut(_: None) -> None:
+            state.written = size
             if self.sync:  # the cut was fdatasynced: what is left is durable
                 state.durable = size
 
@@ -565,29 +571,18 @@ class DiskStorage:
         if hashing is not None and not hashing.cut(offset):
             del self._hashing[upload_id]
 
-    def _sync_handle(self, upload_id: str) -> tuple[int, int] | None:
-        """A descriptor of the upload's file of its own, and the file's size now (after
-        the writes queued before this call); None if it has no file."""
-        fd = self._fds.get(upload_id)
-        if fd is not None:
-            fd = os.dup(fd)
-        else:
-            try:
-                fd = os.open(self.part_path(upload_id), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
-        return fd, os.fstat(fd).st_size
-
-    def _sync_file(self, handle: tuple[int, int] | None) -> int:
-        """fdatasync; the bytes now durable."""
-        if handle is None:
-            return 0
-        fd, size = handle
+    def _sync_file(self, upload_id: str) -> None:
+        """fdatasync the partial file, beside the upload's queued calls (through a
+        descriptor of its own). No partial file: `_complete` synced it before renaming
+        it, or it was removed, and then nobody counts on its bytes."""
+        try:
+            fd = os.open(self.part_path(upload_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
         try:
             self._fdatasync(fd)
         finally:
             os.close(fd)
-        return size
 
     def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing:
         """The upload's hash covering exactly its first `offset` bytes: the one kept while

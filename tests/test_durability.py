@@ -62,22 +62,24 @@ def write_and_sync(
 
 
 @pytest_twisted.ensureDeferred
-async def test_writes_queued_back_to_back_share_one_fdatasync(
+async def test_writes_that_land_while_a_sync_runs_share_the_next_one(
     tmp_path: Path, pool: ThreadPool
 ) -> None:
     sync = CountedSync()
     storage = disk(tmp_path, pool, sync)
     upload_id = str(uuid.uuid4())
     data = os.urandom(50 * BLOCK)
-    await gatherResults(
-        [
-            write_and_sync(storage, upload_id, o, data[o : o + BLOCK])
-            for o in range(0, len(data), BLOCK)
-        ]
-    )
-    # The first write to land asks for a sync; it runs after the 49 writes queued behind
-    # it, so it covers them all, and those asking meanwhile learn it did.
-    assert sync.calls == 1
+    sync.hold()  # the first sync (for the first write to land) takes its time
+    durable = [
+        write_and_sync(storage, upload_id, o, data[o : o + BLOCK])
+        for o in range(0, len(data), BLOCK)
+    ]
+    while not sync.entered.is_set():
+        await deferLater(reactor, 0.01, lambda: None)
+    await storage.drain(upload_id)  # the 49 others land meanwhile, and ask for a sync
+    sync.let_go()
+    await gatherResults(durable)
+    assert sync.calls == 2
     assert (tmp_path / f"{upload_id}.part").read_bytes() == data
 
 
@@ -162,8 +164,8 @@ async def test_tickets_appended_together_share_a_journal_sync(
     assert sync.calls == 1  # the journal made anew at start-up, durably
     ids = [str(uuid.uuid4()) for _ in range(20)]
     await gatherResults([journal.append(i, {"id": i}) for i in ids])
-    # The first ticket is written at once, alone; the 19 others queue up meanwhile and
-    # go in the next batch, with the next sync.
+    assert sync.calls == 2  # one batch: asked for together, written and synced together
+    await gatherResults([journal.append(i, {"id": i}) for i in ids[:5]])
     assert sync.calls == 3
     journal.close()
 
