@@ -29,17 +29,21 @@ from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
 
 
+SYNC_THREADS = 16  # uploads' fdatasyncs under way at once (at most one per upload)
+
+
 class UploadService(Service):
     """Runs the uploads: restores saved ones at start; at stop, sends clients away
     (close code 1001), lets queued writes land, then stops the disk threads."""
 
-    def __init__(self, manager: UploadManager, pool: ThreadPool) -> None:
+    def __init__(self, manager: UploadManager, *pools: ThreadPool) -> None:
         self.manager = manager
-        self.pool = pool
+        self.pools = pools
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        for pool in self.pools:
+            pool.start()
         self.manager.start()
 
     def stopService(self) -> Deferred[None]:
@@ -48,7 +52,8 @@ class UploadService(Service):
 
     async def _stop(self) -> None:
         await self.manager.shutdown()
-        self.pool.stop()
+        for pool in self.pools:
+            pool.stop()
 
 
 def handover_client(reactor: Any) -> HTTPClient:
@@ -57,7 +62,11 @@ def handover_client(reactor: Any) -> HTTPClient:
 
 
 def build_manager(
-    config: Config, reactor: Any, pool: ThreadPool, storage: Storage | None = None
+    config: Config,
+    reactor: Any,
+    pool: ThreadPool,
+    storage: Storage | None = None,
+    sync_pool: ThreadPool | None = None,
 ) -> UploadManager:
     """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
     metrics = Metrics()
@@ -68,6 +77,7 @@ def build_manager(
             pool,
             sha256=config.checksum == "sha256",
             sync=config.sync == "fsync",
+            sync_pool=sync_pool,
         )
         disk.prepare()
         storage = disk
@@ -133,9 +143,10 @@ def build_site(
 
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
-    manager = build_manager(config, reactor, pool)
+    syncs = ThreadPool(minthreads=0, maxthreads=SYNC_THREADS, name="incoming-sync")
+    manager = build_manager(config, reactor, pool, sync_pool=syncs)
     top = MultiService()
-    UploadService(manager, pool).setServiceParent(top)
+    UploadService(manager, pool, syncs).setServiceParent(top)
     separate = config.backend_listen is not None
     listeners = [(config.listen, build_site(manager, config, reactor, backend=not separate))]
     if config.backend_listen is not None:

@@ -219,10 +219,14 @@ class DiskStorage:
         sha256: bool = True,
         sync: bool = True,
         fdatasync: Callable[[int], None] = os.fdatasync,
+        sync_pool: ThreadPool | None = None,
     ) -> None:
         self.root = root.absolute()
         self.sync = sync  # make what callers are told is saved durable (fsync)
         self._fdatasync = fdatasync
+        # Uploads' fdatasyncs wait on the disk: in threads of their own, they leave the
+        # pool's threads to writes (which would otherwise queue up, in memory, behind them).
+        self._sync_pool = sync_pool or pool
         self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
         self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
         self._durable: dict[str, _Durable] = {}  # reactor thread
@@ -396,7 +400,7 @@ class DiskStorage:
         era, covered, state.waiting = state.era, state.waiting, []
         size = state.written  # every byte of writes that landed before it begins
         try:
-            await deferToThreadPool(self._reactor, self._pool, self._sync_file, upload_id)
+            await deferToThreadPool(self._reactor, self._sync_pool, self._sync_file, upload_id)
             if not state.named:  # a new file: its name too
                 await self._directory.synced()
         except Exception:
