@@ -289,7 +289,12 @@ class StoredFile:
 
 
 def move_file(
-    handover: Handover, directory: Path | str, name: str | None = None, *, verify: bool = True
+    handover: Handover,
+    directory: Path | str,
+    name: str | None = None,
+    *,
+    verify: bool = True,
+    copy: bool = False,
 ) -> StoredFile:
     """Move the handed-over file into `directory` (created if missing), durably, under
     `safe_name(name or handover.filename_from_browser)`, or `stem-2.ext`, `stem-3.ext`...
@@ -302,6 +307,11 @@ def move_file(
     file; without one (`--checksum none`) the file is read all the same. A rename within
     one file system, else a copy, fsynced before the original is removed; the folder is
     fsynced, so the file is yours once this returns: then answer `done`.
+
+    `copy=True` leaves the original where it is, for an app that may read Incoming!!'s
+    StorageDir but not write it (another user in its group, as with the systemd unit):
+    create such tickets with `remove_file_when_finished=True`, and the server deletes
+    the original after your `done`.
 
     A second handover of the same id finds the file gone (FileNotFoundError): answer it
     with the verdict kept from the first; if both run at once, the second's error (an
@@ -326,7 +336,10 @@ def move_file(
             raise FileMismatch(f"the file has {info.st_size} bytes, not {handover.size}")
         target = _reserve(directory, safe_name(name or handover.filename_from_browser))
         try:
-            digest = _rename(handover, fd, source, target, verify, info.st_dev)
+            if copy:
+                digest = _copy(handover, fd, target, verify)
+            else:
+                digest = _rename(handover, fd, source, target, verify, info.st_dev)
         except BaseException:
             target.unlink(missing_ok=True)
             raise

@@ -430,6 +430,18 @@ def test_move_file_copies_between_file_systems(tmp_path: Path) -> None:
         assert not source.exists()
 
 
+def test_copy_leaves_the_original_for_the_server_to_delete(stored: Path, tmp_path: Path) -> None:
+    """For an app that may read StorageDir but not write it (`remove_file_when_finished`
+    true: the server deletes the original after `done`)."""
+    with pytest.raises(FileMismatch):
+        move_file(handover_of(stored, size="5", sha256="1" * 64), tmp_path / "files", copy=True)
+    assert list((tmp_path / "files").iterdir()) == []
+    result = move_file(handover_of(stored), tmp_path / "files", copy=True)
+    assert result.path.read_bytes() == stored.read_bytes() == b"hello"
+    assert result.sha256 == DIGEST
+    assert result.path.stat().st_ino != stored.stat().st_ino  # a copy, not a link
+
+
 def test_move_file_refuses_cancelled_uploads_and_objects(stored: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cancelled"):
         move_file(handover_of(stored, cancelled="yes"), tmp_path / "files")
