@@ -36,6 +36,7 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import re
@@ -187,8 +188,9 @@ def parse_handover(form: FormFields) -> Handover:
 
     `form` is what a framework parsed (Flask's `request.form`, Django's `request.POST`,
     a dict, Twisted's `request.args`) or the raw urlencoded body (bytes or str; a field
-    given twice is refused there). Checks only the form: `read_handover` also checks the
-    secret, which every app must do."""
+    given twice is refused there; Twisted's `request.args` also holds the query string
+    of `signalFinishURL`: pass `request.content.read()` if it has one). Checks only the
+    form: `read_handover` also checks the secret, which every app must do."""
     fields = _form_fields(form)
     missing = [name for name in _REQUIRED if name not in fields]
     if missing:
@@ -472,8 +474,8 @@ class Client:
         except urllib.error.HTTPError as e:
             with e:
                 return _outcome(e.code, e.read())
-        except OSError as e:  # URLError, a reset, a timeout
-            raise Unreachable(f"{self.base_url}: {getattr(e, 'reason', e)}") from e
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut
+            raise Unreachable(f"{self.base_url}: {getattr(e, 'reason', e)!s}") from e
 
 
 class AsyncClient:

@@ -25,6 +25,7 @@ from klein import Klein
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
 from incoming import backend
@@ -500,6 +501,26 @@ async def test_blocking_client_errors(server: Server) -> None:
 def test_no_server_is_unreachable() -> None:
     with pytest.raises(Unreachable):
         Client(f"http://127.0.0.1:{free_port()}", timeout=5).new_upload("http://127.0.0.1:9/")
+
+
+class CutShort(Protocol):
+    """A server whose answer breaks off: 200 announced with 100 bytes, 3 sent."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_cut_short_is_unreachable_not_a_ticket() -> None:
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await endpoint.listen(Factory.forProtocol(CutShort))
+    try:
+        client = Client(f"http://127.0.0.1:{port.getHost().port}", timeout=10)
+        with pytest.raises(Unreachable):
+            await threads.deferToThread(client.new_upload, "http://127.0.0.1:9/")
+    finally:
+        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
