@@ -8,18 +8,22 @@ for the web app, so that nobody has to write that HTTP again::
 
     incoming = Client("http://127.0.0.1:4000")
     ticket = incoming.new_upload("https://app.example/handover", remove_file_when_finished=False)
-    keep(ticket.id, ticket.secret)                    # your database; the page gets ticket.id
+    db.keep(ticket.id, ticket.secret)          # the page gets ticket.id, never the secret
 
-    # POST /handover (form fields; Flask's request.form, Django's request.POST, a body):
+    # POST /handover (Flask's request.form, Django's request.POST, a dict, the body):
     try:
-        handover = read_handover(request.form, secret_of)  # typed, secret checked
-    except HandoverRefused as e:
-        return str(e), e.status                        # 400 or 403: not from Incoming!!
-    if handover.cancelled:
-        forget(handover.id)
-        return "ok"
-    stored = move_file(handover, FILES)                # SHA-256 checked; 422 if it differs
-    return answer_done_json({"url": ..., "sha256": stored.sha256})
+        handover = read_handover(request.form, db.secret_of)   # typed; secret checked
+        if handover.cancelled:
+            db.forget(handover.id)
+            return "ok"
+        verdict = db.verdict_of(handover.id)   # handovers come at least once
+        if verdict is None:
+            stored = move_file(handover, FILES)                # SHA-256 checked
+            verdict = {"url": f"/files/{stored.name}", "sha256": stored.sha256}
+            db.keep_verdict(handover.id, verdict)
+    except HandoverRefused as e:               # 400, 403, 422: the handover fails
+        return str(e), e.status
+    return answer_done_json(verdict)           # 200, text/plain: the page's `result`
 
 Clients: `Client` blocks (WSGI apps; stdlib `urllib` only), `AsyncClient` is the same
 for asyncio (a thread per call), `TwistedClient` uses treq. Everything else is plain
