@@ -19,7 +19,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -66,7 +66,7 @@ class UploadManager:
         self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
         metrics.count_uploads(self.phases)
         self.cluster = cluster
-        self._loading: dict[str, Deferred[Upload]] = {}  # uploads being taken up from Redis
+        self._loading: dict[str, DeferredLock] = {}  # uploads being taken up from Redis
         self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
         self._unsent: set[str] = set()  # saved to disk, not yet to Redis (it was away)
         self._rounds: list[LoopingCall] = []
@@ -163,12 +163,17 @@ class UploadManager:
             return upload
         if self.cluster is None:
             raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        loading = self._loading.get(upload_id)
-        if loading is None:
-            loading = self._loading[upload_id] = ensureDeferred(self._take_up(upload_id))
-            loading.addBoth(lambda result: self._loading.pop(upload_id, None) and result)
-        held: Upload = await loading
-        return held
+        # One caller at a time takes it up; those waiting meanwhile find it held, or try
+        # in turn and get their own refusal. (A Deferred awaited by several callers would
+        # give its result to the first only: the others got None.)
+        lock = self._loading.setdefault(upload_id, DeferredLock())
+        await lock.acquire()
+        try:
+            return self._uploads.get(upload_id) or await self._take_up(upload_id)
+        finally:
+            lock.release()
+            if not lock.locked and self._loading.get(upload_id) is lock:
+                del self._loading[upload_id]
 
     async def _take_up(self, upload_id: str) -> Upload:
         assert self.cluster is not None
