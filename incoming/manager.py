@@ -35,6 +35,7 @@ from .upload import Phase, Room, Transport, Upload, bring_to_life, new_ticket_id
 log = Logger()
 # What another instance may ask the holder of an upload to do: the name of the input.
 COMMANDS = frozenset({"cancel_by_backend", "finish_upload", "cancel_by_client", "declare"})
+REGISTRY_CHECK_SECONDS = 1.0  # cluster: how often Redis is pinged (its answer or its silence)
 
 
 class UploadManager:
@@ -70,7 +71,7 @@ class UploadManager:
         self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
         self._unsent: set[str] = set()  # saved to disk, not yet to Redis (it was away)
         self._rounds: list[LoopingCall] = []
-        self.registry_reachable = True  # cluster: Redis answered the last lease renewal
+        self.registry_reachable = True  # cluster: Redis answered the last PING
         if cluster is not None:
             cluster.serve = self._serve
 
@@ -515,11 +516,26 @@ class UploadManager:
             return
         self.cluster.start()
         period = self.cluster.lease_ms / 3000
-        for work in (self._renew, self._janitor_round):
+        for work, every in (
+            (self._renew, period),
+            (self._janitor_round, period),
+            (self._check_registry, REGISTRY_CHECK_SECONDS),
+        ):
             call = LoopingCall(lambda work=work: self._spawn(work()))
             call.clock = self.clock
-            call.start(period, now=False)
+            call.start(every, now=False)
             self._rounds.append(call)
+
+    async def _check_registry(self) -> None:
+        """Whether Redis answers, whatever this instance holds (for /incoming/health)."""
+        assert self.cluster is not None
+        reachable = await self.cluster.reachable()
+        if reachable != self.registry_reachable:
+            if reachable:
+                log.info("Redis is back")
+            else:
+                log.warn("Redis is unavailable; uploads being written carry on")
+        self.registry_reachable = reachable
 
     async def _renew(self) -> None:
         """Renew the leases of the uploads held here, with their idle deadlines, and send
@@ -534,13 +550,7 @@ class UploadManager:
                 if upload is not None:
                     await self._send(upload)
         except Unavailable:
-            if self.registry_reachable:
-                log.warn("Redis is unavailable; uploads being written carry on")
-            self.registry_reachable = False
             return
-        if not self.registry_reachable:
-            log.info("Redis is back")
-        self.registry_reachable = True
         for upload_id in lost:
             upload = self._uploads.pop(upload_id, None)
             if upload is not None:

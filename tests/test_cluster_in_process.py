@@ -1,5 +1,5 @@
-"""Concurrent requests for an upload a cluster instance does not hold yet: each gets an
-answer of its own (issue 16). One instance in process, on a real redis-server."""
+"""A cluster instance in this process, on a real redis-server: concurrent requests for an
+upload it does not hold yet, and its health while Redis is away (issue 16)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import base64
 import dataclasses
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 from incoming.config import Config
 from incoming.errors import ErrorCode, UploadError
@@ -144,3 +147,40 @@ async def test_many_quickly_aborted_patches_do_no_harm(
     assert (instance.storage_dir / ticket).read_bytes() == data
     failures = [line for line in server_log if "internal error" in line or "Traceback" in line]
     assert failures == []
+
+
+@contextmanager
+def logging(text: str) -> Iterator[Deferred[None]]:
+    """Fires once the server logs a line holding `text` (within the block)."""
+    seen: Deferred[None] = Deferred()
+
+    def observe(event: dict[str, Any]) -> None:
+        if not seen.called and text in formatEvent(event):
+            seen.callback(None)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+async def health(server: Server) -> tuple[int, str]:
+    response = await treq.get(f"{server.base}/health")
+    return response.code, await response.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_follows_redis_while_no_upload_is_held(instance: Server, redis: Redis) -> None:
+    assert await health(instance) == (200, "ok")
+    assert len(instance.manager) == 0
+    with logging("Redis is unavailable") as away:
+        await redis.stop()
+        stopped = reactor.seconds()
+        await away.addTimeout(10, reactor)
+    assert reactor.seconds() - stopped < 4  # a PING a second, each given 2 s
+    assert await health(instance) == (503, "redis unavailable")
+    with logging("Redis is back") as back:
+        await redis.start()
+        await back.addTimeout(20, reactor)  # the client reconnects within 10 s
+    assert await health(instance) == (200, "ok")
