@@ -13,7 +13,13 @@ from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -109,6 +115,18 @@ class Handover(Protocol):
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
         """One best-effort POST announcing a cancellation."""
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" and "Stopping factory" lines per handover
+
+
+def http_client(reactor: Any) -> HTTPClient:
+    """A fresh connection per handover (backends often drop idle keep-alives), and no
+    log lines of Twisted's for each."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietFactory
+    return HTTPClient(Agent(reactor, pool=pool))
 
 
 class HandoverClient:

@@ -25,12 +25,21 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from .cluster import Busy, Cluster, RequestFailed, Unavailable
-from .errors import ErrorCode, UploadError
+from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
 from .storage import Record, Storage
-from .upload import Phase, Room, Transport, Upload, bring_to_life, new_ticket_id
+from .upload import (
+    Cause,
+    Event,
+    Phase,
+    Room,
+    Transport,
+    Upload,
+    bring_to_life,
+    new_ticket_id,
+)
 
 log = Logger()
 # What another instance may ask the holder of an upload to do: the name of the input.
@@ -276,8 +285,10 @@ class UploadManager:
         return Counter(upload.phase for upload in self._uploads.values())
 
     def restore(self) -> None:
-        """Take up every upload saved by an earlier run (at start-up)."""
+        """Take up every upload saved by an earlier run (at start-up). Uploads with work
+        at stake get a line each; the others are counted."""
         now = self.clock.seconds()
+        found: Counter[str] = Counter()
         for saved in self.storage.load():
             try:
                 upload = Upload.from_record(saved.record, saved.stored)
@@ -290,14 +301,22 @@ class UploadManager:
                 # State is saved at connects, not at every chunk: the file shows activity.
                 upload.idle_deadline = max(upload.idle_deadline, saved.modified + self.max_idle)
             self._arm_idle(upload, upload.idle_deadline - now)
-            log.info(
-                "upload {id} restored: {phase}, {n} of {length} bytes stored",
-                id=upload.id,
-                phase=upload.phase.value,
-                n=saved.stored,
-                length=upload.length,
-            )
+            found[_restored(upload)] += 1
+            if upload.phase is Phase.RECEIVING and upload.length is not None:
+                log.info(
+                    "upload {id} restored: {n} of {length} bytes stored",
+                    id=upload.id,
+                    n=upload.stored,
+                    length=upload.length,
+                )
+            elif upload.with_backend:
+                log.info("upload {id} restored: {what}", id=upload.id, what=_restored(upload))
             upload.life.restored(saved.present)
+        log.info(
+            "restored {n} uploads: {counts}",
+            n=sum(found.values()),
+            counts=", ".join(f"{count} {what}" for what, count in sorted(found.items())) or "none",
+        )
 
     # Connections (for transports)
 
@@ -337,8 +356,7 @@ class UploadManager:
             upload.life.written()
 
         def failed(failure: Any) -> None:
-            log.error("upload {id}: storage failed: {e}", id=upload.id, e=failure.value)
-            upload.life.storage_failed()
+            upload.life.storage_failed(f"cannot write: {failure.value}")
 
         self.storage.write(upload.id, offset, data, digests).addCallbacks(stored, failed)
 
@@ -389,16 +407,16 @@ class UploadManager:
         try:
             completed = await self.storage.complete(upload.id)
         except OSError as e:
-            log.error("upload {id}: cannot complete file: {e}", id=upload.id, e=e)
-            upload.life.storage_failed()
+            upload.life.storage_failed(f"cannot complete the file: {e}")
             return
         upload.sha256 = completed.sha256
+        began = self.clock.seconds()
         try:
             answer = await self.handover.hand_over(upload, str(completed.path), completed.sha256)
         except HandoverFailed as e:
-            log.info("upload {id}: handover failed: {why}", id=upload.id, why=str(e))
-            upload.life.handover_failed()
+            upload.life.handover_failed(str(e))
             return
+        self.metrics.handover_seconds.observe(self.clock.seconds() - began)
         if answer.kind == "done":
             upload.life.answered_done(answer.result)
         else:
@@ -475,6 +493,63 @@ class UploadManager:
                 await self.cluster.forget(upload.id)
                 await self.cluster.release(upload.id)
         log.info("upload {id} forgotten", id=upload.id)
+
+    def happened(
+        self, upload: Upload, event: Event, detail: str = "", cause: Cause | None = None
+    ) -> None:
+        if self._abandoned(upload):
+            return
+        now, via, metrics = self.clock.seconds(), upload.via or "none", self.metrics
+        if event is Event.STARTED:
+            upload.started_at = now
+            metrics.uploads_started.labels(via).inc()
+            log.info(
+                "upload {id} started over {via}: {name!r}, {length} bytes",
+                id=upload.id,
+                via=via,
+                name=clipped(upload.browser_name),
+                length=upload.length,
+            )
+        elif event in (Event.PAUSED, Event.INTERRUPTED, Event.RESUMED):
+            log.info(
+                "upload {id} {event} at {n} of {length} bytes{over}",
+                id=upload.id,
+                event=event.value,
+                n=upload.received,
+                length=upload.length,
+                over=f" over {via}" if event is Event.RESUMED else "",
+            )
+        elif event is Event.COMPLETE:
+            took = None if upload.started_at is None else max(now - upload.started_at, 0.0)
+            if took is not None:
+                metrics.upload_seconds.observe(took)
+            log.info(
+                "upload {id} complete: {n} bytes stored{took}",
+                id=upload.id,
+                n=upload.stored,
+                took="" if took is None else f" in {took:.1f} s",
+            )
+        elif event is Event.HANDED_OVER:
+            log.info("upload {id} handed over; the backend will call finish_upload", id=upload.id)
+        elif event is Event.FINISHED:
+            metrics.uploads_finished.labels(via).inc()
+            metrics.upload_bytes.observe(upload.length or 0)
+            log.info("upload {id} {how}", id=upload.id, how=detail)
+        else:
+            assert event is Event.CANCELLED and cause is not None
+            metrics.uploads_cancelled.labels(cause.value, via).inc()
+            say = {
+                Cause.STORAGE_FAILED: log.error,
+                Cause.HANDOVER_FAILED: log.warn,
+                Cause.CONFIRM_TIMEOUT: log.warn,
+            }
+            say.get(cause, log.info)(
+                "upload {id} {what} ({cause}){detail}",
+                id=upload.id,
+                what="expired" if cause is Cause.IDLE else "cancelled",
+                cause=cause.value,
+                detail=f": {clipped(detail)}" if detail else "",
+            )
 
     # Cluster: letting go of uploads, renewing leases, the janitor
 
@@ -676,6 +751,17 @@ class UploadManager:
                     await self._send(upload)
                     await self.cluster.release(upload.id)
             await self.cluster.stop()
+
+
+def _restored(upload: Upload) -> str:
+    """What a restart found an upload doing, for the log."""
+    if upload.phase is Phase.RECEIVING:
+        return "receiving" if upload.length is not None else "tickets not used yet"
+    if upload.handing_over:
+        return "being handed over again"
+    if upload.phase is Phase.AWAITING_FINISH:
+        return "waiting for the backend's finish_upload"
+    return str(upload.phase.value)
 
 
 def _idle(upload: Upload) -> bool:

@@ -30,7 +30,7 @@ from .errors import ErrorCode, UploadError, clipped
 from .files import Digest, Pieces
 from .manager import UploadManager
 from .site import IncomingRequest
-from .upload import Ending, Upload
+from .upload import Departure, Ending, Upload
 
 log = Logger()
 
@@ -90,6 +90,7 @@ class Answer:
     status: int
     text: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    code: ErrorCode | None = None  # the refusal's number (metrics count them)
 
 
 class TusError(Exception):
@@ -99,7 +100,9 @@ class TusError(Exception):
 
 
 def _refusal(e: UploadError) -> TusError:
-    return TusError(STATUS_FOR.get(e.code, 400), e.message)
+    refusal = TusError(STATUS_FOR.get(e.code, 400), e.message)
+    refusal.answer.code = e.code
+    return refusal
 
 
 class TusApi:
@@ -252,9 +255,11 @@ class TusApi:
         except UploadError as e:
             raise _refusal(e) from None
         if upload is not None and upload.cancelled:
-            raise TusError(410, f"this upload was cancelled: {upload.cancel_reason}")
+            reason = f"this upload was cancelled: {upload.cancel_reason}"
+            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
         if upload is None or upload.length is None:
-            raise TusError(404, "no such upload; create it with the ticket first")
+            missing = "no such upload; create it with the ticket first"
+            raise _refusal(UploadError(ErrorCode.UNKNOWN_TICKET, missing))
         return upload
 
     async def declared(self, request: IRequest) -> Upload:
@@ -292,6 +297,7 @@ class TusApi:
 
     def _send(self, request: IRequest, answer: Answer, resumable: bool = True) -> bytes:
         request.setResponseCode(answer.status)
+        self.manager.metrics.error_sent(answer.code, "tus")
         headers = {**self.cors(request), **answer.headers}
         if resumable:
             headers["Tus-Resumable"] = TUS_VERSION
@@ -308,6 +314,8 @@ class TusApi:
 
 class PatchStream:
     """One request body written into an upload as it arrives; the upload's Transport."""
+
+    via = "tus"  # upload.Transport
 
     def __init__(self, api: TusApi, request: IncomingRequest, ticket: str) -> None:
         self.api = api
@@ -499,7 +507,7 @@ class PatchStream:
             self._finish(answer)
         else:
             assert ending.code is not None
-            self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message))
+            self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message, code=ending.code))
 
     def going_away(self) -> None:
         away = TusError(503, "the server is restarting; resume the upload")
@@ -565,6 +573,7 @@ class PatchStream:
         if self._ended:
             self.answer.callback(answer)
         else:  # the body is still arriving: answer now and hang up
+            self.api.manager.metrics.error_sent(answer.code, "tus")
             headers = {**self.api.cors(self.request), **answer.headers}
             headers["Tus-Resumable"] = TUS_VERSION
             reason = REASONS.get(answer.status, "Error")
@@ -574,7 +583,9 @@ class PatchStream:
         if self._attached and self.upload is not None:
             self._attached = False
             self.api.patches.dec()
-            self.upload.life.disconnect(self, False)
+            self.upload.life.disconnect(
+                self, Departure.INTERRUPTED if self._lost else Departure.DONE
+            )
         if self._paused:
             self._resume()
 

@@ -7,24 +7,21 @@ import base64
 import dataclasses
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
 
 from incoming.config import Config
 from incoming.errors import ErrorCode, UploadError
 
-from .harness import CHUNK_KB, Backend, Redis, Server, serving
+from .harness import CHUNK_KB, Backend, Redis, Server, log_line, serving
 
 CHUNK = CHUNK_KB * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -149,22 +146,6 @@ async def test_many_quickly_aborted_patches_do_no_harm(
     assert failures == []
 
 
-@contextmanager
-def logging(text: str) -> Iterator[Deferred[None]]:
-    """Fires once the server logs a line holding `text` (within the block)."""
-    seen: Deferred[None] = Deferred()
-
-    def observe(event: dict[str, Any]) -> None:
-        if not seen.called and text in formatEvent(event):
-            seen.callback(None)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(observe)
-
-
 async def health(server: Server) -> tuple[int, str]:
     response = await treq.get(f"{server.base}/health")
     return response.code, await response.text()
@@ -174,13 +155,13 @@ async def health(server: Server) -> tuple[int, str]:
 async def test_health_follows_redis_while_no_upload_is_held(instance: Server, redis: Redis) -> None:
     assert await health(instance) == (200, "ok")
     assert len(instance.manager) == 0
-    with logging("Redis is unavailable") as away:
+    with log_line("Redis is unavailable") as away:
         await redis.stop()
         stopped = reactor.seconds()
         await away.addTimeout(10, reactor)
     assert reactor.seconds() - stopped < 4  # a PING a second, each given 2 s
     assert await health(instance) == (503, "redis unavailable")
-    with logging("Redis is back") as back:
+    with log_line("Redis is back") as back:
         await redis.start()
         await back.addTimeout(20, reactor)  # the client reconnects within 10 s
     assert await health(instance) == (200, "ok")

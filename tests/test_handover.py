@@ -305,7 +305,7 @@ async def upload_and_expect_handover_error(server: Server, url: str, log: list[s
     assert data["Msg"] == HANDOVER_FAILED_TEXT
     await server.settled()
     assert server.files() == {}  # even with removeFileWhenFinished=false
-    [line] = [line for line in log if f"upload {ticket}: handover failed:" in line]
+    [line] = [line for line in log if f"upload {ticket} cancelled (handover_failed):" in line]
     return line
 
 
@@ -319,8 +319,8 @@ async def upload_and_expect_handover_error(server: Server, url: str, log: list[s
         ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\ndone\r\n", "unreadable"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "not done or wait"),
-        (b"garbage\r\n\r\n", "handover failed"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\x00\x01\r\n\r\ndone", "handover failed"),
+        (b"garbage\r\n\r\n", "unreadable: ResponseFailed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\x00\x01\r\n\r\ndone", "unreadable"),
     ],
 )
 @pytest_twisted.ensureDeferred
