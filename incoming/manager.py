@@ -497,6 +497,8 @@ class UploadManager:
     def happened(
         self, upload: Upload, event: Event, detail: str = "", cause: Cause | None = None
     ) -> None:
+        """A line in the log and the metrics for it; the start of an upload is noted in it
+        (a clock time, saved with it: its duration counts from there)."""
         if self._abandoned(upload):
             return
         now, via, metrics = self.clock.seconds(), upload.via or "none", self.metrics

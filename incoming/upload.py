@@ -571,22 +571,22 @@ def _finish_early(life: UploadLife, core: _Core, result: str) -> None:
 # The backend confirmed it has the file, whatever else its handover answer says.
 
 
-FINISHED_BY_CALL = "handed over and finished by the backend's finish_upload"
+_FINISHED_EARLY = "handed over and finished by the backend's finish_upload"
 
 
 @finish_requested.upon(On.answered_done).to(finished)
 def _confirmed_done(life: UploadLife, core: _Core, result: str) -> None:
-    _finish(core, core.upload.result or result, FINISHED_BY_CALL)
+    _finish(core, core.upload.result or result, _FINISHED_EARLY)
 
 
 @finish_requested.upon(On.answered_wait).to(finished)
 def _confirmed(life: UploadLife, core: _Core) -> None:
-    _finish(core, core.upload.result, FINISHED_BY_CALL)
+    _finish(core, core.upload.result, _FINISHED_EARLY)
 
 
 @finish_requested.upon(On.handover_failed).to(finished)
 def _confirmed_all_the_same(life: UploadLife, core: _Core, why: str) -> None:
-    _finish(core, core.upload.result, FINISHED_BY_CALL)
+    _finish(core, core.upload.result, f"{_FINISHED_EARLY} (its answer failed: {why})")
 
 
 @finish_requested.upon(On.finish_upload).loop()
