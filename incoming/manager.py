@@ -302,7 +302,7 @@ class UploadManager:
                 upload.idle_deadline = max(upload.idle_deadline, saved.modified + self.max_idle)
             self._arm_idle(upload, upload.idle_deadline - now)
             found[_restored(upload)] += 1
-            if upload.phase is Phase.RECEIVING and upload.length is not None:
+            if upload.receiving and upload.length is not None:
                 log.info(
                     "upload {id} restored: {n} of {length} bytes stored",
                     id=upload.id,
@@ -757,11 +757,11 @@ class UploadManager:
 
 def _restored(upload: Upload) -> str:
     """What a restart found an upload doing, for the log."""
-    if upload.phase is Phase.RECEIVING:
+    if upload.receiving:
         return "receiving" if upload.length is not None else "tickets not used yet"
     if upload.handing_over:
         return "being handed over again"
-    if upload.phase is Phase.AWAITING_FINISH:
+    if upload.with_backend:
         return "waiting for the backend's finish_upload"
     return str(upload.phase.value)
 
