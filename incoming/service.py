@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 
 from .backend_api import BackendApi
@@ -19,7 +17,7 @@ from .browser_api import BrowserApi
 from .cluster import Cluster
 from .config import Config
 from .frontend import Script
-from .handover import HandoverClient
+from .handover import HandoverClient, http_client
 from .manager import UploadManager
 from .metrics import Metrics
 from .rfc6455 import WebSocketResource
@@ -51,11 +49,6 @@ class UploadService(Service):
         self.pool.stop()
 
 
-def handover_client(reactor: Any) -> HTTPClient:
-    """A fresh connection per handover: backends often drop idle keep-alives."""
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-
-
 def build_manager(
     config: Config, reactor: Any, pool: ThreadPool, storage: Storage | None = None
 ) -> UploadManager:
@@ -65,7 +58,7 @@ def build_manager(
         disk = DiskStorage(config.storage_dir, reactor, pool, sha256=config.checksum == "sha256")
         disk.prepare()
         storage = disk
-    handover = HandoverClient(handover_client(reactor), reactor, config.handover_timeout, metrics)
+    handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
     cluster = None
     if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
         cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)

@@ -50,7 +50,7 @@ async def test_twistd_plugin_serves_an_upload(
     assert (tmp_path / "store" / "keep.txt").read_text() == "not wiped"
     await stop_daemon(daemon, process)
     log = daemon.output.decode()
-    for event in ("connected", "complete", "handed over and finished"):
+    for event in ("started", "complete", "handed over and finished"):
         assert re.search(rf"upload [0-9a-f-]{{36}} .*{event}", log), event
 
 
