@@ -23,7 +23,12 @@ def test_the_wheel_installs_a_twistd_plugin_and_the_browser_library(tmp_path: Pa
         names = set(archive.namelist())
         metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
         assert f"Name: {DISTRIBUTION}\n" in archive.read(metadata).decode()
-    assert {"twisted/plugins/incoming_plugin.py", "incoming/frontend/incoming.js"} <= names
+    assert {
+        "twisted/plugins/incoming_plugin.py",
+        "incoming/frontend/incoming.js",
+        "incoming/frontend/incoming.mjs",
+    } <= names
+    assert not {n for n in names if n.endswith((".d.ts", "package.json", "uppy.mjs"))}
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)
 
@@ -40,6 +45,8 @@ def test_the_wheel_installs_a_twistd_plugin_and_the_browser_library(tmp_path: Pa
     assert re.search(r"^\s+incoming\s", run("-m", "twisted", "--help"), re.M)
     script = "from incoming.frontend import Script; print(len(Script.library().body))"
     assert int(run("-c", script)) > 1000
+    module = "from incoming.frontend import Script; print(Script.library(True).body[-200:])"
+    assert "export default incoming;" in run("-c", module)
     where = run("-c", "import incoming.frontend; print(incoming.frontend.__file__)")
     assert where.startswith(str(target))
 
