@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.scripts.twistd import ServerOptions
 
 from incoming.config import Config, Options, load_yaml
@@ -138,7 +139,7 @@ async def test_the_daemon_works_in_the_units_sandbox_with_redis_and_a_group(
         sandbox = unit_sandbox(unit, top / "sandbox.json")
         daemon, process = spawn_twistd(words[1:], top, env, who.server, sandbox)
         stopper.append(process)
-        await daemon.logged(rb"started: ")
+        await daemon.logged(rb"started: ").addTimeout(60, reactor)
         status = dict(
             line.split(":\t", 1)
             for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()

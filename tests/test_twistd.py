@@ -163,7 +163,7 @@ async def test_the_start_is_summed_up_in_one_line(
         tmp_path,
     )  # fmt: skip
     stopper.append(process)
-    await daemon.logged(rb"started: ")
+    await daemon.logged(rb"started: ").addTimeout(60, reactor)
     await stop_daemon(daemon, process)
     [summary] = [line for line in daemon.output.decode().splitlines() if "started: " in line]
     assert summary.endswith(
@@ -177,7 +177,7 @@ async def test_the_start_is_summed_up_in_one_line(
         tmp_path,
     )  # fmt: skip
     stopper.append(process)
-    await daemon.logged(rb"started: ")
+    await daemon.logged(rb"started: ").addTimeout(60, reactor)
     await stop_daemon(daemon, process)
     [summary] = [line for line in daemon.output.decode().splitlines() if "started: " in line]
     assert summary.endswith(
