@@ -110,12 +110,14 @@ def spawn_twistd(
     env: dict[str, str] | None = None,
     account: Account | None = None,
     sandbox: Path | None = None,
+    command: list[str] | None = None,
 ) -> tuple[Daemon, Any]:
-    """`twistd -n --pidfile= ARGS`, as `account` if given, under the seccomp filters
-    described in the JSON file `sandbox` if given; without waiting for it to listen."""
+    """`twistd -n --pidfile= ARGS` (or `command`), as `account` if given, under the
+    seccomp filters described in the JSON file `sandbox` if given; without waiting for
+    it to listen."""
     daemon = Daemon()
     daemon.listening.addErrback(lambda _: None)  # it may end without listening
-    command = [TWISTD, "-n", "--pidfile=", *args]
+    command = command or [TWISTD, "-n", "--pidfile=", *args]
     if sandbox is not None:
         command = [sys.executable, str(SANDBOX_EXEC), str(sandbox), *command]
     if account is not None:
@@ -125,6 +127,19 @@ def spawn_twistd(
         daemon, command[0], command, env=environment, path=str(cwd)
     )
     return daemon, process
+
+
+async def started(daemon: Daemon, timeout: float = 60) -> None:
+    """Wait for the daemon's start-up summary; fail with its log if it ends first."""
+    summary = daemon.logged(rb"started: ").addTimeout(timeout, reactor)
+
+    def ended(result: Any) -> Any:
+        if not summary.called:
+            summary.errback(RuntimeError(daemon.output.decode(errors="replace")))
+        return result
+
+    daemon.ended.addBoth(ended)
+    await summary
 
 
 def unit_sandbox(unit: dict[str, list[str]], path: Path) -> Path:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.scripts.twistd import ServerOptions
 
 from incoming.config import Config, Options, load_yaml
@@ -28,7 +27,14 @@ from .harness import (
     stop_daemon,
     upload_request,
 )
-from .system import NEEDS_ROOT, open_directory, spawn_twistd, throwaway_accounts, unit_sandbox
+from .system import (
+    NEEDS_ROOT,
+    open_directory,
+    spawn_twistd,
+    started,
+    throwaway_accounts,
+    unit_sandbox,
+)
 
 UNITS = ROOT / "contrib" / "systemd"
 EXAMPLE_YAML = ROOT / "contrib" / "incoming.yaml"
@@ -139,7 +145,7 @@ async def test_the_daemon_works_in_the_units_sandbox_with_redis_and_a_group(
         sandbox = unit_sandbox(unit, top / "sandbox.json")
         daemon, process = spawn_twistd(words[1:], top, env, who.server, sandbox)
         stopper.append(process)
-        await daemon.logged(rb"started: ").addTimeout(60, reactor)
+        await started(daemon)
         status = dict(
             line.split(":\t", 1)
             for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
