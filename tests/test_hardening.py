@@ -119,6 +119,25 @@ async def test_a_backend_in_the_group_moves_and_deletes_handed_over_files(
         await stop_daemon(daemon, process)
 
 
+@NEEDS_ROOT
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_outside_the_group_says_so_and_exits(stopper: list[Any]) -> None:
+    with throwaway_accounts() as who, open_directory() as top:
+        storage = top / "storage"
+        storage.mkdir()
+        os.chown(storage, who.outsider.uid, who.outsider.gid)
+        daemon, process = spawn_twistd(
+            ["incoming", "--storage-dir", str(storage), "--group", who.group], top,
+            account=who.outsider,
+        )  # fmt: skip
+        stopper.append(process)
+        assert (await daemon.ended)[0] == 1
+        assert daemon.output.decode().splitlines() == [
+            f"incoming: cannot use the storage directory {storage}: Operation not permitted"
+        ]
+        assert storage.stat().st_gid == who.outsider.gid
+
+
 @pytest_twisted.ensureDeferred
 async def test_failed_backend_calls_are_logged_without_query_or_form_values(
     tmp_path: Path, backend: Backend, stopper: list[Any]
