@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
@@ -79,7 +80,8 @@ class Access:
         host = host.lower().rstrip(".")
         if self.open or host in self.handover_hosts:
             return None
-        addresses = await resolve(host)
+        literal = _address(host.strip("[]"))
+        addresses = frozenset({literal}) if literal is not None else await resolve(host)
         if not addresses:
             return f"signalFinishURL host {host!r} does not resolve"
         if all(a in caller.addresses or (caller.local and a.is_loopback) for a in addresses):
@@ -104,6 +106,7 @@ async def resolve(host: str) -> frozenset[Address]:
     return frozenset(filter(None, (_address(info[4][0]) for info in infos)))
 
 
+@lru_cache(maxsize=4096)  # the same few callers and backends, a ticket after another
 def _address(text: str) -> Address | None:
     """An IP address (an IPv4 one mapped into IPv6 as the IPv4 address); None if not one."""
     try:
