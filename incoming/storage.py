@@ -4,7 +4,8 @@ A file is `<StorageDir>/<ticket>.part` while bytes arrive and `<StorageDir>/<tic
 once complete and fsynced; `<StorageDir>/<ticket>.json` holds the upload's state,
 replaced atomically, so a restarted server carries on. Names come from the
 server's own ticket ids only. State files hold backend secrets: they are 0600,
-data files 0640, and a storage directory the server creates is 0750.
+data files 0640, and a storage directory the server creates is 0750 (0770 and the
+group's with `--group`, whose members move handed-over files away).
 
 An upload's file stays open only while a connection writes it, and at most
 MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.

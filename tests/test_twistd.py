@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from incoming import __version__
 from incoming.config import Config
-from incoming.service import StartupSummary
+from incoming.service import Listener, StartupSummary
 
 from .harness import (
     ROOT,
@@ -191,3 +194,16 @@ def test_the_summary_never_shows_a_redis_password() -> None:
     summary = StartupSummary(config, []).summary()
     assert summary.endswith("storage /s; cluster mode, Redis at redis.internal:6380/1")
     assert "hunter2" not in summary
+
+
+def test_an_endpoint_that_fails_to_listen_later_stops_the_process_with_status_1() -> None:
+    """Endpoints other than tcp, ssl, unix and systemd may answer after the start."""
+    later: Deferred[Any] = Deferred()
+    endpoint = type("Later", (), {"listen": lambda self, factory: later})()
+    fake = MemoryReactorClock()
+    listener = Listener("onion:80", endpoint, None, "browser", fake)
+    listener.privilegedStartService()
+    assert not fake.hasStopped and not listener.failed
+    later.errback(Failure(OSError("no route to the onion")))
+    assert listener.failed and fake.hasStopped
+    assert fake.triggers["after"]["shutdown"] == [(os._exit, (1,), {})]
