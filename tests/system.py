@@ -87,9 +87,10 @@ def throwaway_accounts(server_in_group: str = "primary") -> Iterator[Accounts]:
             ["getent", "group", group], capture_output=True, text=True, check=True
         ).stdout.split(":")[2])  # fmt: skip
         yield Accounts(group, gid, server, backend, outsider)
-    finally:
+    finally:  # --force: even while a daemon the failed test left is still running
         for name in created:
-            subprocess.run(["userdel", name], check=False, capture_output=True)
+            subprocess.run(["userdel", "--force", name], check=False, capture_output=True)
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
         subprocess.run(["groupdel", group], check=False, capture_output=True)
 
 
