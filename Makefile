@@ -18,16 +18,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check incoming twisted tests bench examples
 	$(VENV)/bin/mypy incoming
 
-# Debian packages the tests need: chromium for the browser tests (never a
-# downloaded browser build), node for the library's unit tests and the tus
-# clients, npm to install those, redis-server and nginx for the cluster tests
-# (which start their own on free loopback ports, never the system services).
+# Debian packages the tests need (the list: contrib/install-test-deps, which CI runs
+# too): nothing happens once they are there; otherwise it installs them as root
+# (waiting for the dpkg lock, leaving no service started or enabled) or says what
+# root must install.
 system-packages:
-	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
-	@command -v node >/dev/null || { apt-get update -q && apt-get install -y -q nodejs; }
-	@command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q npm; }
-	@test -x /usr/bin/redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
-	@test -x /usr/sbin/nginx || { apt-get update -q && apt-get install -y -q nginx; }
+	contrib/install-test-deps
 
 # Test and benchmark tools from npm, at the exact versions of package-lock.json:
 # tus-js-client, Uppy (bundled for the browser by esbuild during the tests) and

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import grp
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import address
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
+from . import __version__
+from .access import Access
 from .backend_api import BackendApi
 from .browser_api import BrowserApi
 from .cluster import Cluster
@@ -25,6 +33,12 @@ from .site import IncomingSite, url_tree
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
+
+log = Logger(namespace="incoming")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is the one line the operator reads."""
 
 
 class UploadService(Service):
@@ -55,7 +69,10 @@ def build_manager(
     """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
     metrics = Metrics()
     if storage is None:
-        disk = DiskStorage(config.storage_dir, reactor, pool, sha256=config.checksum == "sha256")
+        group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
+        disk = DiskStorage(
+            config.storage_dir, reactor, pool, sha256=config.checksum == "sha256", group=group
+        )
         disk.prepare()
         storage = disk
     handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
@@ -84,7 +101,8 @@ def build_site(
     """The HTTP site of one listener, serving the given roles."""
     owners: dict[bytes, IResource] = {}
     if backend:
-        api = BackendApi(manager, manager.metrics, config.handover_hosts).app.resource()
+        access = Access(config.backend_networks, config.handover_hosts, config.open_access)
+        api = BackendApi(manager, manager.metrics, access, guarded=browser).app.resource()
         owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
     if browser:
         upload_ws = WebSocketResource(
@@ -117,17 +135,136 @@ def build_site(
     return IncomingSite(url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor)
 
 
+class Listener(Service):
+    """One listening endpoint serving `roles`. Not being able to listen (a busy port)
+    ends the process at start, with the reason: a daemon with nothing listening would
+    look alive to systemd and to whoever waits for it."""
+
+    def __init__(
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        site: Any,
+        roles: str,
+        reactor: Any = global_reactor,
+    ) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.site = site
+        self.roles = roles
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+        self.failed = False
+        self._starting = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._starting = True
+        self.endpoint.listen(self.site).addCallbacks(self._listening, self._failed)
+        self._starting = False
+        if self.failed:
+            raise SystemExit(1)  # twistd has not started the reactor yet: it exits
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def _failed(self, failure: Failure) -> None:
+        error = getattr(failure.value, "socketError", None)  # CannotListenError's cause
+        log.critical(
+            "cannot listen on {endpoint} ({roles}): {reason}",
+            endpoint=self.description,
+            roles=self.roles,
+            reason=getattr(error, "strerror", None) or failure.getErrorMessage(),
+        )
+        self.failed = True
+        if not self._starting:  # an endpoint that listens later (not tcp, ssl, unix, systemd)
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        return self.port.stopListening()
+
+    def where(self) -> str:
+        """The address it listens on (the real port when 0 was asked)."""
+        if self.port is None:
+            return self.description
+        host = self.port.getHost()
+        if isinstance(host, address.IPv6Address):
+            return f"[{host.host}]:{host.port}"
+        if isinstance(host, address.IPv4Address):
+            return f"{host.host}:{host.port}"
+        if isinstance(host, address.UNIXAddress) and host.name is not None:
+            name = host.name.decode() if isinstance(host.name, bytes) else host.name
+            return f"unix:{name}"
+        return self.description
+
+
+class StartupSummary(Service):
+    """Logs once, when everything listens and the reactor runs (signals are handled),
+    what an operator checks first; whoever waits for the daemon can wait for it."""
+
+    def __init__(
+        self, config: Config, listeners: list[Listener], reactor: Any = global_reactor
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(lambda: log.info("{summary}", summary=self.summary()))
+
+    def summary(self) -> str:
+        config = self.config
+        places = []
+        for listener in self.listeners:
+            place = f"{listener.roles} on {listener.where()}"
+            if listener.roles == "browser and backend":
+                callers = ["this host", *sorted(map(str, config.backend_networks))]
+                place += (
+                    f" (backend API for {'anyone' if config.open_access else ', '.join(callers)})"
+                )
+            places.append(place)
+        storage = f"storage {config.storage_dir.absolute()}"
+        if config.group is not None:
+            storage += f" shared with group {config.group}"
+        if config.redis is None:
+            mode = "single process"
+        else:
+            redis = urlsplit(config.redis)  # never its password
+            mode = f"cluster mode, Redis at {redis.hostname}:{redis.port or 6379}{redis.path}"
+        return f"Incoming!! {__version__} started: {'; '.join(places)}; {storage}; {mode}"
+
+
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:
+    """The daemon: the uploads, a listener per endpoint, the start-up summary.
+    Raises StartupError when the storage or an endpoint cannot be used."""
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
-    manager = build_manager(config, reactor, pool)
+    try:
+        manager = build_manager(config, reactor, pool)
+    except OSError as e:
+        raise StartupError(
+            f"cannot use the storage directory {config.storage_dir}: {e.strerror or e}"
+        ) from None
     top = MultiService()
     UploadService(manager, pool).setServiceParent(top)
     separate = config.backend_listen is not None
-    listeners = [(config.listen, build_site(manager, config, reactor, backend=not separate))]
+    roles = "browser" if separate else "browser and backend"
+    plan = [(config.listen, roles, build_site(manager, config, reactor, backend=not separate))]
     if config.backend_listen is not None:
-        listeners.append(
-            (config.backend_listen, build_site(manager, config, reactor, browser=False))
-        )
-    for endpoint, site in listeners:
-        StreamServerEndpointService(serverFromString(reactor, endpoint), site).setServiceParent(top)
+        site = build_site(manager, config, reactor, browser=False)
+        plan.append((config.backend_listen, "backend", site))
+    listeners = []
+    for description, roles, site in plan:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StartupError(f"bad endpoint {description!r} ({roles}): {e}") from None
+        listener = Listener(description, endpoint, site, roles, reactor)
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    StartupSummary(config, listeners, reactor).setServiceParent(top)
     return top

@@ -4,7 +4,8 @@ A file is `<StorageDir>/<ticket>.part` while bytes arrive and `<StorageDir>/<tic
 once complete and fsynced; `<StorageDir>/<ticket>.json` holds the upload's state,
 replaced atomically, so a restarted server carries on. Names come from the
 server's own ticket ids only. State files hold backend secrets: they are 0600,
-data files 0640, and a storage directory the server creates is 0750.
+data files 0640, and a storage directory the server creates is 0750 (0770 and the
+group's with `--group`, whose members move handed-over files away).
 
 An upload's file stays open only while a connection writes it, and at most
 MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
@@ -38,6 +39,7 @@ from .files import (
     fsync_dir,
     pwrite_all,
     replace_file,
+    share_directory,
 )
 from .journal import TicketJournal
 
@@ -140,8 +142,10 @@ class DiskStorage:
         pool: ThreadPool,
         max_open_files: int = MAX_OPEN_FILES,
         sha256: bool = True,
+        group: int | None = None,
     ) -> None:
         self.root = root.absolute()
+        self.group = group  # shares the directory with this group (`share_directory`)
         self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
         self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
         self._free, self._free_measured = 0, 0.0
@@ -157,6 +161,8 @@ class DiskStorage:
         """Create the storage directory (at start-up, before the reactor runs)."""
         if not self.root.is_dir():
             self.root.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
+        if self.group is not None:
+            share_directory(self.root, self.group)
         self._measure_free()
 
     def part_path(self, upload_id: str) -> Path:
