@@ -29,8 +29,9 @@ line shared by every connection through the proxy.
   acknowledged (slow start: doubling every round trip) until the first loss, as CUBIC's
   after it (RFC 9438: x 0.7 at a loss, once per round trip, then the cubic curve back,
   never slower than Reno), and only while the window is used (RFC 7661, as Linux). After
-  an idle spell (nothing in flight) longer than the retransmission timeout (RTO: rtt +
-  200 ms, Linux's minimum) it starts again from 10 segments (RFC 5681 4.1).
+  an idle spell (nothing in flight) longer than the retransmission timeout it starts
+  again from 10 segments (RFC 5681 4.1). The RTO is Linux's: the smoothed RTT (RFC 6298,
+  from the times acknowledgements take, the queue's delay in them) + at least 200 ms.
 - Set-up and close: the server is connected rtt/2 after the client connected, and the
   client's bytes go on the line a round trip after it connected (SYN, SYN-ACK); the
   server's may go from rtt/2. A close (FIN) follows the bytes sent before it; a reset
@@ -67,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -91,6 +93,7 @@ MIN_BUFFER = 1024 * 1024  # the router buffer at least: 20 ms at 50 MB/s (a BDP 
 CUBIC_BETA = 0.7  # RFC 9438's multiplicative decrease
 CUBIC_C = 0.4  # segments / s^3
 RENO_ALPHA = 3 * (1 - CUBIC_BETA) / (1 + CUBIC_BETA)  # its Reno-friendly growth
+PRIORITY = -10  # its nice value, where it may
 
 
 @dataclass
@@ -103,10 +106,6 @@ class Settings:
     loss_per_mb: float = 0.0
     window_limit: float = math.inf  # bytes in flight per connection at most
     seed: int = 1
-
-    @property
-    def rto(self) -> float:
-        return self.rtt + MIN_RTO
 
     @property
     def max_window(self) -> float:
@@ -200,9 +199,11 @@ class Flow:
         self.pending: deque[bytes] = deque()  # b"": the sender's FIN
         self.pending_size = 0
         self.fin_read = False
-        self.arrivals: deque[tuple[float, bytes]] = deque()
+        self.arrivals: deque[tuple[float, bytes, float]] = deque()  # due, bytes, sent
         self.last_arrival = 0.0
-        self.acks: deque[tuple[float, int]] = deque()
+        self.acks: deque[tuple[float, int, float]] = deque()  # due, size, sent
+        # RFC 6298's estimate (the queue's delay in it), as after the handshake's sample
+        self.srtt, self.rttvar = self.path.rtt, self.path.rtt / 2
         self.last_ack = 0.0
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.receiver_ready = True
@@ -238,9 +239,9 @@ class Flow:
             head = self.pending[0]
             if not head:  # the FIN: after the last bytes, taking no time on the line
                 self.pending.popleft()
-                self._arrive(now + self.line.delay, b"")
+                self._arrive(now + self.line.delay, b"", now)
                 continue
-            if self.in_flight == 0 and now - self.last_sent > self.path.rto:
+            if self.in_flight == 0 and now - self.last_sent > self.rto:
                 self._restart()
             allowed = self.allowed()
             if allowed <= 0:
@@ -275,15 +276,15 @@ class Flow:
         if self.path.loss_per_mb and self.link.random.random() < (
             self.path.loss_per_mb * len(data) / 1e6
         ):
-            arrival += self.path.rtt + self.path.rto
+            arrival += self.srtt + self.rto
             self.line.stats.loss_stalls += 1
             self._cut_window(now, force=True)
-        self._arrive(arrival, data)
+        self._arrive(arrival, data, now)
 
-    def _arrive(self, at: float, data: bytes) -> None:
+    def _arrive(self, at: float, data: bytes, sent: float) -> None:
         at = max(at, self.last_arrival)  # in order, behind a stalled piece
         self.last_arrival = at
-        self.arrivals.append((at, data))
+        self.arrivals.append((at, data, sent))
         self._timer("arrival", self.arrivals[0][0], self._deliver)
 
     def _deliver(self) -> None:
@@ -291,7 +292,7 @@ class Flow:
         now = self.loop.time()
         back = self.reverse.delay + self.reverse.queue_delay(now)
         while self.arrivals and self.arrivals[0][0] <= now:
-            at, data = self.arrivals.popleft()
+            at, data, sent = self.arrivals.popleft()
             if not data:
                 self.finished = True
                 self.sink.write_eof()
@@ -300,7 +301,7 @@ class Flow:
             self.sink.write(data)
             # from when it was due: the loop's lateness does not add up round after round
             self.last_ack = max(self.last_ack, at + back)
-            self.acks.append((self.last_ack, len(data)))
+            self.acks.append((self.last_ack, len(data), sent))
         if self.arrivals:
             self._timer("arrival", self.arrivals[0][0], self._deliver)
         if self.acks:
@@ -309,11 +310,15 @@ class Flow:
     def _acknowledged(self) -> None:
         self.timers.pop("ack")
         now = self.loop.time()
-        acked = 0
+        acked, rtt = 0, 0.0
         while self.acks and self.acks[0][0] <= now:
-            acked += self.acks.popleft()[1]
+            due, size, sent = self.acks.popleft()
+            acked, rtt = acked + size, due - sent
         if self.acks:
             self._timer("ack", self.acks[0][0], self._acknowledged)
+        if not acked:
+            return
+        self._measured(rtt)
         self.in_flight -= acked
         if now >= self.round_end:
             self.round_end = now + self.path.rtt
@@ -326,6 +331,16 @@ class Flow:
         self.cwnd = min(self.cwnd, self.path.max_window)
         self.line.stats.max_cwnd = max(self.line.stats.max_cwnd, self.cwnd)
         self.pump()
+
+    @property
+    def rto(self) -> float:
+        """The retransmission timeout, as Linux's: at least 200 ms over the smoothed RTT."""
+        return self.srtt + max(MIN_RTO, 4 * self.rttvar)
+
+    def _measured(self, rtt: float) -> None:
+        """An RTT sample (RFC 6298)."""
+        self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+        self.srtt = 0.875 * self.srtt + 0.125 * rtt
 
     def _cubic(self, now: float, acked: int) -> None:
         """Congestion avoidance as CUBIC's (RFC 9438): towards W_cubic(t + RTT), never
@@ -443,10 +458,10 @@ class Side(asyncio.BufferedProtocol):
         if self.transport is None:
             self.eof_pending = True
         elif not self.closed and not self.transport.is_closing():
-            if self.transport.can_write_eof():
+            try:
                 self.transport.write_eof()
-            else:
-                self.transport.close()
+            except OSError:  # the peer is gone already
+                self.transport.abort()
 
 
 class Connection:
@@ -584,6 +599,8 @@ def make_path(
 
 
 async def serve(path: Settings, targets: list[tuple[str, int]], host: str) -> None:
+    with contextlib.suppress(PermissionError):  # it stands in for the kernel: a busy
+        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)  # machine should not delay its timers
     loop = asyncio.get_running_loop()
     link = Link(loop, path)
     servers = []
