@@ -267,13 +267,33 @@ ROWS = [
 SERVERS = ("ours", "@tus/server")
 
 
+# What the endpoints reach alone, as the machine's load stands (through the emulator with
+# no delay and no rate limit): a share of the line means something only well below it.
+REFERENCE = [
+    ("incoming.js, HTTP (default)", "ours"),
+    ("incoming.js, WebSocket", "ours"),
+    ("tus-js-client, one PATCH", "ours"),
+    ("tus-js-client, one PATCH", "@tus/server"),
+]
+
+
 def measure(args: argparse.Namespace, bench: Bench) -> dict[float, dict[str, Any]]:
-    """Every row at every round trip: {rtt: {"cells": {(row, server): Cell}, "link": ...}}."""
+    """Every row at every round trip: {rtt: {"cells": {(row, server): Cell}, "link": ...,
+    "alone": {(row, server): MB/s}}}, the endpoints alone measured before each."""
     results: dict[float, dict[str, Any]] = {}
+    theirs = urlsplit(bench.theirs.endpoint).port
+    assert theirs is not None
+    targets = [("127.0.0.1", bench.ours.daemon.port), ("127.0.0.1", theirs)]
     for rtt in args.rtts:
-        theirs = urlsplit(bench.theirs.endpoint).port
-        assert theirs is not None
-        targets = [("127.0.0.1", bench.ours.daemon.port), ("127.0.0.1", theirs)]
+        alone: dict[tuple[str, str], float] = {}
+        link = LinkProcess(targets, rtt_ms=0, rate_mbit=0)
+        try:
+            for row, server in REFERENCE:
+                outcome = run_row(bench, link, row, server, Cell())
+                if outcome is not None and outcome.seconds and not outcome.failed:
+                    alone[(row, server)] = bench.size / outcome.seconds / 1e6
+        finally:
+            link.stop()
         link = LinkProcess(targets, rtt_ms=rtt, rate_mbit=args.rate, buffer_bdp=args.buffer_bdp)
         cells: dict[tuple[str, str], Cell] = {}
         try:
@@ -290,7 +310,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> dict[float, dict[str, Any
                             cells[(row, server)] = cell
         finally:
             stats = link.stop()
-        results[rtt] = {"cells": cells, "link": stats}
+        results[rtt] = {"cells": cells, "link": stats, "alone": alone}
     return results
 
 
@@ -363,6 +383,8 @@ def print_table(args: argparse.Namespace, bench: Bench, results: dict[float, Any
             f"core; queue at most {link['up']['peak_queue_bytes'] / 1e6:.1f} MB of "
             f"{link['buffer_bytes'] / 1e6:.1f}; {link['connections']} connections"
         )
+        alone = ", ".join(f"{r} -> {s} {mb:.0f}" for (r, s), mb in found["alone"].items())
+        print(f"  just before, with no delay or rate limit (MB/s): {alone}")
     return ok
 
 
@@ -400,7 +422,8 @@ def as_json(args: argparse.Namespace, bench: Bench, results: dict[float, Any]) -
                 "skipped": cell.skipped,
                 "link_emulator_cpu": [round(o.link_cpu, 3) for o in cell.outcomes],
             }
-        out["rtt_ms"][f"{rtt:g}"] = {"rows": rows, "link": found["link"]}
+        alone = {f"{r} -> {s}": mb for (r, s), mb in found["alone"].items()}
+        out["rtt_ms"][f"{rtt:g}"] = {"rows": rows, "link": found["link"], "alone_MB_s": alone}
     return out
 
 
