@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-tus bench-cluster load system-packages
+.PHONY: run test lint bench bench-tus bench-wan bench-cluster load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -18,16 +18,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check incoming twisted tests bench examples
 	$(VENV)/bin/mypy incoming
 
-# Debian packages the tests need: chromium for the browser tests (never a
-# downloaded browser build), node for the library's unit tests and the tus
-# clients, npm to install those, redis-server and nginx for the cluster tests
-# (which start their own on free loopback ports, never the system services).
+# Debian packages the tests need (the list: contrib/install-test-deps, which CI runs
+# too): nothing happens once they are there; otherwise it installs them as root
+# (waiting for the dpkg lock, leaving no service started or enabled) or says what
+# root must install.
 system-packages:
-	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
-	@command -v node >/dev/null || { apt-get update -q && apt-get install -y -q nodejs; }
-	@command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q npm; }
-	@test -x /usr/bin/redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
-	@test -x /usr/sbin/nginx || { apt-get update -q && apt-get install -y -q nginx; }
+	contrib/install-test-deps
 
 # Test and benchmark tools from npm, at the exact versions of package-lock.json:
 # tus-js-client, Uppy (bundled for the browser by esbuild during the tests) and
@@ -46,6 +42,12 @@ bench: $(VENV)/.installed
 # tus-js-client against @tus/server and against ours (bench/tus_bench.py).
 bench-tus: $(VENV)/.installed node_modules/.installed
 	$(PY) bench/tus_bench.py $(ARGS)
+
+# Every client, ours and @tus/server, across an emulated long fat link (bench/linkem.py):
+# 40 and 150 ms round trip at 400 Mbit/s, 256 MiB each (bench/wan_bench.py). The 2014
+# library is not in this repository: LIB2014=PATH names a copy of its incoming.js.
+bench-wan: $(VENV)/.installed node_modules/.installed
+	$(PY) bench/wan_bench.py $(if $(LIB2014),--lib2014 $(LIB2014)) $(ARGS)
 
 # One process against cluster mode (--redis, with a redis-server of its own): tickets
 # per second and one 256 MiB WebSocket upload (bench/cluster_bench.py).

@@ -4,7 +4,7 @@
  *
  *   <script src="https://HOST/incoming/frontend/incoming.js"></script>
  *   incoming.set_server_hostname("HOST");
- *   var up = new incoming.Uploader(ticket, file);
+ *   var up = new incoming.Uploader(ticket, file);  // options: see Uploader
  *   up.onprogress = function (u) { bar.value = u.frac_sent; };
  *   up.onfinished = function (u) { show(u.result); }; // the backend's verdict ("" if none)
  *   up.start();
@@ -16,7 +16,8 @@
  * started for that file and has not seen end, so a reloaded page can continue it.
  *
  * Defines the one global `incoming` (also the default export of
- * incoming.mjs, served beside this file).
+ * incoming.mjs, served beside this file and published with it to npm as
+ * incoming-client; incoming.d.ts types both).
  */
 (function (root) {
   "use strict";
@@ -41,6 +42,10 @@
   var REMEMBERED = "incoming.upload|"; // localStorage key prefix
   var REMEMBER_MS = 12 * 3600 * 1000; // the server's default idle expiry
   var MAX_REASON_CHARS = 500; // of a cancel reason sent over HTTP: what the server keeps
+  // Request headers the library sets itself: options.headers may not name them.
+  var OWN_HEADERS = ["tus-resumable", "upload-offset", "upload-length", "upload-metadata",
+    "content-type", "incoming-cancel-reason", "x-http-method-override"];
+  var HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/; // an HTTP token
 
   function set_server_hostname(hostname) {
     server_hostname = hostname;
@@ -221,15 +226,88 @@
     return text;
   }
 
+  function own(object, name) {
+    return Object.prototype.hasOwnProperty.call(object, name);
+  }
+
+  // options.headers, or what its function returned: names and values an XMLHttpRequest
+  // can send, none of them the library's own.
+  function checked_headers(headers, where) {
+    var name, value;
+    if (!headers || typeof headers !== "object" || Array.isArray(headers)) {
+      throw new TypeError(where + " must be an object of header names and values");
+    }
+    for (name in headers) {
+      if (own(headers, name)) {
+        value = headers[name];
+        if (!HEADER_NAME.test(name)) {
+          throw new TypeError(where + ": " + JSON.stringify(name) + " is not a header name");
+        }
+        if (OWN_HEADERS.indexOf(name.toLowerCase()) >= 0) {
+          throw new TypeError(where + ": " + name + " is set by incoming.js itself");
+        }
+        if (typeof value !== "string" || /[\r\n\0]/.test(value)) {
+          throw new TypeError(where + ": the value of " + name + " must be a string on one line");
+        }
+      }
+    }
+    return headers;
+  }
+
+  // The Uploader's options, checked: a mistake is a TypeError at once, not a surprise later.
+  function read_options(options) {
+    var transport, chunk, headers, delays, i;
+    if (options === undefined || options === null) {
+      options = {};
+    } else if (typeof options !== "object") {
+      throw new TypeError("incoming.Uploader: options must be an object");
+    }
+    transport = options.transport || "http";
+    if (transport !== "http" && transport !== "websocket") {
+      throw new TypeError('incoming.Uploader: transport must be "http" or "websocket"');
+    }
+    chunk = options.chunkSize;
+    if (chunk !== undefined && chunk !== null &&
+        (typeof chunk !== "number" || !(chunk >= 1) || chunk === Infinity)) {
+      throw new TypeError("incoming.Uploader: chunkSize must be a number of bytes, at least 1");
+    }
+    headers = options.headers;
+    if (headers === undefined || headers === null) {
+      headers = null;
+    } else if (transport === "websocket") {
+      throw new TypeError("incoming.Uploader: headers need the HTTP transport: " +
+        "browsers cannot set headers on a WebSocket");
+    } else if (typeof headers !== "function") {
+      headers = checked_headers(headers, "incoming.Uploader: headers");
+    }
+    delays = options.retryDelays;
+    if (delays === undefined || delays === null) {
+      delays = null;
+    } else {
+      if (!Array.isArray(delays)) {
+        throw new TypeError("incoming.Uploader: retryDelays must be an array of milliseconds");
+      }
+      for (i = 0; i < delays.length; i++) {
+        if (typeof delays[i] !== "number" || !(delays[i] >= 0) || delays[i] === Infinity) {
+          throw new TypeError("incoming.Uploader: retryDelays must be milliseconds, 0 or more");
+        }
+      }
+      delays = delays.slice();
+    }
+    return {
+      transport: transport,
+      chunk_size: chunk ? Math.floor(chunk) : HTTP_CHUNK_SIZE,
+      headers: headers,
+      retry_delays: delays
+    };
+  }
+
   function Uploader(ticket, file, options) {
     if (!(this instanceof Uploader)) {
       return new Uploader(ticket, file, options);
     }
-    options = options || {};
-    var transport = options.transport || "http";
-    if (transport !== "http" && transport !== "websocket") {
-      throw new Error('incoming.Uploader: transport must be "http" or "websocket"');
-    }
+    options = read_options(options);
+    var transport = options.transport;
     this._ticket = ticket;
     this._file = file;
     this._transport = transport; // "websocket" also once a server without tus is found
@@ -261,12 +339,15 @@
     this._send_ahead = 0;
     this._read_pos = 0; // next byte to read from the file
     this._queue = []; // chunks being read or read, in file order, not yet sent
-    this._retries = 0;
+    this._retries = 0; // since the server last answered as hoped
+    this._retry_delays = options.retry_delays; // ms before each retry; null: the backoff, for ever
+    this._polls = 0; // HEADs while the handover runs
     this._retry_timer = null;
     this._retry_why = ""; // what state_msg says while waiting to reconnect, when not "Connection lost"
     this._cancel_reason = "";
     // HTTP (tus)
-    this._http_chunk = options.chunkSize > 0 ? Math.floor(options.chunkSize) : HTTP_CHUNK_SIZE;
+    this._http_chunk = options.chunk_size;
+    this._headers = options.headers; // the app's, on every HTTP request: an object or a function
     this._xhr = null; // the one request in flight
     this._probe = null; // a WebSocket that tells an unreachable server from one without tus
     this._url = null; // the upload's tus URL, once created
@@ -296,6 +377,11 @@
       return s.finished ? 1 : 0;
     }
     return s.bytes_acked / s.bytes_total;
+  });
+  // The bytes that have left the browser (over HTTP the upload events of the PATCH, over
+  // the WebSocket what the socket has sent), never fewer than bytes_acked.
+  readonly("bytes_sent", function () {
+    return Math.min(this._bytes_sent(), this._s.bytes_total);
   });
   // For a progress bar: the bytes that have left the browser, over bytes_total. It moves
   // within a PATCH, where frac_complete waits for the answer, and is never below it but
@@ -351,6 +437,21 @@
   // went, until the next MsgUploadConf says where the server stands.
   P._unsent = function () {
     return this._ws && this._confirmed ? this._ws.bufferedAmount || 0 : this._ws_unsent;
+  };
+
+  // Seconds to wait before the next retry, or -1 once options.retryDelays are used up.
+  P._retry_delay = function () {
+    var delays = this._retry_delays;
+    if (!delays) {
+      return retry_delay(this._retries);
+    }
+    return this._retries < delays.length ? delays[this._retries] / 1000 : -1;
+  };
+
+  // Retries used up: the upload ends with the error that was retried, or the lost connection.
+  P._give_up = function (message) {
+    var s = this._s;
+    this._fail(s.error_code, s.error_msg || message);
   };
 
   P._set_state = function (msg) {
@@ -530,7 +631,11 @@
       return;
     }
     var why = s.cancelling ? "Cancelling" : this._retry_why || "Connection lost";
-    var delay = retry_delay(this._retries);
+    var delay = this._retry_delay();
+    if (delay < 0) {
+      this._give_up("Connection lost");
+      return;
+    }
     this._retries++;
     var self = this;
     this._retry_timer = root.setTimeout(function () {
@@ -761,8 +866,9 @@
       xhr = new root.XMLHttpRequest();
       xhr.open(method, url, true);
       xhr.setRequestHeader("Tus-Resumable", TUS_VERSION);
+      this._app_headers(xhr);
       for (name in headers) {
-        if (Object.prototype.hasOwnProperty.call(headers, name)) {
+        if (own(headers, name)) {
           xhr.setRequestHeader(name, headers[name]);
         }
       }
@@ -789,7 +895,21 @@
       xhr.send(body);
     } catch (e) {
       this._xhr = null;
-      this._fail(0, "cannot send an HTTP request: " + e.message);
+      this._fail(0, "cannot send an HTTP request: " + (e && e.message ? e.message : e));
+    }
+  };
+
+  // options.headers; a function is asked before each request (a token that changes).
+  P._app_headers = function (xhr) {
+    var headers = this._headers;
+    var name;
+    if (typeof headers === "function") {
+      headers = checked_headers(headers(), "incoming.Uploader: headers()");
+    }
+    for (name in headers) {
+      if (own(headers, name)) {
+        xhr.setRequestHeader(name, headers[name]);
+      }
     }
   };
 
@@ -883,7 +1003,15 @@
     };
   };
 
+  // A server without tus gets the WebSocket, which cannot carry options.headers: with
+  // them, the upload ends (also where the server is up but a CORS preflight refused them).
   P._h_fallback = function () {
+    if (this._headers) {
+      this._fail(0, "no tus answer from a server that is up (no tus endpoint, or a CORS " +
+        "preflight refused the request's headers or this page's origin); the WebSocket " +
+        "cannot carry the headers option");
+      return;
+    }
     this._h_drop();
     this._transport = "websocket";
     this._connect();
@@ -896,6 +1024,9 @@
     var live = header(xhr, "Upload-Expires") !== null;
     s.error_code = 0; // the server answers again: an error retried before is over
     s.error_msg = "";
+    if (offset > s.bytes_acked) {
+      this._retries = 0; // it stored more than we knew: the retries start over
+    }
     s.bytes_acked = s.bytes_tx = Math.min(offset, s.bytes_total);
     this._offset_known = true;
     if (offset < s.bytes_total) {
@@ -1080,9 +1211,9 @@
     if (RETRYABLE_ERRORS[code]) {
       s.error_code = code;
       s.error_msg = text;
-      this._h_retry("Interrupted: " + text);
+      this._h_retry("Interrupted: " + text, text);
     } else if (status >= 500 && !(tus && errors[status])) {
-      this._h_retry("Interrupted: " + text); // a restarting server, or a proxy's
+      this._h_retry("Interrupted: " + text, text); // a restarting server, or a proxy's
     } else if (s.cancelling && status === 404) {
       s.cancelling = false;
       this._h_drop();
@@ -1092,10 +1223,15 @@
     }
   };
 
-  P._h_retry = function (why) {
+  // `text`: the error if no retry is left (options.retryDelays used up).
+  P._h_retry = function (why, text) {
     var self = this;
     var s = this._s;
-    var delay = retry_delay(this._retries);
+    var delay = this._retry_delay();
+    if (delay < 0) {
+      this._give_up(text || "Connection lost");
+      return;
+    }
     this._h_drop();
     this._clear_retry();
     this._retries++;
@@ -1110,9 +1246,9 @@
   // The handover runs: HEAD again after the backoff until it is over.
   P._h_wait = function (why) {
     var self = this;
-    var delay = retry_delay(this._retries);
+    var delay = retry_delay(this._polls);
     this._clear_retry();
-    this._retries++;
+    this._polls++;
     this._offset_known = false;
     this._s.connected = true;
     this._retry_timer = root.setTimeout(function () {
@@ -1139,4 +1275,4 @@
     Uploader: Uploader,
     find_upload: find_upload
   };
-})(typeof globalThis !== "undefined" ? globalThis : typeof self !== "undefined" ? self : this);
+})(typeof globalThis !== "undefined" ? globalThis : self); // no `this`: also read as a module

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from .access import Access, Caller, caller_of
 from .errors import ErrorCode, UploadError
 from .handover import MAX_RESULT_BYTES
 from .manager import UploadManager
@@ -41,16 +42,21 @@ class ApiError(Exception):
 
 
 class BackendApi:
-    """`PREFIX/backend/...`: what a web app's backend calls; also metrics and health."""
+    """`PREFIX/backend/...`: what a web app's backend calls; also metrics and health.
+
+    `guarded`: the listener serves browsers too, so the API and the metrics answer only
+    the callers `access` allows (a listener of the backend's own answers all).
+    """
 
     app = Klein()
 
     def __init__(
-        self, manager: UploadManager, metrics: Metrics, handover_hosts: frozenset[str]
+        self, manager: UploadManager, metrics: Metrics, access: Access, guarded: bool
     ) -> None:
         self.manager = manager
         self.metrics = metrics
-        self.handover_hosts = handover_hosts
+        self.access = access
+        self.guarded = guarded
 
     @app.handle_errors(ApiError)
     def api_error(self, request: IRequest, failure: Any) -> bytes:
@@ -60,16 +66,20 @@ class BackendApi:
 
     @app.route("/backend/new_upload", methods=["POST"])
     async def new_upload(self, request: IRequest) -> bytes:
+        caller = self._check_caller(request)
         params = _params(request)
         url = params.get("signalFinishURL", "")
         if not url:
             raise ApiError(400, "signalFinishURL is required")
-        _check_url(url, self.handover_hosts)
+        host = _checked_host(url)
         if (params.get("destType") or "file") != "file":
             raise ApiError(400, "destType must be 'file'")
         remove = _BOOLEANS.get(params.get("removeFileWhenFinished") or "true")
         if remove is None:
             raise ApiError(400, "removeFileWhenFinished must be a boolean such as true or false")
+        refusal = await self.access.handover_refusal(host, caller)
+        if refusal is not None:
+            raise ApiError(400, refusal)
         try:
             with _as_api_error():
                 upload = await self.manager.create(url, params.get("backendSecret", ""), remove)
@@ -79,6 +89,7 @@ class BackendApi:
 
     @app.route("/backend/cancel_upload", methods=["POST"])
     async def cancel_upload(self, request: IRequest) -> bytes:
+        self._check_caller(request)
         upload = await self._authorised(request)
         with _as_api_error():  # answered once the file is gone
             await self.manager.command(upload.id, "cancel_by_backend")
@@ -86,6 +97,7 @@ class BackendApi:
 
     @app.route("/backend/finish_upload", methods=["POST"])
     async def finish_upload(self, request: IRequest) -> bytes:
+        self._check_caller(request)
         upload = await self._authorised(request)
         result = _params(request).get("result", "")
         if len(result.encode("utf-8")) > MAX_RESULT_BYTES:
@@ -96,6 +108,7 @@ class BackendApi:
 
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
+        self._check_caller(request)
         request.setHeader("content-type", CONTENT_TYPE)
         return self.metrics.render()
 
@@ -105,6 +118,16 @@ class BackendApi:
             request.setResponseCode(503)
             return text(request, "redis unavailable")
         return text(request, "ok")
+
+    def _check_caller(self, request: IRequest) -> Caller:
+        caller = caller_of(request)
+        if self.guarded and not self.access.may_call(caller):
+            raise ApiError(
+                403,
+                f"not open to {caller.describe()}: the backend API answers this host and "
+                "--backend-networks",
+            )
+        return caller
 
     async def _authorised(self, request: IRequest) -> Upload:
         params = _params(request)
@@ -152,7 +175,8 @@ def _params(request: IRequest) -> dict[str, str]:
     return dict(pairs)
 
 
-def _check_url(url: str, allowed_hosts: frozenset[str]) -> None:
+def _checked_host(url: str) -> str:
+    """The host of a valid signalFinishURL."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -164,5 +188,4 @@ def _check_url(url: str, allowed_hosts: frozenset[str]) -> None:
         raise ApiError(400, "signalFinishURL has no host")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise ApiError(400, "signalFinishURL contains whitespace or control characters")
-    if allowed_hosts and parts.hostname.lower() not in allowed_hosts:
-        raise ApiError(400, f"signalFinishURL host {parts.hostname!r} is not allowed")
+    return parts.hostname

@@ -134,6 +134,14 @@ class Cluster:
         except (defer.TimeoutError, txredisapi.ConnectionError, defer.CancelledError):
             raise Unavailable(f"Redis at {self.host}:{self.port} did not answer") from None
 
+    async def reachable(self) -> bool:
+        """Whether Redis answers a PING in time."""
+        try:
+            await self._call("ping")
+        except Unavailable:
+            return False
+        return True
+
     # Records
 
     async def create(self, record: Record, deadline: float) -> None:

@@ -5,14 +5,18 @@ Precedence is defaults < YAML file (`--config`) < command-line options.
 
 from __future__ import annotations
 
+import grp
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 from twisted.python import usage
+
+from .access import Network
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,11 @@ class Config:
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
-    handover_hosts: frozenset[str] = frozenset()  # allowed signalFinishURL hosts; empty: any
+    # who may call the backend API on `listen` besides this host (README: Access)
+    backend_networks: frozenset[Network] = frozenset()
+    handover_hosts: frozenset[str] = frozenset()  # signalFinishURL hosts besides the caller's
+    open_access: bool = False  # the 2014 server's: backend API for all, handovers anywhere
+    group: str | None = None  # shares the storage directory with this group (README)
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
@@ -103,6 +111,38 @@ def _names(name: str, value: Any) -> frozenset[str]:
     return names
 
 
+def _networks(name: str, value: Any) -> frozenset[Network]:
+    """A comma-separated string (or a YAML list) of networks (10.0.0.0/8) or addresses."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        networks = frozenset(
+            ip_network(str(i).strip(), strict=False) for i in items if str(i).strip()
+        )
+    except ValueError as e:
+        raise usage.UsageError(f"{name}: {e}") from None
+    if not networks:
+        raise usage.UsageError(f"{name}: give at least one network, such as 10.0.0.0/8")
+    return networks
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "yes", "no"):
+        raise usage.UsageError(f"{name}: {value!r} is not true or false")
+    return text in ("true", "yes")
+
+
+def _group(name: str, value: Any) -> str:
+    """A group's name (or number) that exists on this host."""
+    text = _text(name, value)
+    try:
+        return grp.getgrgid(int(text)).gr_name if text.isdigit() else grp.getgrnam(text).gr_name
+    except KeyError:
+        raise usage.UsageError(f"{name}: no group {text!r} on this host") from None
+
+
 # field name -> (command-line option, YAML key, parser)
 _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "listen": ("listen", None, _text),
@@ -118,7 +158,10 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
         _seconds,
     ),
     "backend_listen": ("backend-listen", "BackendListen", _text),
+    "backend_networks": ("backend-networks", "BackendNetworks", _networks),
     "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
+    "open_access": ("open-access", "OpenAccess", _flag),
+    "group": ("group", "Group", _group),
     "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
     "max_upload_bytes": ("max-upload-size", "MaxUploadBytes", _int_in(0, 2**63 - 1)),
     "checksum": ("checksum", "Checksum", _choice("sha256", "none")),
@@ -182,7 +225,20 @@ class Options(usage.Options):
             None,
             "Endpoint for the backend API, metrics and health; they then leave --listen",
         ],
-        ["handover-hosts", None, None, "Comma-separated hosts allowed in signalFinishURL [any]"],
+        [
+            "backend-networks",
+            None,
+            None,
+            "Comma-separated networks (10.0.0.0/8) whose hosts may call the backend API and "
+            "metrics on --listen, besides this host [this host only]",
+        ],
+        [
+            "handover-hosts",
+            None,
+            None,
+            "Comma-separated hosts allowed in signalFinishURL besides the caller's own "
+            "[the caller's]",
+        ],
         [
             "allowed-origins",
             None,
@@ -206,11 +262,28 @@ class Options(usage.Options):
             "Cluster mode: redis://host[:port][/db] shared by all instances, which also share "
             "--storage-dir [none: one process]",
         ],
+        [
+            "group",
+            None,
+            None,
+            "Group that may move and delete handed-over files: the storage directory becomes "
+            "its, group-writable [none]",
+        ],
+    ]
+    optFlags = [
+        [
+            "open-access",
+            None,
+            "As the 2014 server: the backend API and metrics for any address, handovers to "
+            "any host",
+        ],
     ]
 
     def postOptions(self) -> None:
         values = load_yaml(self["config"]) if self["config"] else {}
+        flags = {long for long, _short, _doc in self.optFlags}
         for field, (option, _key, parse) in _SETTINGS.items():
-            if self[option] is not None:
-                values[field] = parse(f"--{option}", self[option])
+            given = (True if self[option] else None) if option in flags else self[option]
+            if given is not None:
+                values[field] = parse(f"--{option}", given)
         self.config = Config(**values)

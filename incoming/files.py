@@ -9,6 +9,7 @@ fsynced, its name once its directory is fsynced too.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ class Pieces:
 
 Chunk = Buffer | Pieces  # what an upload's transport hands on to be written
 STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
+SHARED_DIRECTORY_MODE = 0o770  # with --group: its members move and delete handed-over files
 IOV_MAX = 1024  # buffers one pwritev takes (Linux)
 
 
@@ -85,6 +87,20 @@ def replace_file(
     os.replace(temporary, path)
     if sync and fsync_directory:
         fsync_dir(path.parent)
+
+
+def share_directory(path: Path, gid: int) -> None:
+    """Give directory `path` to group `gid`, group-writable, so that its members can move
+    and delete the files in it (data files are group-readable already). Setgid when new
+    files would otherwise get the process's own group instead (a supplementary group);
+    nothing changes when it is so already (a sandbox may forbid setting setgid)."""
+    if path.stat().st_gid != gid:
+        os.chown(path, -1, gid)
+    current = path.stat().st_mode
+    setgid = stat.S_ISGID if os.getegid() != gid or current & stat.S_ISGID else 0
+    wanted = SHARED_DIRECTORY_MODE | setgid
+    if stat.S_IMODE(current) != wanted:
+        os.chmod(path, wanted)
 
 
 def fsync_dir(path: Path) -> None:

@@ -9,11 +9,9 @@ from twisted.web.http import datetimeToString, stringToDatetime
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-MODULE_EXPORTS = b"""
-const incoming = globalThis.incoming;
-export default incoming;
-export const { set_server_hostname, Uploader, find_upload } = incoming;
-"""
+# incoming.mjs imports incoming.js (as in the npm package); served, the script comes first
+# in the same file instead: one request.
+MODULE_IMPORT = b'import "./incoming.js";\n'
 
 
 def frontend_dir() -> Path:
@@ -36,9 +34,16 @@ class Script(Resource):
 
     @classmethod
     def library(cls, module: bool = False) -> Script:
-        path = frontend_dir() / "incoming.js"
-        body = path.read_bytes() + (MODULE_EXPORTS if module else b"")
-        return cls(body, path.stat().st_mtime)
+        """incoming.js, or as a module: incoming.js, then incoming.mjs without its import."""
+        script = frontend_dir() / "incoming.js"
+        if not module:
+            return cls(script.read_bytes(), script.stat().st_mtime)
+        wrapper = frontend_dir() / "incoming.mjs"
+        exports = wrapper.read_bytes()
+        if exports.count(MODULE_IMPORT) != 1:
+            raise ValueError(f"{wrapper} must import incoming.js once: {MODULE_IMPORT!r}")
+        body = script.read_bytes() + b"\n" + exports.replace(MODULE_IMPORT, b"")
+        return cls(body, max(script.stat().st_mtime, wrapper.stat().st_mtime))
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setHeader("content-type", "text/javascript; charset=utf-8")

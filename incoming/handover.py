@@ -13,7 +13,13 @@ from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -23,7 +29,9 @@ from .upload import Upload
 log = Logger()
 
 MAX_RESULT_BYTES = 4096  # of a backend's verdict for the page
-MAX_ANSWER_BYTES = 4 + 2 + MAX_RESULT_BYTES + 1  # `done`, a newline, a verdict, one more
+MAX_LINE_BYTES = 4096  # of the answer's first line: `done` or `wait`, and what follows it
+# Enough to tell any answer that breaks these bounds: a line, a newline, a verdict, one more.
+MAX_ANSWER_BYTES = MAX_LINE_BYTES + 1 + MAX_RESULT_BYTES + 1
 FIRST_RETRY_DELAY = 0.25
 MAX_RETRY_DELAY = 8.0
 # Connection failures and 5xx answers are retried. A connection lost after the request
@@ -79,13 +87,16 @@ def form_fields(
 
 
 def parse_answer(body: bytes) -> Answer:
-    """`done` or `wait` (anything may follow on their line); after `done` and a newline,
-    a verdict of at most MAX_RESULT_BYTES of UTF-8 text. Raises HandoverFailed."""
+    """`done` or `wait` (anything may follow on their line); after `done`, a line of at
+    most MAX_LINE_BYTES and a newline, a verdict of at most MAX_RESULT_BYTES of UTF-8
+    text. `body` may be cut to MAX_ANSWER_BYTES. Raises HandoverFailed."""
     first, newline, rest = body.partition(b"\n")
     if body.startswith(b"wait"):
         return Answer("wait")
     if not body.startswith(b"done"):
         raise HandoverFailed(f"backend answered {body[:40]!r}, not done or wait")
+    if len(first) > MAX_LINE_BYTES:
+        raise HandoverFailed(f"backend's first line is longer than {MAX_LINE_BYTES} bytes")
     if not newline:
         return Answer("done")
     if len(rest) > MAX_RESULT_BYTES:
@@ -104,6 +115,18 @@ class Handover(Protocol):
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
         """One best-effort POST announcing a cancellation."""
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" and "Stopping factory" lines per handover
+
+
+def http_client(reactor: Any) -> HTTPClient:
+    """A fresh connection per handover (backends often drop idle keep-alives), and no
+    log lines of Twisted's for each."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietFactory
+    return HTTPClient(Agent(reactor, pool=pool))
 
 
 class HandoverClient:

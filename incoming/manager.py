@@ -19,22 +19,32 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from .cluster import Busy, Cluster, RequestFailed, Unavailable
-from .errors import ErrorCode, UploadError
+from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
 from .storage import Record, Storage, no_space
-from .upload import Phase, Room, Transport, Upload, bring_to_life, new_ticket_id
+from .upload import (
+    Cause,
+    Event,
+    Phase,
+    Room,
+    Transport,
+    Upload,
+    bring_to_life,
+    new_ticket_id,
+)
 
 log = Logger()
 # What another instance may ask the holder of an upload to do: the name of the input.
 COMMANDS = frozenset({"cancel_by_backend", "finish_upload", "cancel_by_client", "declare"})
+REGISTRY_CHECK_SECONDS = 1.0  # cluster: how often Redis is pinged (its answer or its silence)
 
 
 class UploadManager:
@@ -68,11 +78,11 @@ class UploadManager:
         self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
         metrics.count_uploads(self.phases)
         self.cluster = cluster
-        self._loading: dict[str, Deferred[Upload]] = {}  # uploads being taken up from Redis
+        self._loading: dict[str, DeferredLock] = {}  # uploads being taken up from Redis
         self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
         self._unsent: set[str] = set()  # saved to disk, not yet to Redis (it was away)
         self._rounds: list[LoopingCall] = []
-        self.registry_reachable = True  # cluster: Redis answered the last lease renewal
+        self.registry_reachable = True  # cluster: Redis answered the last PING
         if cluster is not None:
             cluster.serve = self._serve
 
@@ -167,12 +177,17 @@ class UploadManager:
             return upload
         if self.cluster is None:
             raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        loading = self._loading.get(upload_id)
-        if loading is None:
-            loading = self._loading[upload_id] = ensureDeferred(self._take_up(upload_id))
-            loading.addBoth(lambda result: self._loading.pop(upload_id, None) and result)
-        held: Upload = await loading
-        return held
+        # One caller at a time takes it up; those waiting meanwhile find it held, or try
+        # in turn and get their own refusal. (A Deferred awaited by several callers would
+        # give its result to the first only: the others got None.)
+        lock = self._loading.setdefault(upload_id, DeferredLock())
+        await lock.acquire()
+        try:
+            return self._uploads.get(upload_id) or await self._take_up(upload_id)
+        finally:
+            lock.release()
+            if not lock.locked and self._loading.get(upload_id) is lock:
+                del self._loading[upload_id]
 
     async def _take_up(self, upload_id: str) -> Upload:
         assert self.cluster is not None
@@ -275,8 +290,10 @@ class UploadManager:
         return Counter(upload.phase for upload in self._uploads.values())
 
     def restore(self) -> None:
-        """Take up every upload saved by an earlier run (at start-up)."""
+        """Take up every upload saved by an earlier run (at start-up). Uploads with work
+        at stake get a line each; the others are counted."""
         now = self.clock.seconds()
+        found: Counter[str] = Counter()
         for saved in self.storage.load():
             try:
                 upload = Upload.from_record(saved.record, saved.stored)
@@ -289,14 +306,22 @@ class UploadManager:
                 # State is saved at connects, not at every chunk: the file shows activity.
                 upload.idle_deadline = max(upload.idle_deadline, saved.modified + self.max_idle)
             self._arm_idle(upload, upload.idle_deadline - now)
-            log.info(
-                "upload {id} restored: {phase}, {n} of {length} bytes stored",
-                id=upload.id,
-                phase=upload.phase.value,
-                n=saved.stored,
-                length=upload.length,
-            )
+            found[_restored(upload)] += 1
+            if upload.receiving and upload.length is not None:
+                log.info(
+                    "upload {id} restored: {n} of {length} bytes stored",
+                    id=upload.id,
+                    n=upload.stored,
+                    length=upload.length,
+                )
+            elif upload.with_backend:
+                log.info("upload {id} restored: {what}", id=upload.id, what=_restored(upload))
             upload.life.restored(saved.present)
+        log.info(
+            "restored {n} uploads: {counts}",
+            n=sum(found.values()),
+            counts=", ".join(f"{count} {what}" for what, count in sorted(found.items())) or "none",
+        )
 
     # Connections (for transports)
 
@@ -358,8 +383,7 @@ class UploadManager:
             if no_space(failure.value):
                 upload.life.storage_full()
             else:
-                log.error("upload {id}: storage failed: {e}", id=upload.id, e=failure.value)
-                upload.life.storage_failed()
+                upload.life.storage_failed(f"cannot write: {failure.value}")
 
         self.storage.write(upload.id, offset, data, digests).addCallbacks(written, failed)
 
@@ -410,16 +434,16 @@ class UploadManager:
         try:
             completed = await self.storage.complete(upload.id)
         except OSError as e:
-            log.error("upload {id}: cannot complete file: {e}", id=upload.id, e=e)
-            upload.life.storage_failed()
+            upload.life.storage_failed(f"cannot complete the file: {e}")
             return
         upload.sha256 = completed.sha256
+        began = self.clock.seconds()
         try:
             answer = await self.handover.hand_over(upload, str(completed.path), completed.sha256)
         except HandoverFailed as e:
-            log.info("upload {id}: handover failed: {why}", id=upload.id, why=str(e))
-            upload.life.handover_failed()
+            upload.life.handover_failed(str(e))
             return
+        self.metrics.handover_seconds.observe(self.clock.seconds() - began)
         if answer.kind == "done":
             upload.life.answered_done(answer.result)
         else:
@@ -497,6 +521,65 @@ class UploadManager:
                 await self.cluster.release(upload.id)
         log.info("upload {id} forgotten", id=upload.id)
 
+    def happened(
+        self, upload: Upload, event: Event, detail: str = "", cause: Cause | None = None
+    ) -> None:
+        """A line in the log and the metrics for it; the start of an upload is noted in it
+        (a clock time, saved with it: its duration counts from there)."""
+        if self._abandoned(upload):
+            return
+        now, via, metrics = self.clock.seconds(), upload.via or "none", self.metrics
+        if event is Event.STARTED:
+            upload.started_at = now
+            metrics.uploads_started.labels(via).inc()
+            log.info(
+                "upload {id} started over {via}: {name!r}, {length} bytes",
+                id=upload.id,
+                via=via,
+                name=clipped(upload.browser_name),
+                length=upload.length,
+            )
+        elif event in (Event.PAUSED, Event.INTERRUPTED, Event.RESUMED):
+            log.info(
+                "upload {id} {event} at {n} of {length} bytes{over}",
+                id=upload.id,
+                event=event.value,
+                n=upload.received,
+                length=upload.length,
+                over=f" over {via}" if event is Event.RESUMED else "",
+            )
+        elif event is Event.COMPLETE:
+            took = None if upload.started_at is None else max(now - upload.started_at, 0.0)
+            if took is not None:
+                metrics.upload_seconds.observe(took)
+            log.info(
+                "upload {id} complete: {n} bytes stored{took}",
+                id=upload.id,
+                n=upload.stored,
+                took="" if took is None else f" in {took:.1f} s",
+            )
+        elif event is Event.HANDED_OVER:
+            log.info("upload {id} handed over; the backend will call finish_upload", id=upload.id)
+        elif event is Event.FINISHED:
+            metrics.uploads_finished.labels(via).inc()
+            metrics.upload_bytes.observe(upload.length or 0)
+            log.info("upload {id} {how}", id=upload.id, how=detail)
+        else:
+            assert event is Event.CANCELLED and cause is not None
+            metrics.uploads_cancelled.labels(cause.value, via).inc()
+            say = {
+                Cause.STORAGE_FAILED: log.error,
+                Cause.HANDOVER_FAILED: log.warn,
+                Cause.CONFIRM_TIMEOUT: log.warn,
+            }
+            say.get(cause, log.info)(
+                "upload {id} {what} ({cause}){detail}",
+                id=upload.id,
+                what="expired" if cause is Cause.IDLE else "cancelled",
+                cause=cause.value,
+                detail=f": {clipped(detail)}" if detail else "",
+            )
+
     # Cluster: letting go of uploads, renewing leases, the janitor
 
     def _abandoned(self, upload: Upload) -> bool:
@@ -537,11 +620,26 @@ class UploadManager:
             return
         self.cluster.start()
         period = self.cluster.lease_ms / 3000
-        for work in (self._renew, self._janitor_round):
+        for work, every in (
+            (self._renew, period),
+            (self._janitor_round, period),
+            (self._check_registry, REGISTRY_CHECK_SECONDS),
+        ):
             call = LoopingCall(lambda work=work: self._spawn(work()))
             call.clock = self.clock
-            call.start(period, now=False)
+            call.start(every, now=False)
             self._rounds.append(call)
+
+    async def _check_registry(self) -> None:
+        """Whether Redis answers, whatever this instance holds (for /incoming/health)."""
+        assert self.cluster is not None
+        reachable = await self.cluster.reachable()
+        if reachable != self.registry_reachable:
+            if reachable:
+                log.info("Redis is back")
+            else:
+                log.warn("Redis is unavailable; uploads being written carry on")
+        self.registry_reachable = reachable
 
     async def _renew(self) -> None:
         """Renew the leases of the uploads held here, with their idle deadlines, and send
@@ -556,13 +654,7 @@ class UploadManager:
                 if upload is not None:
                     await self._send(upload)
         except Unavailable:
-            if self.registry_reachable:
-                log.warn("Redis is unavailable; uploads being written carry on")
-            self.registry_reachable = False
             return
-        if not self.registry_reachable:
-            log.info("Redis is back")
-        self.registry_reachable = True
         for upload_id in lost:
             upload = self._uploads.pop(upload_id, None)
             if upload is not None:
@@ -688,6 +780,17 @@ class UploadManager:
                     await self._send(upload)
                     await self.cluster.release(upload.id)
             await self.cluster.stop()
+
+
+def _restored(upload: Upload) -> str:
+    """What a restart found an upload doing, for the log."""
+    if upload.receiving:
+        return "receiving" if upload.length is not None else "tickets not used yet"
+    if upload.handing_over:
+        return "being handed over again"
+    if upload.with_backend:
+        return "waiting for the backend's finish_upload"
+    return str(upload.phase.value)
 
 
 def _idle(upload: Upload) -> bool:

@@ -2,7 +2,8 @@
 
 Each service has its own registry (several servers in one process, as in the
 tests, must not share counters); the process collector adds CPU, memory and
-open file descriptors.
+open file descriptors. Label values come from small fixed sets, never from text
+a client or a backend sent.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .upload import Phase
+from .errors import ErrorCode
+from .upload import Cause, Phase
 
 WRITE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+SIZE_BUCKETS = tuple(float(1024 * 4**n) for n in range(16))  # 1 KiB to 1 TiB
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0)
+HANDOVER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TRANSPORTS = ("websocket", "tus", "none")  # "none": an upload that never had a connection
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -56,14 +62,82 @@ class Metrics:
             buckets=WRITE_BUCKETS,
             registry=registry,
         )
+        self.uploads_started = Counter(
+            "incoming_uploads_started",
+            "Uploads that had their first connection, by its transport.",
+            ["transport"],
+            registry=registry,
+        )
+        self.uploads_finished = Counter(
+            "incoming_uploads_finished",
+            "Uploads handed over and finished, by the transport of their last connection.",
+            ["transport"],
+            registry=registry,
+        )
+        self.uploads_cancelled = Counter(
+            "incoming_uploads_cancelled",
+            "Uploads cancelled, by reason and the transport of their last connection.",
+            ["reason", "transport"],
+            registry=registry,
+        )
+        self.errors_sent = Counter(
+            "incoming_errors_sent",
+            "MsgErrors and HTTP refusals sent to clients, by ErrorCode and transport.",
+            ["code", "transport"],
+            registry=registry,
+        )
+        self.upload_bytes = Histogram(
+            "incoming_upload_size_bytes",
+            "Sizes of the uploads handed over and finished.",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.upload_seconds = Histogram(
+            "incoming_upload_duration_seconds",
+            "Time from an upload's first connection to its last byte stored, pauses included.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.handover_seconds = Histogram(
+            "incoming_handover_duration_seconds",
+            "Time from a handover's first POST to the backend's answer, retries included.",
+            buckets=HANDOVER_BUCKETS,
+            registry=registry,
+        )
+        for transport in TRANSPORTS:  # every series there is, from the start
+            self.uploads_finished.labels(transport)
+            for cause in Cause:
+                self.uploads_cancelled.labels(cause.value, transport)
+            if transport != "none":
+                self.uploads_started.labels(transport)
         ProcessCollector(registry=registry)
+
+    def error_sent(self, code: ErrorCode | None, transport: str) -> None:
+        """Count a MsgError or an HTTP refusal (one without an ErrorCode is not counted)."""
+        if code is not None:
+            self.errors_sent.labels(str(int(code)), transport).inc()
 
     def count_uploads(self, phases: Callable[[], Tally[Phase]]) -> None:
         """Count uploads by state from `phases` (once, by the one who has them)."""
         self.registry.register(_UploadStates(phases))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """The registry's metrics without their `_created` samples: a counter's or a
+    histogram's creation time, which doubles the series and says nothing here
+    (prometheus_client's switch for them is process-wide)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
 
 
 class _UploadStates:

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import grp
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import address
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 
+from . import __version__
+from .access import Access
 from .backend_api import BackendApi
 from .browser_api import BrowserApi
 from .cluster import Cluster
 from .config import Config
 from .frontend import Script
-from .handover import HandoverClient
+from .handover import HandoverClient, http_client
 from .manager import UploadManager
 from .metrics import Metrics
 from .rfc6455 import WebSocketResource
@@ -27,6 +33,12 @@ from .site import IncomingSite, url_tree
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
+
+log = Logger(namespace="incoming")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is the one line the operator reads."""
 
 
 SYNC_THREADS = 16  # uploads' fdatasyncs under way at once (at most one per upload)
@@ -56,11 +68,6 @@ class UploadService(Service):
             pool.stop()
 
 
-def handover_client(reactor: Any) -> HTTPClient:
-    """A fresh connection per handover: backends often drop idle keep-alives."""
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-
-
 def build_manager(
     config: Config,
     reactor: Any,
@@ -71,6 +78,7 @@ def build_manager(
     """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
     metrics = Metrics()
     if storage is None:
+        group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
         disk = DiskStorage(
             config.storage_dir,
             reactor,
@@ -78,10 +86,11 @@ def build_manager(
             sha256=config.checksum == "sha256",
             sync=config.sync == "fsync",
             sync_pool=sync_pool,
+            group=group,
         )
         disk.prepare()
         storage = disk
-    handover = HandoverClient(handover_client(reactor), reactor, config.handover_timeout, metrics)
+    handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
     cluster = None
     if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
         cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)
@@ -108,7 +117,8 @@ def build_site(
     """The HTTP site of one listener, serving the given roles."""
     owners: dict[bytes, IResource] = {}
     if backend:
-        api = BackendApi(manager, manager.metrics, config.handover_hosts).app.resource()
+        access = Access(config.backend_networks, config.handover_hosts, config.open_access)
+        api = BackendApi(manager, manager.metrics, access, guarded=browser).app.resource()
         owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
     if browser:
         upload_ws = WebSocketResource(
@@ -141,18 +151,137 @@ def build_site(
     return IncomingSite(url_tree(owners), config.max_body_bytes, config.ws_timeout, reactor)
 
 
+class Listener(Service):
+    """One listening endpoint serving `roles`. Not being able to listen (a busy port)
+    ends the process at start, with the reason: a daemon with nothing listening would
+    look alive to systemd and to whoever waits for it."""
+
+    def __init__(
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        site: Any,
+        roles: str,
+        reactor: Any = global_reactor,
+    ) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.site = site
+        self.roles = roles
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+        self.failed = False
+        self._starting = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._starting = True
+        self.endpoint.listen(self.site).addCallbacks(self._listening, self._failed)
+        self._starting = False
+        if self.failed:
+            raise SystemExit(1)  # twistd has not started the reactor yet: it exits
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def _failed(self, failure: Failure) -> None:
+        error = getattr(failure.value, "socketError", None)  # CannotListenError's cause
+        log.critical(
+            "cannot listen on {endpoint} ({roles}): {reason}",
+            endpoint=self.description,
+            roles=self.roles,
+            reason=getattr(error, "strerror", None) or failure.getErrorMessage(),
+        )
+        self.failed = True
+        if not self._starting:  # an endpoint that listens later (not tcp, ssl, unix, systemd)
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        return self.port.stopListening()
+
+    def where(self) -> str:
+        """The address it listens on (the real port when 0 was asked)."""
+        if self.port is None:
+            return self.description
+        host = self.port.getHost()
+        if isinstance(host, address.IPv6Address):
+            return f"[{host.host}]:{host.port}"
+        if isinstance(host, address.IPv4Address):
+            return f"{host.host}:{host.port}"
+        if isinstance(host, address.UNIXAddress) and host.name is not None:
+            name = host.name.decode() if isinstance(host.name, bytes) else host.name
+            return f"unix:{name}"
+        return self.description
+
+
+class StartupSummary(Service):
+    """Logs once, when everything listens and the reactor runs (signals are handled),
+    what an operator checks first; whoever waits for the daemon can wait for it."""
+
+    def __init__(
+        self, config: Config, listeners: list[Listener], reactor: Any = global_reactor
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(lambda: log.info("{summary}", summary=self.summary()))
+
+    def summary(self) -> str:
+        config = self.config
+        places = []
+        for listener in self.listeners:
+            place = f"{listener.roles} on {listener.where()}"
+            if listener.roles == "browser and backend":
+                callers = ["this host", *sorted(map(str, config.backend_networks))]
+                place += (
+                    f" (backend API for {'anyone' if config.open_access else ', '.join(callers)})"
+                )
+            places.append(place)
+        storage = f"storage {config.storage_dir.absolute()}"
+        if config.group is not None:
+            storage += f" shared with group {config.group}"
+        if config.redis is None:
+            mode = "single process"
+        else:
+            redis = urlsplit(config.redis)  # never its password
+            mode = f"cluster mode, Redis at {redis.hostname}:{redis.port or 6379}{redis.path}"
+        return f"Incoming!! {__version__} started: {'; '.join(places)}; {storage}; {mode}"
+
+
 def make_service(config: Config, reactor: Any = global_reactor) -> IService:
+    """The daemon: the uploads, a listener per endpoint, the start-up summary.
+    Raises StartupError when the storage or an endpoint cannot be used."""
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
     syncs = ThreadPool(minthreads=0, maxthreads=SYNC_THREADS, name="incoming-sync")
-    manager = build_manager(config, reactor, pool, sync_pool=syncs)
+    try:
+        manager = build_manager(config, reactor, pool, sync_pool=syncs)
+    except OSError as e:
+        raise StartupError(
+            f"cannot use the storage directory {config.storage_dir}: {e.strerror or e}"
+        ) from None
     top = MultiService()
     UploadService(manager, pool, syncs).setServiceParent(top)
     separate = config.backend_listen is not None
-    listeners = [(config.listen, build_site(manager, config, reactor, backend=not separate))]
+    roles = "browser" if separate else "browser and backend"
+    plan = [(config.listen, roles, build_site(manager, config, reactor, backend=not separate))]
     if config.backend_listen is not None:
-        listeners.append(
-            (config.backend_listen, build_site(manager, config, reactor, browser=False))
-        )
-    for endpoint, site in listeners:
-        StreamServerEndpointService(serverFromString(reactor, endpoint), site).setServiceParent(top)
+        site = build_site(manager, config, reactor, browser=False)
+        plan.append((config.backend_listen, "backend", site))
+    listeners = []
+    for description, roles, site in plan:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StartupError(f"bad endpoint {description!r} ({roles}): {e}") from None
+        listener = Listener(description, endpoint, site, roles, reactor)
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    StartupSummary(config, listeners, reactor).setServiceParent(top)
     return top

@@ -4,7 +4,8 @@ A file is `<StorageDir>/<ticket>.part` while bytes arrive and `<StorageDir>/<tic
 once complete and fsynced; `<StorageDir>/<ticket>.json` holds the upload's state,
 replaced atomically, so a restarted server carries on. Names come from the
 server's own ticket ids only. State files hold backend secrets: they are 0600,
-data files 0640, and a storage directory the server creates is 0750.
+data files 0640, and a storage directory the server creates is 0750 (0770 and the
+group's with `--group`, whose members move handed-over files away).
 
 With `sync` on (the default; README: Durability), whatever a caller is told is
 saved survives a power cut: state files, tickets and finished files are fsynced
@@ -55,6 +56,7 @@ from .files import (
     make_dirs,
     pwrite_all,
     replace_file,
+    share_directory,
 )
 from .journal import TicketJournal
 
@@ -220,8 +222,10 @@ class DiskStorage:
         sync: bool = True,
         fdatasync: Callable[[int], None] = os.fdatasync,
         sync_pool: ThreadPool | None = None,
+        group: int | None = None,
     ) -> None:
         self.root = root.absolute()
+        self.group = group  # shares the directory with this group (`share_directory`)
         self.sync = sync  # make what callers are told is saved durable (fsync)
         self._fdatasync = fdatasync
         # Uploads' fdatasyncs wait on the disk: in threads of their own, they leave the
@@ -246,6 +250,8 @@ class DiskStorage:
     def prepare(self) -> None:
         """Create the storage directory, durably (at start-up, before the reactor runs)."""
         make_dirs(self.root, DIRECTORY_MODE, self.sync)
+        if self.group is not None:
+            share_directory(self.root, self.group)
         self._measure_free()
 
     def part_path(self, upload_id: str) -> Path:

@@ -11,15 +11,20 @@ from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
 
 from .config import Options
-from .service import make_service
+from .service import StartupError, make_service
 
 __all__ = ["Options", "makeService", "tune_process"]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def makeService(options: Options) -> IService:
+    """The daemon, or an exit with one line saying why it cannot start."""
+    try:
+        service = make_service(options.config)
+    except StartupError as e:
+        raise SystemExit(f"incoming: {e}") from None
     tune_process(global_reactor)
-    return make_service(options.config)
+    return service
 
 
 def tune_process(reactor: Any) -> None:

@@ -35,7 +35,7 @@ from .errors import ErrorCode, UploadError, clipped
 from .files import Digest, Pieces
 from .manager import UploadManager
 from .site import IncomingRequest, StreamingKlein, streamed_body
-from .upload import Ending, Upload
+from .upload import Departure, Ending, Upload
 
 log = Logger()
 
@@ -98,6 +98,7 @@ class Answer:
     status: int
     text: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    code: ErrorCode | None = None  # the refusal's number (metrics count them)
 
 
 class TusError(Exception):
@@ -107,7 +108,9 @@ class TusError(Exception):
 
 
 def _refusal(e: UploadError) -> TusError:
-    return TusError(STATUS_FOR.get(e.code, 400), e.message)
+    refusal = TusError(STATUS_FOR.get(e.code, 400), e.message)
+    refusal.answer.code = e.code
+    return refusal
 
 
 class TusApi:
@@ -275,9 +278,11 @@ class TusApi:
         except UploadError as e:
             raise _refusal(e) from None
         if upload is not None and upload.cancelled:
-            raise TusError(410, f"this upload was cancelled: {upload.cancel_reason}")
+            reason = f"this upload was cancelled: {upload.cancel_reason}"
+            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
         if upload is None or upload.length is None:
-            raise TusError(404, "no such upload; create it with the ticket first")
+            missing = "no such upload; create it with the ticket first"
+            raise _refusal(UploadError(ErrorCode.UNKNOWN_TICKET, missing))
         return upload
 
     async def declared(self, request: IRequest) -> Upload:
@@ -330,6 +335,7 @@ class TusApi:
         self, request: IRequest, answer: Answer, resumable: bool = True, preflight: bool = False
     ) -> bytes:
         request.setResponseCode(answer.status)
+        self.manager.metrics.error_sent(answer.code, "tus")
         headers = {**self.cors(request, preflight), **answer.headers}
         if resumable:
             headers["Tus-Resumable"] = TUS_VERSION
@@ -369,6 +375,8 @@ class PatchStream:
     Its `stage` reads every event: the body's (`body_received`, `body_ended`,
     `connection_lost`) and the upload's (`stored`, `ended`, `waiting`, `going_away`);
     each event's method says what it does in each stage."""
+
+    via = "tus"  # upload.Transport
 
     def __init__(self, api: TusApi, request: IncomingRequest, ticket: str) -> None:
         self.api = api
@@ -573,7 +581,7 @@ class PatchStream:
             self._finish(answer)
         else:
             assert ending.code is not None
-            self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message))
+            self._finish(Answer(STATUS_FOR.get(ending.code, 500), ending.message, code=ending.code))
 
     def going_away(self) -> None:
         away = TusError(503, "the server is restarting; resume the upload")
@@ -647,6 +655,7 @@ class PatchStream:
         if self.body is not Body.ARRIVING:
             self.answer.callback(answer)  # the route sends it (if its client is still there)
         else:  # the body is still arriving: answer now and hang up
+            self.api.manager.metrics.error_sent(answer.code, "tus")
             headers = {**self.api.cors(self.request), **answer.headers}
             headers["Tus-Resumable"] = TUS_VERSION
             reason = REASONS.get(answer.status, "Error")
@@ -655,7 +664,8 @@ class PatchStream:
     def _let_go(self) -> None:
         if self.upload is not None:
             self.api.patches.dec()
-            self.upload.life.disconnect(self, False)
+            lost = self.body is Body.LOST
+            self.upload.life.disconnect(self, Departure.INTERRUPTED if lost else Departure.DONE)
         if self._paused:
             self._resume()
 

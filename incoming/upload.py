@@ -20,7 +20,7 @@ from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .errors import ErrorCode, UploadError, clipped
+from .errors import ErrorCode, UploadError
 from .files import Chunk, Digest
 
 log = Logger()
@@ -40,6 +40,39 @@ class Phase(enum.Enum):
     @property
     def final(self) -> bool:
         return self in (Phase.FINISHED, Phase.CANCELLED)
+
+
+class Departure(enum.Enum):
+    """How a connection left its upload."""
+
+    DONE = "done"  # its request ended as it should (a tus PATCH, answered)
+    PAUSED = "paused"  # its client said it would come back (MsgPause)
+    INTERRUPTED = "interrupted"  # it broke off: a connection lost, a PATCH cut short
+
+
+class Event(enum.Enum):
+    """What becomes of an upload that an operator hears of: a log line each, and metrics."""
+
+    STARTED = "started"  # its first connection
+    PAUSED = "paused"
+    INTERRUPTED = "interrupted"  # while bytes were still to come
+    RESUMED = "resumed"  # a connection after a pause or an interruption
+    COMPLETE = "complete"  # every byte stored: the handover starts
+    HANDED_OVER = "handed over"  # the backend answered `wait`
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+class Cause(enum.Enum):
+    """Why an upload was cancelled: a fixed set (metrics label them with it)."""
+
+    BY_CLIENT = "by_client"
+    BY_BACKEND = "by_backend"
+    IDLE = "idle"
+    PAST_END = "past_end"
+    STORAGE_FAILED = "storage_failed"
+    HANDOVER_FAILED = "handover_failed"
+    CONFIRM_TIMEOUT = "confirm_timeout"
 
 
 @dataclass(frozen=True)
@@ -66,6 +99,7 @@ class Room:
 class Transport(Protocol):
     """A connection carrying an upload's bytes: it hears what became of them."""
 
+    via: str  # its protocol: "websocket" or "tus"
     # Hashes its bytes also feed, as they are written (a tus checksum).
     digests: tuple[Digest, ...]
 
@@ -133,6 +167,11 @@ class Effects(Protocol):
     def forget(self, upload: Upload) -> None:
         """Drop the ended upload and its saved state (never a file the backend kept)."""
 
+    def happened(
+        self, upload: Upload, event: Event, detail: str = "", cause: Cause | None = None
+    ) -> None:
+        """Tell the operator (one log line) and count it; `detail` says what for the log."""
+
 
 class UploadLife(Protocol):
     """Everything that can happen to an upload: the inputs of the table."""
@@ -145,8 +184,8 @@ class UploadLife(Protocol):
     def connect(self, transport: Transport, length: int, name: str, room: Room) -> None:
         """A connection will carry the bytes; raises UploadError if it may not."""
 
-    def disconnect(self, transport: Transport, paused: bool) -> None:
-        """The connection is gone (`paused`: its client said it would come back)."""
+    def disconnect(self, transport: Transport, how: Departure) -> None:
+        """The connection is gone."""
 
     def ready(self) -> None:
         """The connection told its client where to resume; no byte missing: hand over."""
@@ -171,14 +210,15 @@ class UploadLife(Protocol):
     def storage_full(self) -> None:
         """A write or a sync found no space: what is not durable is void, the upload waits."""
 
-    def storage_failed(self) -> None: ...
+    def storage_failed(self, why: str) -> None: ...
 
     def answered_done(self, result: str) -> None:
         """The backend answered `done`, and `result` for the page."""
 
     def answered_wait(self) -> None: ...
 
-    def handover_failed(self) -> None: ...
+    def handover_failed(self, why: str) -> None:
+        """`why` goes to the log only: a page may aim a ticket at any URL."""
 
     def finish_upload(self, result: str) -> None:
         """The backend's `finish_upload` (with its verdict for the page); raises
@@ -213,6 +253,9 @@ _RECORDED = (
     "result",
     "idle_deadline",
     "confirm_deadline",
+    "started_at",
+    "interrupted",
+    "via",
 )
 
 
@@ -233,6 +276,9 @@ class Upload:
     sha256: str | None = None  # of the complete file, once computed
     idle_deadline: float = 0.0  # clock time when an idle upload expires (or is forgotten)
     confirm_deadline: float | None = None  # clock time by which finish_upload must come
+    started_at: float | None = None  # clock time of its first connection
+    interrupted: bool = False  # its last connection paused or broke off before the end
+    via: str = ""  # the protocol of its last connection
     stored: int = 0  # bytes written, contiguous from the start
     durable: int = 0  # of those, bytes synced: what clients are told
     transport: Transport | None = field(default=None, repr=False)
@@ -310,6 +356,7 @@ def new_ticket_id() -> str:
 class _Core:
     upload: Upload
     effects: Effects
+    finishing: str = ""  # how it finished, for the log once that is durable
 
 
 def bring_to_life(upload: Upload, effects: Effects) -> UploadLife:
@@ -371,18 +418,17 @@ def _describe(upload: Upload, length: int, name: str, room: Room) -> bool:
     return False
 
 
-def _attach(upload: Upload, transport: Transport, length: int, name: str, room: Room) -> None:
+def _attach(core: _Core, transport: Transport, length: int, name: str, room: Room) -> None:
+    upload = core.upload
     if upload.transport is not None:
         raise UploadError(ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload")
-    resumed = _describe(upload, length, name, room)
-    upload.transport = transport
-    log.info(
-        "upload {id} {how}: {name!r}, {n} bytes",
-        id=upload.id,
-        how="resumed" if resumed else "connected",
-        name=clipped(name),
-        n=length,
-    )
+    _describe(upload, length, name, room)
+    upload.transport, upload.via = transport, transport.via
+    if upload.started_at is None and upload.received == 0:
+        core.effects.happened(upload, Event.STARTED)
+    elif upload.interrupted or upload.started_at is None:  # (an older version's record)
+        core.effects.happened(upload, Event.RESUMED)
+    upload.interrupted = False
 
 
 for _state in _LIVE:
@@ -391,7 +437,7 @@ for _state in _LIVE:
     def _connect(
         life: UploadLife, core: _Core, transport: Transport, length: int, name: str, room: Room
     ) -> None:
-        _attach(core.upload, transport, length, name, room)
+        _attach(core, transport, length, name, room)
         core.effects.touch(core.upload)
         core.effects.save(core.upload)
 
@@ -408,14 +454,16 @@ for _state in _LIVE:
             core.effects.save(upload)
 
     @_state.upon(On.disconnect).loop()
-    def _disconnect(life: UploadLife, core: _Core, transport: Transport, paused: bool) -> None:
+    def _disconnect(life: UploadLife, core: _Core, transport: Transport, how: Departure) -> None:
         upload = core.upload
         if upload.transport is transport:
             upload.transport = None
             core.effects.release(upload)
+            if how is not Departure.DONE and upload.receiving and not upload.complete:
+                upload.interrupted = True
+                paused = how is Departure.PAUSED
+                core.effects.happened(upload, Event.PAUSED if paused else Event.INTERRUPTED)
             core.effects.save(upload)  # keeps the idle deadline
-            how = "paused" if paused else "disconnected"
-            log.info("upload {id} {how} at {n} bytes", id=upload.id, how=how, n=upload.received)
 
 
 def _refuse_ended(core: _Core) -> None:
@@ -444,7 +492,7 @@ for _state in _ENDED:
 for _state in _ENDED:
 
     @_state.upon(On.disconnect).loop()
-    def _detach(life: UploadLife, core: _Core, transport: Transport, paused: bool) -> None:
+    def _detach(life: UploadLife, core: _Core, transport: Transport, how: Departure) -> None:
         if core.upload.transport is transport:
             core.upload.transport = None
 
@@ -535,7 +583,7 @@ def _all_stored(life: UploadLife, core: _Core) -> None:
     upload = core.upload
     upload.phase = Phase.HANDOVER
     core.effects.save(upload, durable=True)
-    log.info("upload {id} complete: {n} bytes stored", id=upload.id, n=upload.stored)
+    core.effects.happened(upload, Event.COMPLETE)
     core.effects.hand_over(upload)
 
 
@@ -547,15 +595,15 @@ def _restored_receiving(life: UploadLife, core: _Core, file_present: bool) -> No
 
 @receiving.upon(On.past_end).to(cancelled)
 def _past_end(life: UploadLife, core: _Core, message: str) -> None:
-    _end(core, Ending(ErrorCode.PAST_END, message), notice=message)
+    _end(core, Ending(ErrorCode.PAST_END, message), message, Cause.PAST_END)
 
 
 for _state in (receiving, handover):  # a write, or making the file final, failed
 
     @_state.upon(On.storage_failed).to(cancelled)
-    def _storage_failed(life: UploadLife, core: _Core) -> None:
+    def _storage_failed(life: UploadLife, core: _Core, why: str) -> None:
         message = "storage failed"
-        _end(core, Ending(ErrorCode.STORAGE_FAILED, message), notice=message)
+        _end(core, Ending(ErrorCode.STORAGE_FAILED, message), message, Cause.STORAGE_FAILED, why)
 
 
 # The handover, and the backend's answer.
@@ -563,7 +611,7 @@ for _state in (receiving, handover):  # a write, or making the file final, faile
 
 @handover.upon(On.answered_done).to(finished)
 def _done(life: UploadLife, core: _Core, result: str) -> None:
-    _finish(core, result)
+    _finish(core, result, "handed over and finished")
 
 
 @handover.upon(On.answered_wait).to(awaiting_finish)
@@ -574,15 +622,13 @@ def _wait(life: UploadLife, core: _Core) -> None:
     if upload.transport is not None:
         upload.transport.waiting()
     saved = core.effects.save(upload, durable=True)
-    saved.addCallback(
-        lambda _: log.info("upload {id} handed over; backend asked to wait", id=upload.id)
-    )
+    saved.addCallback(lambda _: core.effects.happened(upload, Event.HANDED_OVER))
 
 
 @handover.upon(On.handover_failed).to(cancelled)
-def _handover_failed(life: UploadLife, core: _Core) -> None:
-    # The details are in the log only: a page may aim a ticket at any URL.
-    _end(core, Ending(ErrorCode.HANDOVER_FAILED, HANDOVER_FAILED_TEXT), HANDOVER_FAILED_TEXT)
+def _handover_failed(life: UploadLife, core: _Core, why: str) -> None:
+    ending = Ending(ErrorCode.HANDOVER_FAILED, HANDOVER_FAILED_TEXT)
+    _end(core, ending, HANDOVER_FAILED_TEXT, Cause.HANDOVER_FAILED, why)
 
 
 @handover.upon(On.finish_upload).to(finish_requested)
@@ -591,22 +637,27 @@ def _finish_early(life: UploadLife, core: _Core, result: str) -> None:
     core.upload.phase = Phase.FINISH_REQUESTED
     core.upload.result = result
     core.effects.save(core.upload, durable=True)
-    log.info("upload {id}: finish_upload before the handover's answer", id=core.upload.id)
 
 
 # The backend confirmed it has the file, whatever else its handover answer says.
 
 
+_FINISHED_EARLY = "handed over and finished by the backend's finish_upload"
+
+
 @finish_requested.upon(On.answered_done).to(finished)
 def _confirmed_done(life: UploadLife, core: _Core, result: str) -> None:
-    _finish(core, core.upload.result or result)
+    _finish(core, core.upload.result or result, _FINISHED_EARLY)
 
 
-for _input in (On.answered_wait, On.handover_failed):
+@finish_requested.upon(On.answered_wait).to(finished)
+def _confirmed(life: UploadLife, core: _Core) -> None:
+    _finish(core, core.upload.result, _FINISHED_EARLY)
 
-    @finish_requested.upon(_input).to(finished)
-    def _confirmed(life: UploadLife, core: _Core) -> None:
-        _finish(core, core.upload.result)
+
+@finish_requested.upon(On.handover_failed).to(finished)
+def _confirmed_all_the_same(life: UploadLife, core: _Core, why: str) -> None:
+    _finish(core, core.upload.result, f"{_FINISHED_EARLY} (its answer failed: {why})")
 
 
 @finish_requested.upon(On.finish_upload).loop()
@@ -617,13 +668,13 @@ def _finish_again(life: UploadLife, core: _Core, result: str) -> None:
 @awaiting_finish.upon(On.finish_upload).to(finished)
 def _finish_upload(life: UploadLife, core: _Core, result: str) -> None:
     core.effects.disarm_confirm(core.upload)
-    _finish(core, result)
+    _finish(core, result, "finished by the backend's finish_upload")
 
 
 @awaiting_finish.upon(On.confirm_timeout).to(cancelled)
 def _confirm_timeout(life: UploadLife, core: _Core, waited_seconds: float) -> None:
     message = f"backend did not call finish_upload within {waited_seconds:g} s"
-    _end(core, Ending(ErrorCode.HANDOVER_FAILED, message), notice=message)
+    _end(core, Ending(ErrorCode.HANDOVER_FAILED, message), message, Cause.CONFIRM_TIMEOUT)
 
 
 for _state in (handover, finish_requested):
@@ -659,9 +710,10 @@ for _state in _ENDED:
 # Finished.
 
 
-def _finish(core: _Core, result: str) -> None:
+def _finish(core: _Core, result: str, how: str) -> None:
     core.upload.phase = Phase.FINISHED
     core.upload.result = result
+    core.finishing = how
     core.effects.touch(core.upload)
     core.effects.finalize(core.upload)  # durable before anybody hears of it
 
@@ -669,7 +721,7 @@ def _finish(core: _Core, result: str) -> None:
 @finished.upon(On.finalized).loop()
 def _finalized(life: UploadLife, core: _Core) -> None:
     upload = core.upload
-    log.info("upload {id} handed over and finished", id=upload.id)
+    core.effects.happened(upload, Event.FINISHED, core.finishing)
     if upload.transport is not None:
         upload.transport.ended(Ending(None, result=upload.result))
 
@@ -680,20 +732,20 @@ def _finalized(life: UploadLife, core: _Core) -> None:
 @receiving.upon(On.cancel_by_backend).to(cancelled)
 def _cancel_by_backend(life: UploadLife, core: _Core) -> None:
     reason = "cancelled by the backend"
-    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=None)  # not echoed
+    ending = Ending(ErrorCode.TICKET_CANCELLED, reason)
+    _end(core, ending, None, Cause.BY_BACKEND, "")  # not echoed
 
 
 @receiving.upon(On.cancel_by_client).to(cancelled)
 def _cancel_by_client(life: UploadLife, core: _Core, reason: str) -> None:
-    reason = reason or "cancelled by the user"
-    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=reason)
+    given, reason = reason, reason or "cancelled by the user"
+    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), reason, Cause.BY_CLIENT, given)
 
 
 @receiving.upon(On.idle_timeout).to(cancelled)
 def _expired(life: UploadLife, core: _Core, idle_seconds: float) -> None:
-    log.info("upload {id} expired after {s:g} s idle", id=core.upload.id, s=idle_seconds)
     reason = f"upload idle for {idle_seconds:g} s"
-    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), notice=reason)
+    _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), reason, Cause.IDLE)
 
 
 def _too_late(core: _Core) -> None:
@@ -715,16 +767,21 @@ for _state in (*_HANDING_OVER, *_ENDED):
         _too_late(core)
 
 
-def _end(core: _Core, ending: Ending, notice: str | None) -> None:
+def _end(
+    core: _Core, ending: Ending, notice: str | None, cause: Cause, detail: str | None = None
+) -> None:
     """Cancel: `ending` reaches the client once that is saved (durably); then the file
-    goes and the backend hears `notice` (none when the backend asked for the cancel)."""
+    goes and the backend hears `notice` (none when the backend asked for the cancel).
+    The log says `detail` (by default the ending's message)."""
     upload = core.upload
     upload.phase = Phase.CANCELLED
     upload.cancel_reason = ending.message
     core.effects.disarm_confirm(upload)
     core.effects.touch(upload)
     saved = core.effects.save(upload)
-    log.info("upload {id} cancelled: {reason}", id=upload.id, reason=clipped(ending.message))
+    core.effects.happened(
+        upload, Event.CANCELLED, ending.message if detail is None else detail, cause
+    )
     transport = upload.transport
     if transport is not None:
         saved.addCallback(lambda _: transport.ended(ending))

@@ -21,7 +21,7 @@ from . import rfc6455
 from .errors import ErrorCode, UploadError, clipped
 from .files import Digest
 from .manager import UploadManager
-from .upload import Ending, Upload
+from .upload import Departure, Ending, Upload
 
 log = Logger()
 
@@ -48,6 +48,7 @@ class UploadProtocolSession:
     """Serves one WebSocket: an `rfc6455.MessageHandler` and the upload's `Transport`."""
 
     # upload.Transport: a chunk needs no check but its size, and stands once written
+    via = "websocket"
     digests: tuple[Digest, ...] = ()
     holding = False
 
@@ -86,11 +87,12 @@ class UploadProtocolSession:
         self._stop_request_deadline()
         self.stage = Stage.ENDED
         if self.upload is not None:
-            self.upload.life.disconnect(self, self.paused)
+            self.upload.life.disconnect(self, self._departure())
 
     def message_refused(self, why: str, close_code: int) -> None:
         too_big = close_code == rfc6455.TOO_BIG
         code = ErrorCode.FRAME_TOO_LARGE if too_big else ErrorCode.MALFORMED_MESSAGE
+        self.manager.metrics.error_sent(code, self.via)
         self._send("MsgError", ErrorCode=int(code), Msg=why)
         self.stage = Stage.ENDED
 
@@ -199,7 +201,7 @@ class UploadProtocolSession:
             self.refused(e)
             return
         if self.stage is not Stage.CONNECTING:  # the connection went meanwhile
-            upload.life.disconnect(self, self.paused)
+            upload.life.disconnect(self, self._departure())
             return
         self.upload = upload
         try:
@@ -228,6 +230,10 @@ class UploadProtocolSession:
             self.cancelling = False
             self.error(e.code, e.message)
 
+    def _departure(self) -> Departure:
+        """A WebSocket ends early, or after the upload's end (where it does not matter)."""
+        return Departure.PAUSED if self.paused else Departure.INTERRUPTED
+
     def _no_request(self) -> None:
         self._request_deadline = None
         if self.stage is Stage.AWAIT_REQUEST:
@@ -250,6 +256,7 @@ class UploadProtocolSession:
             code=int(code),
             text=clipped(text),
         )
+        self.manager.metrics.error_sent(code, self.via)
         self._send("MsgError", ErrorCode=int(code), Msg=text, **extra)
         self._close(rfc6455.POLICY)
 

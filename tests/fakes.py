@@ -158,6 +158,7 @@ class RecordingHandover:
 class RecordingTransport:
     """`incoming.upload.Transport` that writes down what it hears."""
 
+    via = "websocket"
     digests = ()
     holding = False
 

@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 from twisted.web.websocket import WebSocketClientEndpoint, WebSocketTransport
@@ -150,6 +151,22 @@ async def serving(config: Config, storage: Storage | None = None) -> AsyncIterat
         await server.settled()
         await ensureDeferred(server.manager.shutdown())
         pool.stop()
+
+
+@contextlib.contextmanager
+def log_line(text: str) -> Iterator[Deferred[None]]:
+    """Fires once this process logs a line holding `text` (while in the block)."""
+    seen: Deferred[None] = Deferred()
+
+    def observe(event: dict[str, Any]) -> None:
+        if not seen.called and text in formatEvent(event):
+            seen.callback(None)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 class Daemon(ProcessProtocol):

@@ -31,14 +31,14 @@ async def post(
 @pytest_twisted.ensureDeferred
 async def test_new_upload_returns_a_uuid4_as_plain_text(server: Server, prefix: str) -> None:
     code, body, headers = await post(
-        server, "new_upload", prefix, data={"signalFinishURL": "http://example.com/x"}
+        server, "new_upload", prefix, data={"signalFinishURL": "http://localhost/x"}
     )
     assert code == 200
     assert uuid.UUID(body).version == 4 and str(uuid.UUID(body)) == body
     assert headers.getRawHeaders("content-type")[0].startswith("text/plain")
     upload = server.manager.get(body)
     assert upload is not None
-    assert (upload.signal_finish_url, upload.backend_secret) == ("http://example.com/x", "")
+    assert (upload.signal_finish_url, upload.backend_secret) == ("http://localhost/x", "")
     assert upload.remove_file_when_finished is True
 
 
@@ -48,7 +48,7 @@ async def test_parameters_from_query_string_and_body_wins(server: Server) -> Non
         server,
         "new_upload",
         params={
-            "signalFinishURL": "http://query.example/a?x=1",
+            "signalFinishURL": "http://127.0.0.1:9/a?x=1",
             "backendSecret": "fromquery",
             "removeFileWhenFinished": "false",
         },
@@ -57,7 +57,7 @@ async def test_parameters_from_query_string_and_body_wins(server: Server) -> Non
     assert code == 200
     upload = server.manager.get(ticket)
     assert upload is not None
-    assert upload.signal_finish_url == "http://query.example/a?x=1"
+    assert upload.signal_finish_url == "http://127.0.0.1:9/a?x=1"
     assert upload.backend_secret == "frombody"
     assert upload.remove_file_when_finished is False
 
@@ -99,7 +99,7 @@ async def test_remove_file_when_finished_takes_go_booleans(
         server,
         "new_upload",
         data={
-            "signalFinishURL": "https://e.com/",
+            "signalFinishURL": "https://localhost/",
             "removeFileWhenFinished": value,
             "destType": "file",
         },

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import grp
+import os
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -154,6 +157,46 @@ def test_upload_limit_and_checksum_from_command_line_and_yaml(tmp_path: Path) ->
         parse("--checksum", "md5")
     with pytest.raises(usage.UsageError, match="--max-upload-size"):
         parse("--max-upload-size", "-1")
+
+
+def test_access_options_from_command_line_and_yaml(tmp_path: Path) -> None:
+    default = Config()
+    assert (default.backend_networks, default.handover_hosts, default.open_access) == (
+        frozenset(),
+        frozenset(),
+        False,
+    )
+    config = parse("--backend-networks", "10.0.0.0/8, 192.168.1.5,fd00::/8", "--open-access")
+    assert config.backend_networks == frozenset(
+        map(ip_network, ["10.0.0.0/8", "192.168.1.5/32", "fd00::/8"])
+    )
+    assert config.open_access is True
+    path = tmp_path / "c.yaml"
+    path.write_text("BackendNetworks: [10.1.0.0/16]\nOpenAccess: true\n")
+    config = parse("--config", str(path))
+    assert (config.backend_networks, config.open_access) == (
+        frozenset({ip_network("10.1.0.0/16")}),
+        True,
+    )
+    path.write_text("OpenAccess: false\n")
+    assert parse("--config", str(path)).open_access is False
+    for bad in ("10.0.0.0/33", "any", " , "):
+        with pytest.raises(usage.UsageError, match="--backend-networks"):
+            parse("--backend-networks", bad)
+    path.write_text("OpenAccess: maybe\n")
+    with pytest.raises(usage.UsageError, match="OpenAccess"):
+        parse("--config", str(path))
+
+
+def test_group_names_a_group_of_this_host(tmp_path: Path) -> None:
+    name = grp.getgrgid(os.getgid()).gr_name
+    assert parse("--group", name).group == name
+    assert parse("--group", str(os.getgid())).group == name
+    path = tmp_path / "c.yaml"
+    path.write_text(f"Group: {name}\n")
+    assert parse("--config", str(path)).group == name
+    with pytest.raises(usage.UsageError, match="--group: no group 'no-such-group-here'"):
+        parse("--group", "no-such-group-here")
 
 
 def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:

@@ -39,11 +39,18 @@ async def test_script_is_served_with_type_validators_and_cache_headers(
 
 
 @pytest_twisted.ensureDeferred
-async def test_module_exports_the_library(server: Server) -> None:
+async def test_module_is_the_script_then_the_exports_of_incoming_mjs(server: Server) -> None:
+    """One source: the npm package's incoming.mjs imports incoming.js; served, the script
+    comes first in the same file and the import goes."""
     response = await treq.get(f"{server.base}/frontend/incoming.mjs")
     body = await response.text()
     assert response.code == 200
-    assert body.startswith((frontend_dir() / "incoming.js").read_text())
+    assert response.headers.getRawHeaders("content-type") == ["text/javascript; charset=utf-8"]
+    script = (frontend_dir() / "incoming.js").read_text()
+    wrapper = (frontend_dir() / "incoming.mjs").read_text()
+    assert 'import "./incoming.js";\n' in wrapper
+    assert body == script + "\n" + wrapper.replace('import "./incoming.js";\n', "")
+    assert 'import "' not in body.removeprefix(script)
     assert "export default incoming;" in body
     assert "export const { set_server_hostname, Uploader, find_upload } = incoming;" in body
 

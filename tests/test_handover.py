@@ -206,6 +206,31 @@ def test_answers_starting_with_done_or_wait(answer: bytes) -> None:
     assert hand_over(client(stub, Clock()), stub).result == answer[:4].decode()
 
 
+@pytest.mark.parametrize("first_line", [b"done", b"done ok", b"done\r", b"done " + b"x" * 4000])
+def test_a_verdict_of_4_kib_arrives_whole_and_one_byte_more_fails(first_line: bytes) -> None:
+    """Whatever follows `done` on its line (SPEC: at most 4 KiB; more is a failed handover)."""
+    verdict = "é" * 2048  # 4096 bytes of UTF-8
+    stub = StubTreq(BackendStub((200, first_line + b"\n" + verdict.encode())))
+    d = ensureDeferred(client(stub, Clock()).hand_over(an_upload(), "/store/file", None))
+    stub.flush()
+    assert d.result.result == verdict
+    stub = StubTreq(BackendStub((200, first_line + b"\n" + verdict.encode() + b"!")))
+    d = ensureDeferred(client(stub, Clock()).hand_over(an_upload(), "/store/file", None))
+    stub.flush()
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(HandoverFailed) and "longer than 4096 bytes" in str(failures[0].value)
+
+
+def test_a_first_line_past_4_kib_fails_the_handover() -> None:
+    stub = StubTreq(BackendStub((200, b"done" + b" " * 5000 + b"\nverdict")))
+    d = ensureDeferred(client(stub, Clock()).hand_over(an_upload(), "/store/file", None))
+    stub.flush()
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures[0].check(HandoverFailed)
+
+
 def test_cancel_notice_is_one_post_and_swallows_errors() -> None:
     backend = BackendStub((500, b"oops"))
     stub = StubTreq(backend)
@@ -280,7 +305,7 @@ async def upload_and_expect_handover_error(server: Server, url: str, log: list[s
     assert data["Msg"] == HANDOVER_FAILED_TEXT
     await server.settled()
     assert server.files() == {}  # even with removeFileWhenFinished=false
-    [line] = [line for line in log if f"upload {ticket}: handover failed:" in line]
+    [line] = [line for line in log if f"upload {ticket} cancelled (handover_failed):" in line]
     return line
 
 
@@ -294,8 +319,8 @@ async def upload_and_expect_handover_error(server: Server, url: str, log: list[s
         ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\ndone\r\n", "unreadable"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "not done or wait"),
-        (b"garbage\r\n\r\n", "handover failed"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\x00\x01\r\n\r\ndone", "handover failed"),
+        (b"garbage\r\n\r\n", "unreadable: ResponseFailed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\x00\x01\r\n\r\ndone", "unreadable"),
     ],
 )
 @pytest_twisted.ensureDeferred

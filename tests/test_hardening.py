@@ -19,6 +19,7 @@ from .harness import (
     CHUNK_KB,
     SEND_AHEAD,
     Backend,
+    Server,
     acked_upload,
     send_all,
     start_daemon,
@@ -26,6 +27,7 @@ from .harness import (
     upload_request,
     upload_small,
 )
+from .system import NEEDS_ROOT, open_directory, spawn_twistd, throwaway_accounts
 from .test_websocket import client_frame, handshake
 
 CHUNK = CHUNK_KB * 1024
@@ -66,6 +68,74 @@ async def test_state_files_are_private_and_data_files_not_world_readable(
     assert mode(storage / f"{ticket}.json") == 0o600
     assert mode(storage / f"{ticket}.part") == 0o640
     assert mode(storage / kept) == 0o640
+
+
+@NEEDS_ROOT
+@pytest_twisted.ensureDeferred
+async def test_a_backend_in_the_group_moves_and_deletes_handed_over_files(
+    backend: Backend, stopper: list[Any]
+) -> None:
+    """Two real users: the daemon's, and the backend's, both in `--group` (here a
+    supplementary group of the daemon's user: the directory must be setgid)."""
+    with throwaway_accounts("supplementary") as who, open_directory() as top:
+        state = top / "lib"
+        state.mkdir()
+        os.chown(state, who.server.uid, who.server.gid)
+        storage = state / "storage"
+        daemon, process = spawn_twistd(
+            ["incoming", "--listen", "tcp:0:interface=127.0.0.1", "--storage-dir", str(storage),
+             "--group", who.group],
+            top, account=who.server,
+        )  # fmt: skip
+        stopper.append(process)
+        server = Server(manager=None, port=await daemon.listening, storage_dir=storage)  # type: ignore[arg-type]
+        files = {}
+        for content in (b"moved by the backend", b"deleted by the backend"):
+            ticket, client = await upload_small(
+                server, backend.url, content, removeFileWhenFinished="false", backendSecret="s"
+            )
+            await client.expect("MsgAllDone")
+            files[(await backend.posts.get())["filename"]] = content
+        pending = await server.new_upload(backend.url, backendSecret="secret")
+        await upload_request(server, pending, 10)  # its state file is written
+        assert storage.stat().st_gid == who.gid
+        assert mode(storage) == 0o770 | stat.S_ISGID
+        (moved, kept), (deleted, _) = files.items()
+        for path in (moved, deleted):
+            assert Path(path).stat().st_gid == who.gid and mode(Path(path)) == 0o640
+        state_file = storage / f"{pending}.json"
+        assert mode(state_file) == 0o600  # backend secrets stay the daemon's
+        # what another user in the group may do, and may not
+        away = top / "backend-files"
+        away.mkdir()
+        os.chown(away, who.backend.uid, who.backend.gid)
+        assert who.backend.run("mv", moved, str(away)).returncode == 0
+        assert who.backend.run("rm", "-f", deleted).returncode == 0
+        assert (away / Path(moved).name).read_bytes() == kept
+        assert not Path(moved).exists() and not Path(deleted).exists()
+        assert "Permission denied" in who.backend.run("cat", str(state_file)).stderr
+        # and a user outside the group: nothing
+        assert "Permission denied" in who.outsider.run("ls", str(storage)).stderr
+        await stop_daemon(daemon, process)
+
+
+@NEEDS_ROOT
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_outside_the_group_says_so_and_exits(stopper: list[Any]) -> None:
+    with throwaway_accounts() as who, open_directory() as top:
+        storage = top / "storage"
+        storage.mkdir()
+        os.chown(storage, who.outsider.uid, who.outsider.gid)
+        daemon, process = spawn_twistd(
+            ["incoming", "--storage-dir", str(storage), "--group", who.group], top,
+            account=who.outsider,
+        )  # fmt: skip
+        stopper.append(process)
+        assert (await daemon.ended)[0] == 1
+        assert daemon.output.decode().splitlines() == [
+            f"incoming: cannot use the storage directory {storage}: Operation not permitted"
+        ]
+        assert storage.stat().st_gid == who.outsider.gid
 
 
 @pytest_twisted.ensureDeferred

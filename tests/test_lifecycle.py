@@ -27,7 +27,7 @@ from incoming.files import write_all
 from incoming.manager import UploadManager
 from incoming.metrics import Metrics
 from incoming.storage import DiskStorage, Saved
-from incoming.upload import HANDOVER_FAILED_TEXT, Phase, Room, Upload, bring_to_life
+from incoming.upload import HANDOVER_FAILED_TEXT, Departure, Phase, Room, Upload, bring_to_life
 from incoming.websocket_protocol import UploadProtocolSession
 
 from .conftest import CHUNK_KB, SEND_AHEAD
@@ -192,7 +192,7 @@ def test_a_full_storage_keeps_the_upload_and_its_durable_bytes_until_space_is_fr
     assert transport.events == [("stored", 3000), ("failed", ErrorCode.STORAGE_FULL, message)]
     assert (upload.phase, upload.offset, handover.notices) == (Phase.RECEIVING, 3000, [])
     assert storage.parts[upload.id] == b"a" * 3000
-    upload.life.disconnect(transport, False)
+    upload.life.disconnect(transport, Departure.INTERRUPTED)
     storage.full_at = None  # space was freed
     again = RecordingTransport()
     assert now(manager.connect(upload.id, again, 9000, "n")) is upload
@@ -229,7 +229,7 @@ def test_a_second_connection_is_refused_and_the_first_ones_bytes_stay_its_own() 
     landing: Deferred[None] = Deferred()
     storage.write = lambda *args: landing  # type: ignore[method-assign]
     upload.life.receive(b"12345")  # in flight when the connection drops
-    upload.life.disconnect(transport, False)
+    upload.life.disconnect(transport, Departure.INTERRUPTED)
     now(manager.connect(upload.id, other, 10, "n"))
     landing.callback(None)
     assert transport.events == [("stored", 5)] and other.events == []
@@ -258,7 +258,9 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "synced": (0,),
         "answered_done": ("verdict",),
         "finish_upload": ("verdict",),
-        "disconnect": (RecordingTransport(), False),
+        "disconnect": (RecordingTransport(), Departure.INTERRUPTED),
+        "storage_failed": ("disk on fire",),
+        "handover_failed": ("backend on fire",),
         "receive": (b"",),
         "past_end": ("too long",),
         "cancel_by_client": ("why",),
@@ -313,6 +315,61 @@ def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> No
     again.restore()
     assert storage.finals == {kept.id: b"abc"}  # removeFileWhenFinished=false: the backend's
     assert handover.notices == [] and again.lookup(removed.id).phase is Phase.FINISHED
+
+
+def lines(log: list[str], upload: Upload) -> list[str]:
+    return [line for line in log if line.startswith(f"upload {upload.id} ")]
+
+
+def test_an_expiry_is_one_line_and_a_wait_says_what_comes_next(server_log: list[str]) -> None:
+    manager, clock, storage, handover, upload, transport = begin(length=10)
+    upload.life.receive(b"12345")
+    clock.advance(100)
+    assert lines(server_log, upload)[1:] == [
+        f"upload {upload.id} expired (idle): upload idle for 100 s"
+    ]
+    manager, clock, storage, handover, upload, transport = begin("wait", remove=False)
+    clock.advance(2)
+    upload.life.receive(b"abc")
+    upload.life.finish_upload("ok")
+    assert lines(server_log, upload) == [
+        f"upload {upload.id} started over websocket: 'n', 3 bytes",
+        f"upload {upload.id} complete: 3 bytes stored in 2.0 s",
+        f"upload {upload.id} handed over; the backend will call finish_upload",
+        f"upload {upload.id} finished by the backend's finish_upload",
+    ]
+
+
+def test_a_restart_logs_what_it_found_in_words_that_say_what_it_is(
+    server_log: list[str],
+) -> None:
+    storage = MemoryStorage()
+    manager, clock, _, handover = make_manager(storage=storage)
+    unused, receiving, handing, finished = (new_ticket(manager, True) for _ in range(4))
+    storage.states[receiving.id] = {**receiving.to_record(), "length": 10}
+    storage.parts[receiving.id] = bytearray(b"1234")
+    storage.states[handing.id] = {**handing.to_record(), "length": 3, "phase": "handover"}
+    storage.finals[handing.id] = b"abc"
+    # finished, its file removed (removeFileWhenFinished) or taken by the backend
+    storage.states[finished.id] = {
+        **finished.to_record(),
+        "length": 200_000_000,
+        "phase": "finished",
+    }
+    server_log.clear()
+    again, clock, _, handover = make_manager(storage=storage)
+    again.restore()
+    assert server_log[:3] == [
+        f"upload {receiving.id} restored: 4 of 10 bytes stored",
+        f"upload {handing.id} restored: being handed over again",
+        f"upload {handing.id} handed over and finished",
+    ]
+    assert (
+        "restored 4 uploads: 1 being handed over again, 1 finished, 1 receiving, "
+        "1 tickets not used yet"
+    ) in server_log
+    assert not [line for line in server_log if "None" in line or unused.id in line]
+    assert not [line for line in server_log if finished.id in line]
 
 
 # Over loopback, with the disk.

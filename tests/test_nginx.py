@@ -41,7 +41,7 @@ async def behind_nginx(
 
 def served(daemon: Daemon, ticket: str) -> int:
     """How many WebSocket connections of `ticket` this instance took."""
-    return len(re.findall(rb"upload %s (connected|resumed):" % ticket.encode(), daemon.output))
+    return len(re.findall(rb"upload %s (started|resumed) " % ticket.encode(), daemon.output))
 
 
 @pytest_twisted.ensureDeferred

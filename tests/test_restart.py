@@ -106,7 +106,7 @@ async def test_sigkill_while_waiting_for_finish_upload(
     ticket, client = await upload_small(server, backend.url, b"wxyz", backendSecret="k")
     first = await backend.posts.get()
     assert (first["id"], first["cancelled"]) == (ticket, "no")
-    await daemon.logged(rb"handed over; backend asked to wait")
+    await daemon.logged(rb"handed over; the backend will call finish_upload")
     await daemon.kill(process)
 
     daemon, process, server = await start_daemon(storage, tmp_path, stopper)
@@ -144,7 +144,7 @@ async def test_uploads_expired_while_down_are_cancelled_at_start(
     notice = await backend.posts.get()
     assert (notice["id"], notice["cancelled"], notice["backendSecret"]) == (ticket, "yes", "k")
     assert "idle" in notice["cancelReason"]
-    await daemon.logged(rb"expired after")
+    await daemon.logged(rb"expired \(idle\)")
     assert not (storage / f"{ticket}.part").exists()
     again = await connect_and_request(server, ticket, 2 * CHUNK)
     await again.expect_error(12)  # TICKET_CANCELLED
