@@ -18,6 +18,8 @@ from twisted.python import usage
 
 from .access import Network
 
+SYNC_WINDOW = 8 * 1024 * 1024  # bytes a client may send ahead by default, with syncing on
+
 
 @dataclass(frozen=True)
 class Config:
@@ -26,7 +28,7 @@ class Config:
     listen: str = "tcp:4000:interface=0.0.0.0"
     storage_dir: Path = Path("incoming-storage")
     chunk_size_kb: int = 512
-    send_ahead: int = 4
+    send_ahead: int | None = None  # chunks a client may send unacknowledged; see `window`
     max_idle: float = 43200.0
     ws_timeout: float = 58.0
     handover_timeout: float = 55.0
@@ -47,6 +49,17 @@ class Config:
     @property
     def chunk_size(self) -> int:
         return self.chunk_size_kb * 1024
+
+    @property
+    def window(self) -> int:
+        """Chunks a client may send ahead (`SendAhead`): as set, or by default 4 (the 2014
+        server's) and, with syncing on, enough for SYNC_WINDOW bytes: acknowledgements
+        wait for fdatasyncs, and a window that covers one keeps the client sending."""
+        if self.send_ahead is not None:
+            return self.send_ahead
+        if self.sync == "none":
+            return 4
+        return min(max(4, -(-SYNC_WINDOW // self.chunk_size)), 1024)
 
 
 def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
@@ -209,7 +222,12 @@ class Options(usage.Options):
         ["listen", "l", None, "Endpoint for browsers and backends [tcp:4000:interface=0.0.0.0]"],
         ["storage-dir", "s", None, "Directory for uploads, created if missing [incoming-storage]"],
         ["chunk-size-kb", None, None, "Chunk size announced to uploaders, KiB [512]"],
-        ["send-ahead", None, None, "Chunks a client may send before an ack [4]"],
+        [
+            "send-ahead",
+            None,
+            None,
+            "Chunks a client may send before an ack [4; with --sync fsync, 8 MiB of chunks]",
+        ],
         ["max-idle", None, None, "Seconds after which an idle upload expires [43200]"],
         ["ws-timeout", None, None, "Seconds before a silent WebSocket is dropped [58]"],
         ["handover-timeout", None, None, "Seconds for the handover POST, retries included [55]"],

@@ -228,8 +228,8 @@ class DiskStorage:
         self.group = group  # shares the directory with this group (`share_directory`)
         self.sync = sync  # make what callers are told is saved durable (fsync)
         self._fdatasync = fdatasync
-        # Uploads' fdatasyncs wait on the disk: in threads of their own, they leave the
-        # pool's threads to writes (which would otherwise queue up, in memory, behind them).
+        # fsyncs wait on the disk: in threads of their own, they leave the pool's threads
+        # to writes (which would otherwise queue up, in memory, behind them).
         self._sync_pool = sync_pool or pool
         self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
         self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
@@ -242,7 +242,7 @@ class DiskStorage:
         self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
         self._open: OrderedDict[str, None] = OrderedDict()  # uploads that may hold an fd, LRU
         self._max_open_files = max_open_files
-        self._directory = DirectorySync(self.root, reactor, pool)
+        self._directory = DirectorySync(self.root, reactor, self._sync_pool)
         self.journal = TicketJournal(
             self.root / "tickets.journal", reactor, pool, sync=sync, fdatasync=fdatasync
         )
@@ -349,9 +349,9 @@ class DiskStorage:
         return lock.run(self._then_directory, call, *args)
 
     def _then_directory(self, call: Callable[..., T], *args: object) -> Deferred[T]:
-        d = deferToThreadPool(self._reactor, self._pool, call, *args)
         if not self.sync:
-            return d
+            return deferToThreadPool(self._reactor, self._pool, call, *args)
+        d = deferToThreadPool(self._reactor, self._sync_pool, call, *args)  # it fsyncs
 
         def durably(result: T) -> Deferred[T]:
             return self._directory.synced().addCallback(lambda _: result)
