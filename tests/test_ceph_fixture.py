@@ -114,3 +114,13 @@ def test_stop_ends_every_process_it_started_and_removes_its_directory() -> None:
     assert not directory.exists()
     for pid in pids.values():
         assert not Path(f"/proc/{pid}").exists()  # reaped: gone, not a zombie
+
+
+@pytest.mark.skipif(bool(missing_binaries()), reason="Ceph is not installed")
+def test_s3_over_https_with_the_clusters_own_certificate() -> None:
+    with Ceph(tls=True) as cluster:
+        assert cluster.endpoint.startswith("https://127.0.0.1:")
+        bucket = cluster.make_bucket()
+        data = os.urandom(PART + 1)
+        cluster.client().put_object(Bucket=bucket, Key="secret", Body=data)
+        assert cluster.read(bucket, "secret") == data
