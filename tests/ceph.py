@@ -4,8 +4,9 @@ objects in its own memory (memstore), and radosgw speaking S3 on a free loopback
 Everything runs as child processes of the caller, from Debian's packages (ceph-mon,
 ceph-osd, radosgw, ceph-common), with a config file of its own in a temporary directory
 (data, logs, admin sockets, pid files there too): never the system's services, never
-/etc/ceph or /var/lib/ceph. Starts in about 2 s; `stop()` kills what it started, by PID,
-and removes the directory.
+/etc/ceph or /var/lib/ceph; any user may run it. Starts in about 2 s; `stop()` kills what
+it started, by PID, and removes the directory. With `tls`, S3 is on HTTPS with a
+certificate made by Debian's openssl (ceph-common brings it in).
 
 The helpers that read a bucket use boto3 synchronously: from a Twisted test, call them
 once the work under test has settled (they take milliseconds), or in a thread.
