@@ -170,10 +170,11 @@ def log_line(text: str) -> Iterator[Deferred[None]]:
 
 
 class Daemon(ProcessProtocol):
-    """Watches a server's log for the line saying it is ready (for twistd: its port),
+    """Watches a server's log for the line saying it is ready (for twistd: the start-up
+    summary, logged once the reactor runs and signals are handled, and its first port),
     and for its exit."""
 
-    def __init__(self, ready: bytes = rb"IncomingSite starting on (\d+)") -> None:
+    def __init__(self, ready: bytes = rb"Incoming!! \S+ started: [^;]*? on [^;\s]*:(\d+)") -> None:
         self.ready = ready
         self.output = b""
         self.listening: Deferred[int] = Deferred()
