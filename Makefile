@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-tus bench-cluster load system-packages
+.PHONY: run test lint bench bench-tus bench-wan bench-cluster load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -46,6 +46,12 @@ bench: $(VENV)/.installed
 # tus-js-client against @tus/server and against ours (bench/tus_bench.py).
 bench-tus: $(VENV)/.installed node_modules/.installed
 	$(PY) bench/tus_bench.py $(ARGS)
+
+# Every client, ours and @tus/server, across an emulated long fat link (bench/linkem.py):
+# 40 and 150 ms round trip at 400 Mbit/s, 256 MiB each (bench/wan_bench.py). The 2014
+# library is not in this repository: LIB2014=PATH names a copy of its incoming.js.
+bench-wan: $(VENV)/.installed node_modules/.installed
+	$(PY) bench/wan_bench.py $(if $(LIB2014),--lib2014 $(LIB2014)) $(ARGS)
 
 # One process against cluster mode (--redis, with a redis-server of its own): tickets
 # per second and one 256 MiB WebSocket upload (bench/cluster_bench.py).

@@ -75,24 +75,28 @@ function upload([ticket, options], file) {
 
 
 class PageServer:
-    """Serves the bench page from 127.0.0.1 and receives the page's result.
+    """Serves the bench page from 127.0.0.1 (and `files`, by path) and receives the
+    page's result.
 
     A page from a real loopback server: Chromium refuses WebSockets to 127.0.0.1
     from pages it cannot place on the local network.
     """
 
-    def __init__(self, page: bytes) -> None:
+    def __init__(self, page: bytes, files: dict[str, bytes] | None = None) -> None:
         self.result: Any = None
         self.done = threading.Event()
         outer = self
+        served = files or {}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = served.get(self.path, page)
+                kind = "text/html" if body is page else "application/octet-stream"
                 self.send_response(200)
-                self.send_header("content-type", "text/html")
-                self.send_header("content-length", str(len(page)))
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(page)
+                self.wfile.write(body)
 
             def do_POST(self) -> None:  # noqa: N802
                 outer.result = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -111,11 +115,9 @@ class PageServer:
 Upload = tuple[str, dict[str, Any]]  # a ticket, and the Uploader's options
 
 
-def plain_headless(daemon: Daemon, uploads: list[Upload], size: int) -> list[float]:
-    """Chromium with no DevTools client attached: the page reports its own timings."""
-    host = f"127.0.0.1:{daemon.port}"
-    page = PLAIN_PAGE % {"host": host, "uploads": json.dumps(uploads), "size": size}
-    pages = PageServer(page.encode())
+def run_headless(pages: PageServer, timeout: float = 600) -> Any:
+    """Opens the page in Chromium with no DevTools client attached (a fresh profile) and
+    returns what it posted; a posted {"error": ...} raises."""
     # ignore_cleanup_errors: Chromium's helpers may still write the profile as it goes
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(
@@ -123,15 +125,22 @@ def plain_headless(daemon: Daemon, uploads: list[Upload], size: int) -> list[flo
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            if not pages.done.wait(timeout=600):
+            if not pages.done.wait(timeout=timeout):
                 raise RuntimeError("the page reported nothing")
         finally:
             browser.terminate()
             browser.wait(timeout=20)
     pages.server.shutdown()
-    if isinstance(pages.result, dict):
+    if isinstance(pages.result, dict) and "error" in pages.result:
         raise RuntimeError(pages.result["error"])
-    return [float(seconds) for seconds in pages.result]
+    return pages.result
+
+
+def plain_headless(daemon: Daemon, uploads: list[Upload], size: int) -> list[float]:
+    """Chromium with no DevTools client attached: the page reports its own timings."""
+    host = f"127.0.0.1:{daemon.port}"
+    page = PLAIN_PAGE % {"host": host, "uploads": json.dumps(uploads), "size": size}
+    return [float(seconds) for seconds in run_headless(PageServer(page.encode()))]
 
 
 def devtools(daemon: Daemon, uploads: list[Upload], size: int) -> list[float]:

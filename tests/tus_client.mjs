@@ -7,6 +7,8 @@
 //     "chunkSize": null, "retryDelays": [100, 500], "rate": 0, "abortAfter": null}'
 //
 // chunkSize null is tus-js-client's default, Infinity (the whole file in one PATCH).
+// parallelUploads (default 1) splits each file into that many partial uploads
+// (tus concatenation), each created with its upload's metadataForPartialUploads.
 // rate (bytes/s, per upload) throttles what is read from the file; abortAfter (bytes)
 // calls abort(true) (termination) once that many bytes are sent.
 import fs from "node:fs";
@@ -76,6 +78,8 @@ function upload(index, spec) {
       chunkSize: options.chunkSize ?? Number.POSITIVE_INFINITY,
       retryDelays: options.retryDelays ?? null,
       uploadDataDuringCreation: options.uploadDataDuringCreation ?? false,
+      parallelUploads: options.parallelUploads ?? 1,
+      metadataForPartialUploads: spec.metadataForPartialUploads ?? {},
       ...(options.rate ? { fileReader: new ThrottledFileReader(options.rate) } : {}),
       onUploadUrlAvailable() {
         emit({ event: "created", upload: index, url: up.url, at: elapsed() });
