@@ -213,6 +213,8 @@ class UploadProtocolSession:
         self.stage = Stage.AWAIT_ACK
         assert self.connection is not None
         self.send_ahead = self.window.for_rtt(self.connection.rtt)
+        if self.connection.rtt is not None:
+            self.manager.metrics.websocket_round_trip.observe(self.connection.rtt)
         self._send(
             "MsgUploadConf",
             ChunkSizeKB=self.chunk_size_kb,

@@ -232,3 +232,9 @@ async def test_the_window_grows_with_the_round_trip_and_memory_stays_bounded(
     assert stats["up"]["bytes"] >= len(data)  # it went across the link
     # what waited for the disk: the configured window, or one socket read past it
     assert max(disk.seen) <= floor * chunk + rfc6455.READ_SIZE < window * chunk
+    metrics = server.manager.metrics.registry
+    assert metrics.get_sample_value("incoming_websocket_round_trip_seconds_count") == 2
+    assert (
+        metrics.get_sample_value("incoming_websocket_round_trip_seconds_bucket", {"le": "0.05"})
+        == 1
+    )
