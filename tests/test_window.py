@@ -73,7 +73,6 @@ class Silent:
 
 def opened() -> tuple[rfc6455.WebSocketConnection, StringTransport, Clock]:
     clock, transport = Clock(), StringTransport()
-    clock.advance(1000)
     connection = rfc6455.WebSocketConnection(Silent(), clock, 60, 1000)
     connection.makeConnection(transport)
     connection.opened()
