@@ -124,8 +124,12 @@ class UploadProtocolSession:
             )
             return
         self.upload.life.receive(data)
-        if self.upload.pending_bytes >= self.window.max_pending and self.connection is not None:
-            self.connection.pause_reading()  # the rest waits in the kernel and the network
+        # A window grown past the memory bound waits in the kernel and the network meanwhile
+        # (one of the bound's size needs no pause: its client waits for an ack).
+        grown = self.send_ahead > self.window.send_ahead
+        if grown and self.upload.pending_bytes >= self.window.max_pending:
+            assert self.connection is not None
+            self.connection.pause_reading()
 
     def _disk_caught_up(self) -> None:
         pending = self.upload.pending_bytes if self.upload is not None else 0
