@@ -34,11 +34,11 @@ class Config:
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
-    # who may call the backend API on `listen` besides this host (README: Access)
+    # who may call the backend API on `listen` besides this host (docs: access)
     backend_networks: frozenset[Network] = frozenset()
     handover_hosts: frozenset[str] = frozenset()  # signalFinishURL hosts besides the caller's
     open_access: bool = False  # the 2014 server's: backend API for all, handovers anywhere
-    group: str | None = None  # shares the storage directory with this group (README)
+    group: str | None = None  # shares the storage directory with this group (docs: sharing)
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
