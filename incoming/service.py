@@ -9,6 +9,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
@@ -50,27 +51,35 @@ class UploadService(Service):
 
 
 def build_manager(
-    config: Config, reactor: Any, pool: ThreadPool, storage: Storage | None = None
+    config: Config,
+    reactor: Any,
+    pool: ThreadPool,
+    storage: Storage | None = None,
+    clock: IReactorTime | None = None,
 ) -> UploadManager:
-    """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
+    """The uploads, on `storage` (by default the disk under `config.storage_dir`); their
+    timers and the handover's on `clock` (by default the reactor's)."""
+    clock = clock or reactor
     metrics = Metrics()
     if storage is None:
         disk = DiskStorage(config.storage_dir, reactor, pool, sha256=config.checksum == "sha256")
         disk.prepare()
         storage = disk
-    handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
+    handover = HandoverClient(http_client(reactor), clock, config.handover_timeout, metrics)
     cluster = None
     if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
         cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)
     return UploadManager(
         storage,
         handover,
-        reactor,
+        clock,
         metrics,
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
         cluster=cluster,
+        handover_timeout=config.handover_timeout,
+        handover_retry=config.handover_retry,
     )
 
 

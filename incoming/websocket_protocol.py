@@ -146,6 +146,16 @@ class UploadProtocolSession:
     def waiting(self) -> None:
         pass  # the client hears MsgAllDone once the backend calls finish_upload
 
+    def pending(self) -> None:
+        """Stored, and the application will take it: a finished upload to the 2014 library.
+        The handover goes on without this connection; one that comes back meanwhile hears
+        the same (after MsgUploadConf)."""
+        self._send("MsgAllDone", Success=True, Pending=True)
+        self._close(rfc6455.NORMAL)
+        upload, self.upload = self.upload, None
+        if upload is not None:
+            upload.life.disconnect(self, Departure.DONE)
+
     def going_away(self) -> None:
         self._close(rfc6455.GOING_AWAY)
 

@@ -154,3 +154,16 @@ def test_upload_limit_and_checksum_from_command_line_and_yaml(tmp_path: Path) ->
         parse("--checksum", "md5")
     with pytest.raises(usage.UsageError, match="--max-upload-size"):
         parse("--max-upload-size", "-1")
+
+
+def test_handover_retry_is_a_day_unless_set() -> None:
+    assert parse().handover_retry == 86400
+    assert parse("--handover-retry", "600").handover_retry == 600
+
+
+def test_handover_retry_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "incoming.yaml"
+    path.write_text("HandoverRetryS: 3600\n")
+    assert parse("--config", str(path)).handover_retry == 3600
+    with pytest.raises(usage.UsageError, match="--handover-retry"):
+        parse("--handover-retry", "0")
