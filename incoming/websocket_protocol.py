@@ -202,6 +202,10 @@ class UploadProtocolSession:
         try:
             upload = await self.manager.connect(ticket, self, length, name)
         except UploadError as e:
+            if e.code is ErrorCode.ALREADY_CONNECTED and await self._pending_elsewhere(
+                ticket, length
+            ):
+                return
             self.refused(e)
             return
         if self.stage is not Stage.CONNECTING:  # the connection went meanwhile
@@ -219,6 +223,26 @@ class UploadProtocolSession:
             SendAhead=self.send_ahead,
         )
         upload.life.ready()
+
+    async def _pending_elsewhere(self, ticket: str, length: int) -> bool:
+        """Cluster: another instance holds the upload, whose handover is pending: a client
+        that comes back hears what it would hear there (not ALREADY_CONNECTED for hours)."""
+        try:
+            upload = await self.manager.find(ticket)
+        except UploadError:
+            return False
+        if upload is None or not upload.handover_pending or upload.length != length:
+            return False
+        if self.stage is Stage.CONNECTING:
+            self.stage = Stage.AWAIT_ACK
+            self._send(
+                "MsgUploadConf",
+                ChunkSizeKB=self.chunk_size_kb,
+                FilePos=length,
+                SendAhead=self.send_ahead,
+            )
+            self.pending()
+        return True
 
     def _cancel(self, reason: str) -> None:
         """Acknowledged once the upload's life has ended it (at once)."""

@@ -591,3 +591,38 @@ async def test_another_instance_continues_the_retry_time_of_a_dead_one(
     error, _ = await upload_request_error(b, ticket, len(data))
     assert error["ErrorCode"] == ErrorCode.TICKET_CANCELLED
     await stop_daemon(daemon_b, process_b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pending_handover_as_seen_from_another_instance(
+    tmp_path: Path, redis: Redis, backend: Backend, stopper: list[Any]
+) -> None:
+    shared = tmp_path / "shared"
+    options = ("--redis", redis.url, "--ws-timeout", "3", "--handover-timeout", "1")
+    daemon_a, process_a, a = await start_daemon(shared, tmp_path, stopper, *options)
+    daemon_b, process_b, b = await start_daemon(shared, tmp_path, stopper, *options)
+    backend.status, backend.answer = 503, b"deploying"
+    data = os.urandom(2 * CHUNK + 7)
+    ticket, client, _ = await acked_upload(
+        a, backend.url, len(data), removeFileWhenFinished="false"
+    )
+    await send_all(client, data, CHUNK, SEND_AHEAD)
+    assert await soon(client.expect("MsgAllDone")) == {"Success": True, "Pending": True}
+    # A retries; a client that comes back on B hears the same, not "already connected"
+    again, conf = await upload_request(b, ticket, len(data))
+    assert conf["FilePos"] == len(data)
+    again.send("MsgAck", Ack=True)
+    assert await soon(again.expect("MsgAllDone")) == {"Success": True, "Pending": True}
+    head = await treq.head(f"{b.base}/tus/{ticket}", headers=TUS)
+    assert head.headers.getRawHeaders("incoming-handover") == ["pending"]
+    finished = daemon_a.logged(rb"handed over and finished")
+    backend.status, backend.answer = 200, b"done\nok"
+    await soon(finished)
+    head = await treq.head(f"{a.base}/tus/{ticket}", headers=TUS)
+    assert head.headers.getRawHeaders("incoming-result") == ["ok"]
+    assert head.headers.getRawHeaders("incoming-handover") is None
+    posts = list(backend.posts.pending)
+    assert {(p["id"], p["cancelled"], p["sha256"]) for p in posts} == {(ticket, "no", sha256(data))}
+    assert (shared / ticket).read_bytes() == data
+    for daemon, process in ((daemon_a, process_a), (daemon_b, process_b)):
+        await stop_daemon(daemon, process)
