@@ -8,7 +8,7 @@ import contextlib
 import random
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
 
@@ -277,7 +277,6 @@ class _Run:
     waiting: bool = False  # `awaited` is the delay before the next attempt
     stopped: bool = False
     aborted: bool = False  # and an attempt under way was cut short
-    attempts: list[float] = field(default_factory=list)  # when each began
 
 
 class Retrier:
@@ -331,21 +330,22 @@ class Retrier:
         since: float,
         go_on: Callable[[], bool],
     ) -> T:
-        said = 0.0  # when the log last said the backend is away
+        first = said = self.clock.seconds()  # this run's first attempt; the last log line
+        attempts = 0
         while True:
-            run.attempts.append(self.clock.seconds())
+            attempts += 1
             try:
                 result: T = await self._await(run, ensureDeferred(_coroutine(post)))
             except BackendAway as e:
                 away = e
             else:
-                if len(run.attempts) > 1:
+                if attempts > 1:
                     log.info(
                         "upload {id}: {what} went through at attempt {n}, {took} after the first",
                         id=upload_id,
                         what=what,
-                        n=len(run.attempts),
-                        took=duration(self.clock.seconds() - run.attempts[0]),
+                        n=attempts,
+                        took=duration(self.clock.seconds() - first),
                     )
                 return result
             now = self.clock.seconds()
@@ -353,9 +353,9 @@ class Retrier:
                 raise Stopped()
             left = since + self.retry_for - now
             if left <= 0:
-                given = f"given up after {len(run.attempts)} attempts in {duration(now - since)}"
+                given = f"given up after {attempts} attempts in {duration(now - since)}"
                 raise BackendAway(f"{away} ({given})")
-            if len(run.attempts) == 1:
+            if attempts == 1:
                 said = now
                 log.warn(
                     "upload {id}: {what}: {why}; retrying for up to {left}",
@@ -370,12 +370,12 @@ class Retrier:
                     "upload {id}: {what}: backend still away after {took} ({n} attempts): {why}",
                     id=upload_id,
                     what=what,
-                    took=duration(now - run.attempts[0]),
-                    n=len(run.attempts),
+                    took=duration(now - first),
+                    n=attempts,
                     why=str(away),
                 )
             self.metrics.handover_retries.labels(what.replace(" ", "_")).inc()
-            delay = retry_delay(len(run.attempts), away.retry_after, self.jitter())
+            delay = retry_delay(attempts, away.retry_after, self.jitter())
             run.waiting = True
             try:
                 await self._await(run, self.sleep(min(delay, left)))
