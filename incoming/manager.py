@@ -451,7 +451,9 @@ class UploadManager:
 
     def _arm_late(self, upload: Upload, began: float) -> None:
         """`handover_late` HandoverTimeoutS after the handover's first attempt."""
-        self._handover_over(upload.id)
+        earlier = self._late.pop(upload.id, None)
+        if earlier is not None and earlier.active():
+            earlier.cancel()
         delay = max(began + self.handover_timeout - self.clock.seconds(), 0)
         self._late[upload.id] = self.clock.callLater(delay, upload.life.handover_late)
 
