@@ -33,6 +33,7 @@ class Config:
     ws_timeout: float = 58.0
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
+    handover_retry: float = 86400.0  # retrying a handover while the backend is away
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
     # who may call the backend API on `listen` besides this host (docs: access)
     backend_networks: frozenset[Network] = frozenset()
@@ -160,6 +161,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
         "HandoverConfirmTimeoutS",
         _seconds,
     ),
+    "handover_retry": ("handover-retry", "HandoverRetryS", _seconds),
     "backend_listen": ("backend-listen", "BackendListen", _text),
     "backend_networks": ("backend-networks", "BackendNetworks", _networks),
     "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
@@ -227,12 +229,24 @@ class Options(usage.Options):
         ],
         ["max-idle", None, None, "Seconds after which an idle upload expires [43200]"],
         ["ws-timeout", None, None, "Seconds before a silent WebSocket is dropped [58]"],
-        ["handover-timeout", None, None, "Seconds for the handover POST, retries included [55]"],
+        [
+            "handover-timeout",
+            None,
+            None,
+            "Seconds for each handover POST; then the browser is told the handover is pending [55]",
+        ],
         [
             "handover-confirm-timeout",
             None,
             None,
             "Seconds to wait for finish_upload after a 'wait' [600]",
+        ],
+        [
+            "handover-retry",
+            None,
+            None,
+            "Seconds to keep retrying a handover (or cancel notice) while the backend is "
+            "away: no answer, 429 or 5xx [86400]",
         ],
         [
             "backend-listen",

@@ -12,7 +12,7 @@ from twisted.internet import address
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -65,9 +65,15 @@ class UploadService(Service):
 
 
 def build_manager(
-    config: Config, reactor: Any, pool: ThreadPool, storage: Storage | None = None
+    config: Config,
+    reactor: Any,
+    pool: ThreadPool,
+    storage: Storage | None = None,
+    clock: IReactorTime | None = None,
 ) -> UploadManager:
-    """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
+    """The uploads, on `storage` (by default the disk under `config.storage_dir`); their
+    timers and the handover's on `clock` (by default the reactor's)."""
+    clock = clock or reactor
     metrics = Metrics()
     if storage is None:
         group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
@@ -76,19 +82,21 @@ def build_manager(
         )
         disk.prepare()
         storage = disk
-    handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
+    handover = HandoverClient(http_client(reactor), clock, config.handover_timeout, metrics)
     cluster = None
     if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
         cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)
     return UploadManager(
         storage,
         handover,
-        reactor,
+        clock,
         metrics,
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
         cluster=cluster,
+        handover_timeout=config.handover_timeout,
+        handover_retry=config.handover_retry,
     )
 
 

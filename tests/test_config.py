@@ -213,3 +213,16 @@ def test_group_names_a_group_of_this_host(tmp_path: Path) -> None:
     assert parse("--config", str(path)).group == name
     with pytest.raises(usage.UsageError, match="--group: no group 'no-such-group-here'"):
         parse("--group", "no-such-group-here")
+
+
+def test_handover_retry_is_a_day_unless_set() -> None:
+    assert parse().handover_retry == 86400
+    assert parse("--handover-retry", "600").handover_retry == 600
+
+
+def test_handover_retry_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "incoming.yaml"
+    path.write_text("HandoverRetryS: 3600\n")
+    assert parse("--config", str(path)).handover_retry == 3600
+    with pytest.raises(usage.UsageError, match="--handover-retry"):
+        parse("--handover-retry", "0")

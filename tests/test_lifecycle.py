@@ -242,7 +242,8 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "declare connect disconnect ready receive past_end rewind written all_stored "
         "storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
-        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
+        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored "
+        "handover_retrying handover_late notified"
     )
     for name in inputs.split():
         manager, clock, storage, handover = make_manager()
