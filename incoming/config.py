@@ -18,8 +18,6 @@ from twisted.python import usage
 
 from .access import Network
 
-SYNC_WINDOW = 8 * 1024 * 1024  # bytes a client may send ahead by default, with syncing on
-
 
 @dataclass(frozen=True)
 class Config:
@@ -28,17 +26,20 @@ class Config:
     listen: str = "tcp:4000:interface=0.0.0.0"
     storage_dir: Path = Path("incoming-storage")
     chunk_size_kb: int = 512
-    send_ahead: int | None = None  # chunks a client may send unacknowledged; see `window`
+    send_ahead: int = 4
+    max_window: int = 64 * 1024 * 1024  # bytes a WebSocket client may send ahead at most
+    window_rate_mbit: int = 1000  # the window covers a round trip at this rate
     max_idle: float = 43200.0
     ws_timeout: float = 58.0
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
+    handover_retry: float = 86400.0  # retrying a handover while the backend is away
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
-    # who may call the backend API on `listen` besides this host (README: Access)
+    # who may call the backend API on `listen` besides this host (docs: access)
     backend_networks: frozenset[Network] = frozenset()
     handover_hosts: frozenset[str] = frozenset()  # signalFinishURL hosts besides the caller's
     open_access: bool = False  # the 2014 server's: backend API for all, handovers anywhere
-    group: str | None = None  # shares the storage directory with this group (README)
+    group: str | None = None  # shares the storage directory with this group (docs: sharing)
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
@@ -49,17 +50,6 @@ class Config:
     @property
     def chunk_size(self) -> int:
         return self.chunk_size_kb * 1024
-
-    @property
-    def window(self) -> int:
-        """Chunks a client may send ahead (`SendAhead`): as set, or by default 4 (the 2014
-        server's) and, with syncing on, enough for SYNC_WINDOW bytes: acknowledgements
-        wait for fdatasyncs, and a window that covers one keeps the client sending."""
-        if self.send_ahead is not None:
-            return self.send_ahead
-        if self.sync == "none":
-            return 4
-        return min(max(4, -(-SYNC_WINDOW // self.chunk_size)), 1024)
 
 
 def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
@@ -162,6 +152,8 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "storage_dir": ("storage-dir", "StorageDir", lambda n, v: Path(_text(n, v))),
     "chunk_size_kb": ("chunk-size-kb", "UploadChunkSizeKB", _int_in(1, 16 * 1024)),
     "send_ahead": ("send-ahead", "UploadSendAhead", _int_in(1, 1024)),
+    "max_window": ("max-window", "MaxWindowBytes", _int_in(0, 2**40)),
+    "window_rate_mbit": ("window-rate", "WindowRateMbit", _int_in(1, 10**6)),
     "max_idle": ("max-idle", "UploadMaxIdleDurationS", _seconds),
     "ws_timeout": ("ws-timeout", "WebsocketConnectionTimeoutS", _seconds),
     "handover_timeout": ("handover-timeout", "HandoverTimeoutS", _seconds),
@@ -170,6 +162,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
         "HandoverConfirmTimeoutS",
         _seconds,
     ),
+    "handover_retry": ("handover-retry", "HandoverRetryS", _seconds),
     "backend_listen": ("backend-listen", "BackendListen", _text),
     "backend_networks": ("backend-networks", "BackendNetworks", _networks),
     "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
@@ -222,20 +215,40 @@ class Options(usage.Options):
         ["listen", "l", None, "Endpoint for browsers and backends [tcp:4000:interface=0.0.0.0]"],
         ["storage-dir", "s", None, "Directory for uploads, created if missing [incoming-storage]"],
         ["chunk-size-kb", None, None, "Chunk size announced to uploaders, KiB [512]"],
+        ["send-ahead", None, None, "Chunks a client may send before an ack, at least [4]"],
         [
-            "send-ahead",
+            "max-window",
             None,
             None,
-            "Chunks a client may send before an ack [4; with --sync fsync, 8 MiB of chunks]",
+            "Bytes a WebSocket client may send before an ack, at most; the window covers the "
+            "connection's round trip x --window-rate [67108864]",
+        ],
+        [
+            "window-rate",
+            None,
+            None,
+            "Mbit/s a WebSocket connection's window is sized for [1000]",
         ],
         ["max-idle", None, None, "Seconds after which an idle upload expires [43200]"],
         ["ws-timeout", None, None, "Seconds before a silent WebSocket is dropped [58]"],
-        ["handover-timeout", None, None, "Seconds for the handover POST, retries included [55]"],
+        [
+            "handover-timeout",
+            None,
+            None,
+            "Seconds for each handover POST; then the browser is told the handover is pending [55]",
+        ],
         [
             "handover-confirm-timeout",
             None,
             None,
             "Seconds to wait for finish_upload after a 'wait' [600]",
+        ],
+        [
+            "handover-retry",
+            None,
+            None,
+            "Seconds to keep retrying a handover (or cancel notice) while the backend is "
+            "away: no answer, 429 or 5xx [86400]",
         ],
         [
             "backend-listen",

@@ -12,7 +12,7 @@ from twisted.internet import address
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -33,6 +33,7 @@ from .site import IncomingSite, url_tree
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
+from .window import SYNC_COVER, Window
 
 log = Logger(namespace="incoming")
 
@@ -73,9 +74,13 @@ def build_manager(
     reactor: Any,
     pool: ThreadPool,
     storage: Storage | None = None,
+    clock: IReactorTime | None = None,
     sync_pool: ThreadPool | None = None,
 ) -> UploadManager:
-    """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
+    """The uploads, on `storage` (by default the disk under `config.storage_dir`); their
+    timers and the handover's on `clock` (by default the reactor's); its fsyncs in
+    `sync_pool` (by default `pool`)."""
+    clock = clock or reactor
     metrics = Metrics()
     if storage is None:
         group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
@@ -90,20 +95,22 @@ def build_manager(
         )
         disk.prepare()
         storage = disk
-    handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
+    handover = HandoverClient(http_client(reactor), clock, config.handover_timeout, metrics)
     cluster = None
     if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
         cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)
     return UploadManager(
         storage,
         handover,
-        reactor,
+        clock,
         metrics,
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
         cluster=cluster,
         min_free=config.chunk_size,
+        handover_timeout=config.handover_timeout,
+        handover_retry=config.handover_retry,
     )
 
 
@@ -121,12 +128,18 @@ def build_site(
         api = BackendApi(manager, manager.metrics, access, guarded=browser).app.resource()
         owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
     if browser:
+        window = Window(
+            config.chunk_size,
+            config.send_ahead,
+            config.max_window,
+            config.window_rate_mbit * 1e6 / 8,
+            SYNC_COVER if config.sync == "fsync" else 0,
+        )
         upload_ws = WebSocketResource(
             lambda request: UploadProtocolSession(
                 manager,
                 reactor,
-                chunk_size_kb=config.chunk_size_kb,
-                send_ahead=config.window,
+                window=window,
                 request_timeout=config.ws_timeout,
                 connections=manager.metrics.websocket_connections,
             ),
@@ -141,7 +154,7 @@ def build_site(
             manager,
             reactor,
             block_size=config.chunk_size,
-            max_pending=config.chunk_size * config.window,
+            max_pending=config.chunk_size * config.send_ahead,
             allowed_origins=config.allowed_origins,
             max_upload=config.max_upload_bytes,
             patches=manager.metrics.tus_patches,

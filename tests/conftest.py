@@ -12,6 +12,7 @@ from twisted.python.threadpool import ThreadPool
 
 from incoming.config import Config
 
+from .ceph import Ceph, missing_binaries
 from .harness import (
     CHUNK_KB,
     SEND_AHEAD,
@@ -111,3 +112,30 @@ async def powercut_dir(tmp_path: Path) -> AsyncIterator[PowerCutDir]:
         yield directory
     finally:
         await directory.close()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[Ceph]:
+    """One throwaway Ceph (radosgw's S3 on a loopback port) for the whole run, started
+    when the first test asks for it (about 2 s, 150 MB), killed at the end."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(
+            f"Ceph is not installed (no {', '.join(missing)}): "
+            "apt-get install ceph-mon ceph-osd radosgw ceph-common (contrib/install-test-deps)"
+        )
+    with Ceph() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def ceph(ceph_cluster: Ceph) -> Ceph:
+    """The run's Ceph, its radosgw running (a test before may have stopped it)."""
+    ceph_cluster.start_rgw()
+    return ceph_cluster
+
+
+@pytest.fixture
+def bucket(ceph: Ceph) -> str:
+    """A new, empty S3 bucket of the test's own."""
+    return ceph.make_bucket()

@@ -22,6 +22,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
@@ -54,6 +55,7 @@ class Backend:
     held: list[Deferred[bytes]] = field(default_factory=list)
     # run before answering a handover (a backend's worker calling finish_upload, say)
     before_answer: Callable[[dict[str, str]], Awaitable[object]] | None = None
+    notice: tuple[int, bytes] | None = None  # the answer to cancel notices (else as above)
 
     def __post_init__(self) -> None:
         @self.app.route("/handover", methods=["POST"])
@@ -64,6 +66,9 @@ class Backend:
             self.posts.put(fields)
             if self.before_answer is not None and fields["cancelled"] == "no":
                 await self.before_answer(fields)
+            if self.notice is not None and fields["cancelled"] == "yes":
+                request.setResponseCode(self.notice[0])
+                return self.notice[1]
             if self.hold:
                 held: Deferred[bytes] = Deferred()
                 self.held.append(held)
@@ -84,7 +89,9 @@ class Backend:
 
 
 async def start_backend(backend: Backend) -> Any:
-    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    """Its listening port; on the same port number as before, if it had one (a backend
+    that was stopped, `await port.stopListening()`, and comes back)."""
+    endpoint = TCP4ServerEndpoint(reactor, backend.port, interface="127.0.0.1")
     port = await endpoint.listen(Site(backend.app.resource()))
     backend.port = port.getHost().port
     return port
@@ -113,10 +120,14 @@ class Server:
         return body
 
     async def settled(self) -> None:
-        """Wait until background work (handovers, cancellations) has run its course."""
-        while self.manager.running:
+        """Wait until background work (handovers, cancellations) has run its course, and
+        the disk work it queued (the state it saved last) too."""
+        while True:
             for d in list(self.manager.running):
                 await d
+            await self.manager.storage.drain_all()
+            if not self.manager.running:
+                return
 
     def files(self) -> dict[str, bytes]:
         """Upload data in the storage directory (state records left out)."""
@@ -128,12 +139,12 @@ class Server:
 
 
 async def start_server(
-    config: Config, storage: Storage | None = None
+    config: Config, storage: Storage | None = None, clock: IReactorTime | None = None
 ) -> tuple[Server, Any, ThreadPool]:
     """The site on a loopback port; storage on disk unless another is given."""
     pool = ThreadPool(minthreads=1, maxthreads=4, name="test-storage")
     pool.start()
-    manager = build_manager(config, reactor, pool, storage)
+    manager = build_manager(config, reactor, pool, storage, clock)
     site = build_site(manager, config, reactor)
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(site)
@@ -141,13 +152,17 @@ async def start_server(
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Config, storage: Storage | None = None) -> AsyncIterator[Server]:
-    """A server on a loopback port for the block's length; then its work ends, it stops."""
-    server, port, pool = await start_server(config, storage)
+async def serving(
+    config: Config, storage: Storage | None = None, clock: IReactorTime | None = None
+) -> AsyncIterator[Server]:
+    """A server on a loopback port for the block's length; then its work ends, it stops.
+    `clock`: for its timers and its handovers' (a `task.Clock` where minutes pass)."""
+    server, port, pool = await start_server(config, storage, clock)
     try:
         yield server
     finally:
         await port.stopListening()
+        server.manager.retrier.stop_all()  # a backend still away: its POSTs end (as at stop)
         await server.settled()
         await ensureDeferred(server.manager.shutdown())
         pool.stop()
@@ -170,10 +185,11 @@ def log_line(text: str) -> Iterator[Deferred[None]]:
 
 
 class Daemon(ProcessProtocol):
-    """Watches a server's log for the line saying it is ready (for twistd: its port),
+    """Watches a server's log for the line saying it is ready (for twistd: the start-up
+    summary, logged once the reactor runs and signals are handled, and its first port),
     and for its exit."""
 
-    def __init__(self, ready: bytes = rb"IncomingSite starting on (\d+)") -> None:
+    def __init__(self, ready: bytes = rb"Incoming!! \S+ started: [^;]*? on [^;\s]*:(\d+)") -> None:
         self.ready = ready
         self.output = b""
         self.listening: Deferred[int] = Deferred()
@@ -283,50 +299,29 @@ class Redis:
         self.process = None
 
 
-# The load balancer of README's "Several instances", word for word: round robin (the
-# default) over the instances, no stickiness; the browser routes (script, WebSocket,
-# tus) streamed both ways, with room for the longest Incoming-Result header (nginx
-# refuses a proxy_buffer_size above 14k without larger proxy_buffers, even unbuffered);
-# the backend API on a listener of its own. The tests listen on loopback ports instead
-# of 443 with TLS and an internal address.
-NGINX_SITE = r"""
-upstream incoming {
-    server @INSTANCE_A@;
-    server @INSTANCE_B@;
-}
-map $http_upgrade $connection_upgrade {
-    default upgrade;
-    ""      "";
-}
-server {
-    listen @PUBLIC@;
-    location ~ ^/incoming/(0\.1/)?(frontend/|tus(/|$)) {
-        proxy_pass http://incoming;
-        proxy_http_version 1.1;
-        proxy_set_header Upgrade $http_upgrade;
-        proxy_set_header Connection $connection_upgrade;
-        proxy_set_header Host $host;
-        proxy_request_buffering off;
-        proxy_buffering off;
-        proxy_buffer_size 64k;
-        proxy_buffers 4 64k;
-        proxy_read_timeout 120s;
-        proxy_send_timeout 120s;
-        client_max_body_size 0;
-    }
-    location / {
-        return 404;
-    }
-}
-server {
-    listen @BACKEND@;
-    location /incoming/ {
-        proxy_pass http://incoming;
-        proxy_http_version 1.1;
-        proxy_set_header Host $host;
-    }
-}
-"""
+# The nginx configurations of docs/deployment, as the docs show them: one instance
+# (nginx.conf) and the load balancer of several (nginx-cluster.conf: round robin, the
+# default, over the instances, no stickiness). Both pass the browser routes (script,
+# WebSocket, tus) streamed both ways, with room for the longest Incoming-Result header
+# (nginx refuses a proxy_buffer_size above 14k without larger proxy_buffers, even
+# unbuffered), and keep the backend API off the public side. The tests listen on loopback
+# ports instead of 443 with TLS, and their instances' ports replace the documented ones.
+NGINX_SINGLE = ROOT / "docs" / "deployment" / "nginx.conf"
+NGINX_CLUSTER = ROOT / "docs" / "deployment" / "nginx-cluster.conf"
+
+
+def nginx_site(conf: Path, public: str, backend: str, upstreams: list[str]) -> str:
+    """`conf` as documented, on the test's addresses: its public `listen 443 ssl` (TLS
+    would need a certificate), its backend listener, and the instances it proxies to, in
+    the order the file names them."""
+    text, listeners = re.subn(r"listen 443 ssl;[^\n]*", f"listen {public};", conf.read_text())
+    assert listeners == 1, conf
+    text = text.replace("listen 127.0.0.1:4000;", f"listen {backend};")
+    documented = list(dict.fromkeys(re.findall(r"(?:server |http://)(127\.0\.0\.1:\d+);", text)))
+    assert len(documented) == len(upstreams), (conf, documented)
+    for address, upstream in zip(documented, upstreams, strict=True):
+        text = re.sub(rf"(server |http://){re.escape(address)};", rf"\g<1>{upstream};", text)
+    return text
 
 
 class Nginx:
@@ -334,8 +329,9 @@ class Nginx:
     its configuration, pid file, logs and temporary files in a directory of the test's
     (nothing of /etc/nginx is read). The access log names the instance of every request."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, conf: Path = NGINX_CLUSTER) -> None:
         self.directory = directory
+        self.conf = conf  # one of docs/deployment's
         self.port = free_port()  # browsers
         self.backend_port = free_port()  # the backend API
         self.daemon: Daemon | None = None
@@ -363,10 +359,10 @@ class Nginx:
 
     def config(self, upstreams: list[int]) -> str:
         d = self.directory
-        site = NGINX_SITE.replace("@PUBLIC@", f"127.0.0.1:{self.port}")
-        site = site.replace("@BACKEND@", f"127.0.0.1:{self.backend_port}")
-        for name, port in zip(("@INSTANCE_A@", "@INSTANCE_B@"), upstreams, strict=True):
-            site = site.replace(name, f"127.0.0.1:{port}")
+        site = nginx_site(
+            self.conf, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.backend_port}",
+            [f"127.0.0.1:{port}" for port in upstreams],
+        )  # fmt: skip
         # As root, the workers run as nginx's built-in user (nobody) if it exists.
         user = "user root;" if os.geteuid() == 0 and not _has_user("nobody") else ""
         return f"""

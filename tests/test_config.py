@@ -24,7 +24,7 @@ def test_defaults_are_the_2014_servers() -> None:
         listen="tcp:4000:interface=0.0.0.0",
         storage_dir=Path("incoming-storage"),
         chunk_size_kb=512,
-        send_ahead=None,
+        send_ahead=4,
         max_idle=43200,
         ws_timeout=58,
         handover_timeout=55,
@@ -88,6 +88,22 @@ def test_yaml_ipv6_address_is_escaped(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("IncomingIP: '::1'\nIncomingPort: 4000\n")
     assert parse("--config", str(path)).listen == "tcp:4000:interface=\\:\\:1"
+
+
+def test_the_window_ceiling_and_rate_from_command_line_and_yaml(tmp_path: Path) -> None:
+    assert (parse().max_window, parse().window_rate_mbit) == (64 * 1024 * 1024, 1000)
+    path = tmp_path / "c.yaml"
+    path.write_text("MaxWindowBytes: 16777216\nWindowRateMbit: 400\n")
+    assert (
+        parse("--config", str(path)).max_window,
+        parse("--config", str(path)).window_rate_mbit,
+    ) == (16777216, 400)
+    config = parse("--config", str(path), "--max-window", "0", "--window-rate", "10000")
+    assert (config.max_window, config.window_rate_mbit) == (0, 10000)
+    with pytest.raises(usage.UsageError, match="--max-window"):
+        parse("--max-window", "-1")
+    with pytest.raises(usage.UsageError, match="--window-rate"):
+        parse("--window-rate", "0")
 
 
 @pytest.mark.parametrize(
@@ -199,6 +215,19 @@ def test_group_names_a_group_of_this_host(tmp_path: Path) -> None:
         parse("--group", "no-such-group-here")
 
 
+def test_handover_retry_is_a_day_unless_set() -> None:
+    assert parse().handover_retry == 86400
+    assert parse("--handover-retry", "600").handover_retry == 600
+
+
+def test_handover_retry_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "incoming.yaml"
+    path.write_text("HandoverRetryS: 3600\n")
+    assert parse("--config", str(path)).handover_retry == 3600
+    with pytest.raises(usage.UsageError, match="--handover-retry"):
+        parse("--handover-retry", "0")
+
+
 def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert (Config().sync, parse().sync) == ("fsync", "fsync")
     assert parse("--sync", "none").sync == "none"
@@ -208,11 +237,3 @@ def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert parse("--config", str(path), "--sync", "fsync").sync == "fsync"
     with pytest.raises(usage.UsageError, match="--sync"):
         parse("--sync", "sometimes")
-
-
-def test_the_window_covers_a_sync_unless_set() -> None:
-    assert (parse().window, parse("--sync", "none").window) == (16, 4)  # 8 MiB, as in 2014
-    assert parse("--chunk-size-kb", "64").window == 128
-    assert parse("--chunk-size-kb", "4096").window == 4
-    assert parse("--chunk-size-kb", "1").window == 1024
-    assert parse("--send-ahead", "3").window == 3

@@ -29,6 +29,7 @@ from incoming.metrics import Metrics
 from incoming.storage import DiskStorage, Saved
 from incoming.upload import HANDOVER_FAILED_TEXT, Departure, Phase, Room, Upload, bring_to_life
 from incoming.websocket_protocol import UploadProtocolSession
+from incoming.window import Window
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .fakes import MemoryStorage, RecordingHandover, RecordingTransport
@@ -272,7 +273,8 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "declare connect disconnect ready receive past_end rewind written synced all_stored "
         "storage_full storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
-        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
+        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored "
+        "handover_retrying handover_late notified"
     )
     for name in inputs.split():
         manager, clock, storage, handover = make_manager()
@@ -438,8 +440,7 @@ def test_a_connection_without_upload_request_is_dropped_at_the_timeout() -> None
         session = UploadProtocolSession(
             manager,
             clock,
-            chunk_size_kb=4,
-            send_ahead=2,
+            window=Window(4096, 2, 0, 1e9),
             request_timeout=58,
             connections=manager.metrics.websocket_connections,
         )

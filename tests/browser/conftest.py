@@ -109,7 +109,7 @@ class Incoming:
         )  # fmt: skip
         self.output = Output(self.process)
         try:
-            self.output.wait_for(rb"IncomingSite starting on")
+            self.output.wait_for(rb"Incoming!! \S+ started: ")
         except RuntimeError:
             stop(self.process, signal.SIGKILL)
             raise
