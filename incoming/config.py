@@ -43,6 +43,7 @@ class Config:
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
+    sync: str = "fsync"  # make acknowledged bytes and state durable; "none": storage needing none
     redis: str | None = None  # cluster mode: redis://host[:port][/db], shared by all instances
     max_body_bytes: int = 64 * 1024
 
@@ -170,6 +171,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
     "max_upload_bytes": ("max-upload-size", "MaxUploadBytes", _int_in(0, 2**63 - 1)),
     "checksum": ("checksum", "Checksum", _choice("sha256", "none")),
+    "sync": ("sync", "Sync", _choice("fsync", "none")),
     "redis": ("redis", "Redis", _redis_url),
 }
 
@@ -277,6 +279,13 @@ class Options(usage.Options):
         ],
         ["max-upload-size", None, None, "Largest upload in bytes a client may announce [none]"],
         ["checksum", None, None, "Digest of every file for the handover: sha256 or none [sha256]"],
+        [
+            "sync",
+            None,
+            None,
+            "fsync: what is acknowledged survives a power cut; none: for storage that needs "
+            "no syncing, such as a tmpfs [fsync]",
+        ],
         [
             "redis",
             None,

@@ -33,7 +33,7 @@ from .site import IncomingSite, url_tree
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
-from .window import Window
+from .window import SYNC_COVER, Window
 
 log = Logger(namespace="incoming")
 
@@ -42,17 +42,21 @@ class StartupError(Exception):
     """The daemon cannot start; the message is the one line the operator reads."""
 
 
+SYNC_THREADS = 16  # uploads' fdatasyncs under way at once (at most one per upload)
+
+
 class UploadService(Service):
     """Runs the uploads: restores saved ones at start; at stop, sends clients away
     (close code 1001), lets queued writes land, then stops the disk threads."""
 
-    def __init__(self, manager: UploadManager, pool: ThreadPool) -> None:
+    def __init__(self, manager: UploadManager, *pools: ThreadPool) -> None:
         self.manager = manager
-        self.pool = pool
+        self.pools = pools
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        for pool in self.pools:
+            pool.start()
         self.manager.start()
 
     def stopService(self) -> Deferred[None]:
@@ -61,7 +65,8 @@ class UploadService(Service):
 
     async def _stop(self) -> None:
         await self.manager.shutdown()
-        self.pool.stop()
+        for pool in self.pools:
+            pool.stop()
 
 
 def build_manager(
@@ -70,15 +75,23 @@ def build_manager(
     pool: ThreadPool,
     storage: Storage | None = None,
     clock: IReactorTime | None = None,
+    sync_pool: ThreadPool | None = None,
 ) -> UploadManager:
     """The uploads, on `storage` (by default the disk under `config.storage_dir`); their
-    timers and the handover's on `clock` (by default the reactor's)."""
+    timers and the handover's on `clock` (by default the reactor's); its fsyncs in
+    `sync_pool` (by default `pool`)."""
     clock = clock or reactor
     metrics = Metrics()
     if storage is None:
         group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
         disk = DiskStorage(
-            config.storage_dir, reactor, pool, sha256=config.checksum == "sha256", group=group
+            config.storage_dir,
+            reactor,
+            pool,
+            sha256=config.checksum == "sha256",
+            sync=config.sync == "fsync",
+            sync_pool=sync_pool,
+            group=group,
         )
         disk.prepare()
         storage = disk
@@ -95,6 +108,7 @@ def build_manager(
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
         cluster=cluster,
+        min_free=config.chunk_size,
         handover_timeout=config.handover_timeout,
         handover_retry=config.handover_retry,
     )
@@ -119,6 +133,7 @@ def build_site(
             config.send_ahead,
             config.max_window,
             config.window_rate_mbit * 1e6 / 8,
+            SYNC_COVER if config.sync == "fsync" else 0,
         )
         upload_ws = WebSocketResource(
             lambda request: UploadProtocolSession(
@@ -257,14 +272,15 @@ def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     """The daemon: the uploads, a listener per endpoint, the start-up summary.
     Raises StartupError when the storage or an endpoint cannot be used."""
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
+    syncs = ThreadPool(minthreads=0, maxthreads=SYNC_THREADS, name="incoming-sync")
     try:
-        manager = build_manager(config, reactor, pool)
+        manager = build_manager(config, reactor, pool, sync_pool=syncs)
     except OSError as e:
         raise StartupError(
             f"cannot use the storage directory {config.storage_dir}: {e.strerror or e}"
         ) from None
     top = MultiService()
-    UploadService(manager, pool).setServiceParent(top)
+    UploadService(manager, pool, syncs).setServiceParent(top)
     separate = config.backend_listen is not None
     roles = "browser" if separate else "browser and backend"
     plan = [(config.listen, roles, build_site(manager, config, reactor, backend=not separate))]

@@ -226,3 +226,14 @@ def test_handover_retry_from_yaml(tmp_path: Path) -> None:
     assert parse("--config", str(path)).handover_retry == 3600
     with pytest.raises(usage.UsageError, match="--handover-retry"):
         parse("--handover-retry", "0")
+
+
+def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert (Config().sync, parse().sync) == ("fsync", "fsync")
+    assert parse("--sync", "none").sync == "none"
+    path = tmp_path / "c.yaml"
+    path.write_text("Sync: none\n")
+    assert parse("--config", str(path)).sync == "none"
+    assert parse("--config", str(path), "--sync", "fsync").sync == "fsync"
+    with pytest.raises(usage.UsageError, match="--sync"):
+        parse("--sync", "sometimes")
