@@ -167,8 +167,9 @@ async def test_partial_and_final_requests_that_break_the_rules_are_refused(
     assert not (storage / f"{ticket}.part").exists() and not (storage / ticket).exists()
     assert await offset_of(first) == 1000 and await offset_of(theirs) == 1000
     # A partial upload goes only into its own ticket's upload.
-    assert (await final(server, [theirs], **{"Upload-Metadata": metadata(ticket=ticket)})).code == 403
-    done = await final(server, [first], **{"Upload-Metadata": metadata(ticket=ticket)})
+    mine = {"Upload-Metadata": metadata(ticket=ticket)}
+    assert (await final(server, [theirs], **mine)).code == 403
+    done = await final(server, [first], **mine)
     assert done.code == 201, done.text_
     post = await backend.posts.get()
     assert (post["id"], post["size"]) == (ticket, "1000")
