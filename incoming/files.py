@@ -8,9 +8,10 @@ fsynced, its name once its directory is fsynced too.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -28,10 +29,24 @@ class Pieces:
         return self.size
 
 
-Chunk = Buffer | Pieces  # what an upload's transport hands on to be written
+class Spliced:
+    """Bytes already stored in another upload's partial file (a tus partial upload), to
+    be copied by the kernel (`copy_range`), never through this process's memory."""
+
+    def __init__(self, source: str, offset: int, size: int) -> None:
+        self.source = source  # the upload id whose file holds them
+        self.offset = offset
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Chunk = Buffer | Pieces | Spliced  # what an upload's transport hands on to be written
 STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
 SHARED_DIRECTORY_MODE = 0o770  # with --group: its members move and delete handed-over files
 IOV_MAX = 1024  # buffers one pwritev takes (Linux)
+COPY_BLOCK = 4 * 1024 * 1024  # read at once to hash copied bytes (or to copy them by hand)
 
 
 class Digest(Protocol):
@@ -49,7 +64,7 @@ def write_all(fd: int, data: Buffer, write: Callable[[int, Buffer], int] = os.wr
         view = view[write(fd, view) :]
 
 
-def pwrite_all(fd: int, data: Chunk, offset: int) -> None:
+def pwrite_all(fd: int, data: Buffer | Pieces, offset: int) -> None:
     """Write every byte of `data` at `offset` (carrying on after short writes)."""
     views = [memoryview(p).cast("B") for p in (data.parts if isinstance(data, Pieces) else [data])]
     while views:
@@ -60,6 +75,40 @@ def pwrite_all(fd: int, data: Chunk, offset: int) -> None:
             views.pop(0)
         if views:
             views[0] = views[0][written:]
+
+
+def copy_range(
+    source: int, destination: int, offset: int, size: int, at: int, digests: Sequence[Digest] = ()
+) -> None:
+    """Copy `size` bytes of file `source` from `offset` to file `destination` at `at`,
+    feeding `digests` with them. `copy_file_range` shares the blocks where the file system
+    can (a reflink on XFS or Btrfs) and copies them in the kernel elsewhere; the digests
+    read them back from the page cache. A source shorter than `size` is an error."""
+    done = 0
+    while done < size:
+        try:
+            copied = os.copy_file_range(source, destination, size - done, offset + done, at + done)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            copied = _copy_block(source, destination, size - done, offset + done, at + done)
+        if copied == 0:
+            raise OSError(errno.EIO, f"the source ends {size - done} bytes short")
+        done += copied
+    while digests and done > 0:
+        block = os.pread(source, min(COPY_BLOCK, done), offset)
+        if not block:
+            raise OSError(errno.EIO, "the source ends short")
+        for digest in digests:
+            digest.update(block)
+        offset, done = offset + len(block), done - len(block)
+
+
+def _copy_block(source: int, destination: int, size: int, offset: int, at: int) -> int:
+    """Where the kernel cannot copy between these files: one block through memory."""
+    block = os.pread(source, min(COPY_BLOCK, size), offset)
+    pwrite_all(destination, block, at)
+    return len(block)
 
 
 def replace_file(

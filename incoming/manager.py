@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from .cluster import Busy, Cluster, RequestFailed, Unavailable
 from .errors import ErrorCode, UploadError, clipped
-from .files import Chunk, Digest
+from .files import Chunk, Digest, Spliced
 from .handover import Answer, BackendAway, Handover, HandoverFailed, Retrier, Stopped
 from .metrics import Metrics
 from .storage import Record, Storage, no_space
@@ -43,7 +43,9 @@ from .upload import (
 
 log = Logger()
 # What another instance may ask the holder of an upload to do: the name of the input.
-COMMANDS = frozenset({"cancel_by_backend", "finish_upload", "cancel_by_client", "declare"})
+COMMANDS = frozenset(
+    {"cancel_by_backend", "finish_upload", "cancel_by_client", "declare", "consumed"}
+)
 REGISTRY_CHECK_SECONDS = 1.0  # cluster: how often Redis is pinged (its answer or its silence)
 
 
@@ -108,11 +110,15 @@ class UploadManager:
 
     # Tickets
 
-    async def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
-        """A new ticket, in the journal (durably) before anybody hears of it."""
+    async def create(
+        self, signal_finish_url: str, backend_secret: str, remove: bool, partial_of: str = ""
+    ) -> Upload:
+        """A new ticket (or a tus partial upload of ticket `partial_of`), in the journal
+        (durably) before anybody hears of it."""
         if self.storage.free_bytes() < self.min_free:
             raise UploadError(ErrorCode.STORAGE_FULL, "the storage is full; try again later")
         upload = Upload(new_ticket_id(), signal_finish_url, backend_secret, remove)
+        upload.partial_of = partial_of
         if self.cluster is not None:
             return await self._create_shared(upload)
         bring_to_life(upload, self)
@@ -372,7 +378,8 @@ class UploadManager:
         Results for writes queued before the file was cut (a new `era`) are dropped."""
         if self._abandoned(upload):
             return
-        self.metrics.bytes_received.inc(len(data))
+        if not isinstance(data, Spliced):  # bytes of partial uploads were counted as they came
+            self.metrics.bytes_received.inc(len(data))
         arrived, era, end = self.clock.seconds(), upload.era, offset + len(data)
 
         def written(_: None) -> None:

@@ -52,6 +52,8 @@ from .files import (
     Chunk,
     Digest,
     Pieces,
+    Spliced,
+    copy_range,
     fsync_dir,
     make_dirs,
     pwrite_all,
@@ -560,11 +562,14 @@ class DiskStorage:
             hashing = self._hashed_up_to(upload_id, fd, offset)
             hashing.mark()
             digests = (*digests, hashing.digest)
-        for part in data.parts if isinstance(data, Pieces) else [data]:
-            for digest in digests:
-                digest.update(part)
         try:
-            pwrite_all(fd, data, offset)
+            if isinstance(data, Spliced):
+                self._splice(fd, offset, data, digests)
+            else:
+                for part in data.parts if isinstance(data, Pieces) else [data]:
+                    for digest in digests:
+                        digest.update(part)
+                pwrite_all(fd, data, offset)
         except OSError as e:
             self._undo_write(upload_id, fd, offset)
             if e.errno in NO_SPACE:
@@ -572,6 +577,14 @@ class DiskStorage:
             raise
         if self._sha256:
             self._hashing[upload_id].upto += len(data)
+
+    def _splice(self, fd: int, offset: int, data: Spliced, digests: tuple[Digest, ...]) -> None:
+        """Copy bytes of a tus partial upload's file into this one (concatenation)."""
+        source = os.open(self.part_path(data.source), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            copy_range(source, fd, data.offset, data.size, offset, digests)
+        finally:
+            os.close(source)
 
     def _undo_write(self, upload_id: str, fd: int, offset: int) -> None:
         """A write that failed (maybe part-way): the file and its hash end where it began."""

@@ -31,16 +31,18 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
+from .concat import PARTIAL, ConcatError, Held, check_parts, requested
 from .errors import ErrorCode, UploadError, clipped
-from .files import Digest, Pieces
+from .files import Digest, Pieces, Spliced
 from .manager import UploadManager
 from .site import IncomingRequest, StreamingKlein, streamed_body
 from .upload import Departure, Ending, Upload
 
 log = Logger()
+SPLICE_SIZE = 64 * 1024 * 1024  # bytes copied by one write (a thread busy this long at most)
 
 TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
+EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum,concatenation"
 CHECKSUMS: dict[str, Callable[[], Digest]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 OFFSET_STREAM = "application/offset+octet-stream"
 READ_SIZE = 256 * 1024  # socket reads while a body streams
@@ -148,6 +150,8 @@ class TusApi:
         """A creation that carries bytes, or that completes a zero-byte upload at once."""
         if _content_type(request) != OFFSET_STREAM and not _zero_length(request):
             return None  # an ordinary creation: no body to take
+        if (request.getHeader("upload-concat") or "").strip().startswith("final"):
+            return None  # a final upload has no body: the route refuses one
         return self._open(request, "")
 
     def open_patch(self, request: IncomingRequest, ticket: str) -> PatchStream | None:
@@ -183,6 +187,9 @@ class TusApi:
             return self._send(request, await stream.answer)
         try:
             self.check(request)
+            concat = _concat(request)
+            if isinstance(concat, list):
+                return self._send(request, await self.concatenate(request, concat))
             upload = await self.declared(request)
             await self.position(upload)
             answer = Answer(201, headers={"Location": _location(request, upload.id)})
@@ -206,6 +213,8 @@ class TusApi:
             answer.headers["Upload-Length"] = str(upload.length)
             if upload.tus_metadata:
                 answer.headers["Upload-Metadata"] = upload.tus_metadata
+            if upload.partial_of:
+                answer.headers["Upload-Concat"] = PARTIAL
             if not upload.phase.final:
                 answer.headers["Upload-Expires"] = self.expires(upload)
             else:  # finished: a returning client learns the backend's verdict too
@@ -299,6 +308,8 @@ class TusApi:
         if not ticket:
             raise TusError(400, "Upload-Metadata must carry the ticket")
         name = _text(metadata, "filename")[:4096]
+        if _concat(request) == PARTIAL:
+            ticket = await self.new_partial(ticket)
         try:
             await self.manager.command(ticket, "declare", length, name, given)
             upload = await self.manager.find(ticket)
@@ -306,6 +317,53 @@ class TusApi:
             raise _refusal(e) from None
         assert upload is not None
         return upload
+
+    async def new_partial(self, ticket: str) -> str:
+        """A new partial upload of a ticket whose upload is still to receive its bytes."""
+        owner = await self.live_ticket(ticket)
+        if owner.partial_of:
+            raise TusError(400, "the ticket of a partial upload must be a ticket")
+        try:
+            partial = await self.manager.create("", "", True, partial_of=owner.id)
+        except UploadError as e:
+            raise _refusal(e) from None
+        return partial.id
+
+    async def live_ticket(self, ticket: str) -> Upload:
+        """The upload of a ticket that takes bytes still, else the 4xx a client reads."""
+        try:
+            upload = await self.manager.find(ticket)
+        except UploadError as e:
+            raise _refusal(e) from None
+        if upload is None:
+            raise _refusal(UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket"))
+        if upload.cancelled:
+            reason = f"this upload was cancelled: {upload.cancel_reason}"
+            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
+        if not upload.receiving or (upload.length is not None and upload.offset == upload.length):
+            raise _refusal(UploadError(ErrorCode.TICKET_FINISHED, "this upload has every byte"))
+        return upload
+
+    async def concatenate(self, request: IRequest, ids: list[str]) -> Answer:
+        """A final upload: the listed partial uploads' bytes, in that order, become the
+        ticket's file (`Concatenation`)."""
+        if request.getHeader("upload-length") is not None:
+            raise TusError(400, "a final upload takes its length from its partial uploads")
+        given, metadata = _metadata(request)
+        try:
+            parts = [await self.manager.find(upload_id) for upload_id in ids]
+            ticket = check_parts(parts, ids, _text(metadata, "ticket"))
+        except ConcatError as e:
+            raise TusError(e.status, str(e)) from None
+        except UploadError as e:
+            raise _refusal(e) from None
+        found = [part for part in parts if part is not None]
+        name = _text(metadata, "filename")[:4096]
+        concatenation = Concatenation(self, ticket, found)
+        try:
+            return await concatenation.run(name, given, _location(request, ticket))
+        except UploadError as e:
+            raise _refusal(e) from None
 
     async def position(self, upload: Upload) -> int:
         """Where the upload stands (durably), once writes in flight have landed."""
@@ -436,6 +494,8 @@ class PatchStream:
             self.ticket = upload.id
         else:
             upload = await self.api.created(self.ticket)
+            if upload.partial_of:
+                await self.api.live_ticket(upload.partial_of)
         algorithm_and_digest = self.request.getHeader("upload-checksum")
         if algorithm_and_digest is not None:
             self._expect_checksum(algorithm_and_digest)
@@ -632,7 +692,7 @@ class PatchStream:
         self._release()  # may start the handover (which may end the upload at once)
         # Bytes that complete the upload, or a repeat of the final PATCH while the backend
         # is being told, hear the backend's answer (`waiting`, `ended`); others answer now.
-        handover = upload.complete if wrote else upload.handing_over
+        handover = upload.whole if wrote else upload.handing_over
         if self.stage is Stage.HANDING_OVER and not handover:
             self._finish(self._stored_answer(upload))
 
@@ -706,6 +766,128 @@ class PatchStream:
         return IPushProducer(transport)
 
 
+class Concatenation:
+    """A final request: the transport of the ticket's upload while the partial uploads'
+    bytes are copied into it; answered like a final PATCH (once the backend answered)."""
+
+    via = "tus"
+    digests: tuple[Digest, ...] = ()
+    holding = False  # its bytes stand once durable: the handover starts then
+
+    def __init__(self, api: TusApi, ticket: str, parts: list[Upload]) -> None:
+        self.api = api
+        self.ticket = ticket
+        self.parts = parts
+        self.answer: Deferred[Answer] = Deferred()
+        self.upload: Upload | None = None
+        self._held: list[tuple[Upload, Held]] = []
+        self._queued = 0  # bytes handed to the upload
+        self._acked = 0  # of those, durable
+
+    async def run(self, name: str, metadata: str, location: str) -> Answer:
+        manager = self.api.manager
+        length = sum(part.length or 0 for part in self.parts)
+        await manager.command(self.ticket, "declare", length, name, metadata)
+        upload = self.upload = await manager.connect(self.ticket, self, length, name)
+        try:
+            start = await manager.resume_position(upload)
+            if not upload.receiving:
+                return Answer(201, headers={"Location": location, "Upload-Offset": str(start)})
+            await self._hold()
+            self._queue(start)
+            upload.life.ready()  # complete already (a repeated request): the handover starts
+            answer = await self.answer
+        finally:
+            upload.life.disconnect(self, Departure.DONE)
+            await self._let_go()
+        answer.headers.setdefault("Location", location)
+        return answer
+
+    async def _hold(self) -> None:
+        """Connect to every partial upload (this instance holds them, under their leases
+        in a cluster), and check again that each is complete and durable."""
+        manager = self.api.manager
+        for part in self.parts:
+            held = Held()
+            assert part.length is not None
+            upload = await manager.connect(part.id, held, part.length, "")
+            self._held.append((upload, held))
+            if await manager.resume_position(upload) != upload.length or not upload.receiving:
+                raise UploadError(
+                    ErrorCode.LENGTH_MISMATCH, f"partial upload {part.id} is not complete"
+                )
+
+    def _queue(self, start: int) -> None:
+        """Hand the bytes from `start` on to the upload, partial by partial."""
+        upload = self.upload
+        assert upload is not None
+        at = 0
+        for part, _ in self._held:
+            assert part.length is not None
+            begin = max(start - at, 0)
+            while begin < part.length:
+                size = min(SPLICE_SIZE, part.length - begin)
+                self._queued += size
+                upload.life.receive(Spliced(part.id, begin, size))
+                begin += size
+            at += part.length
+
+    async def _let_go(self) -> None:
+        """The partial uploads go once all their bytes are durable in the ticket's file;
+        else they stay for the final request to be sent again."""
+        copied = (
+            self._queued == self._acked
+            and self.upload is not None
+            and (self.upload.durable == self.upload.length)
+        )
+        for part, held in self._held:
+            if copied:
+                try:
+                    await self.api.manager.command(part.id, "consumed")
+                except UploadError as e:
+                    log.warn("partial upload {id} stays: {e}", id=part.id, e=e.message)
+            part.life.disconnect(held, Departure.DONE)
+        self._held = []
+
+    # upload.Transport
+
+    def written(self, size: int) -> None: ...
+
+    def stored(self, size: int) -> None:
+        self._acked += size
+
+    def failed(self, error: UploadError) -> None:
+        self._answer(error.code, error.message)
+
+    def waiting(self) -> None:
+        self.ended(Ending(None))
+
+    def pending(self) -> None:
+        self._stored({PENDING_HEADER: "pending"})
+
+    def ended(self, ending: Ending) -> None:
+        if ending.finished:
+            self._stored({"Incoming-Result": quote(ending.result, safe="")})
+        else:
+            assert ending.code is not None
+            self._answer(ending.code, ending.message)
+
+    def going_away(self) -> None:
+        if not self.answer.called:
+            self.answer.callback(Answer(503, "the server is restarting; send the request again"))
+
+    def _stored(self, headers: dict[str, str]) -> None:
+        upload = self.upload
+        if self.answer.called or upload is None:
+            return
+        headers["Upload-Offset"] = str(upload.offset)
+        self.answer.callback(Answer(201, headers=headers))
+
+    def _answer(self, code: ErrorCode, message: str) -> None:
+        if not self.answer.called:
+            self.answer.callback(Answer(STATUS_FOR.get(code, 500), message, code=code))
+
+
 def _stream_of(request: IRequest) -> PatchStream | None:
     stream = getattr(request, "body_stream", None)
     return stream if isinstance(stream, PatchStream) else None
@@ -713,6 +895,13 @@ def _stream_of(request: IRequest) -> PatchStream | None:
 
 def _content_type(request: IRequest) -> str:
     return (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+
+
+def _concat(request: IRequest) -> str | list[str] | None:
+    try:
+        return requested(request.getHeader("upload-concat"))
+    except ConcatError as e:
+        raise TusError(e.status, str(e)) from None
 
 
 def _location(request: IRequest, ticket: str) -> str:

@@ -25,6 +25,7 @@ from .files import Chunk, Digest
 
 log = Logger()
 HANDOVER_FAILED_TEXT = "handover failed: the backend did not take the file"
+CONCAT = "concat"  # the `via` of the transport that concatenates partial uploads
 
 
 class Phase(enum.Enum):
@@ -251,6 +252,9 @@ class UploadLife(Protocol):
     def cancel_by_client(self, reason: str) -> None:
         """Raises UploadError if too late."""
 
+    def consumed(self) -> None:
+        """A partial upload's bytes are in its ticket's file (durably): it goes, quietly."""
+
     def idle_timeout(self, idle_seconds: float) -> None: ...
 
     def confirm_timeout(self, waited_seconds: float) -> None: ...
@@ -267,6 +271,7 @@ _RECORDED = (
     "length",
     "browser_name",
     "tus_metadata",
+    "partial_of",
     "cancel_reason",
     "result",
     "idle_deadline",
@@ -292,6 +297,7 @@ class Upload:
     length: int | None = None  # set by the first connection
     browser_name: str = ""
     tus_metadata: str = ""  # `Upload-Metadata` of the tus creation, as given
+    partial_of: str = ""  # a tus partial upload: its ticket (its bytes are never handed over)
     phase: Phase = Phase.RECEIVING
     cancel_reason: str = ""
     result: str = ""  # the backend's verdict for the page (`done` + text, finish_upload)
@@ -334,6 +340,12 @@ class Upload:
     def complete(self) -> bool:
         """Every byte is durable."""
         return self.length is not None and self.durable == self.length
+
+    @property
+    def whole(self) -> bool:
+        """Every byte is durable, and the file is a ticket's (not a partial upload's, which
+        waits to be concatenated): its handover may start."""
+        return self.complete and not self.partial_of
 
     @property
     def receiving(self) -> bool:
@@ -544,7 +556,7 @@ for _state in _ENDED:
 
 @receiving.upon(On.ready).loop()
 def _ready(life: UploadLife, core: _Core) -> None:
-    if core.upload.complete:
+    if core.upload.whole:
         life.all_stored()
 
 
@@ -586,7 +598,7 @@ def _synced(life: UploadLife, core: _Core, upto: int) -> None:
         holding = sender is not None and sender.holding
         if sender is not None:
             sender.stored(size)
-    if upload.complete and not holding:
+    if upload.whole and not holding:
         life.all_stored()
 
 
@@ -631,7 +643,7 @@ def _all_stored(life: UploadLife, core: _Core) -> None:
 
 @receiving.upon(On.restored).loop()
 def _restored_receiving(life: UploadLife, core: _Core, file_present: bool) -> None:
-    if core.upload.complete:
+    if core.upload.whole:
         life.all_stored()
 
 
@@ -837,6 +849,9 @@ def _cancel_by_backend(life: UploadLife, core: _Core) -> None:
 
 @receiving.upon(On.cancel_by_client).to(cancelled)
 def _cancel_by_client(life: UploadLife, core: _Core, reason: str) -> None:
+    transport = core.upload.transport
+    if core.upload.partial_of and transport is not None and transport.via == CONCAT:
+        raise UploadError(ErrorCode.TOO_LATE, "this partial upload is being concatenated")
     given, reason = reason, reason or "cancelled by the user"
     _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), reason, Cause.BY_CLIENT, given)
 
@@ -845,6 +860,16 @@ def _cancel_by_client(life: UploadLife, core: _Core, reason: str) -> None:
 def _expired(life: UploadLife, core: _Core, idle_seconds: float) -> None:
     reason = f"upload idle for {idle_seconds:g} s"
     _end(core, Ending(ErrorCode.TICKET_CANCELLED, reason), reason, Cause.IDLE)
+
+
+@receiving.upon(On.consumed).to(cancelled)
+def _consumed(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    upload.phase = Phase.CANCELLED
+    upload.cancel_reason = "concatenated into the upload of its ticket"
+    core.effects.touch(upload)
+    core.effects.save(upload)
+    core.effects.discard_file(upload)
 
 
 def _too_late(core: _Core) -> None:
@@ -875,7 +900,7 @@ def _end(
     upload = core.upload
     upload.phase = Phase.CANCELLED
     upload.cancel_reason = ending.message
-    upload.notice = notice
+    upload.notice = None if upload.partial_of else notice  # the backend knows only tickets
     core.effects.disarm_confirm(upload)
     core.effects.touch(upload)
     core.effects.happened(
@@ -928,6 +953,7 @@ _ignored((receiving, handover, finish_requested, *_ENDED), On.confirm_timeout)
 _ignored((*_LIVE, cancelled), On.finalized)
 _ignored((receiving, awaiting_finish, *_ENDED), On.handover_retrying, On.handover_late)
 _ignored((*_LIVE, finished), On.notified)
+_ignored((*_HANDING_OVER, *_ENDED), On.consumed)
 
 
 @finished.upon(On.restored).loop()

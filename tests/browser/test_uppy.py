@@ -100,12 +100,14 @@ def new_upload(incoming: Incoming, backend_url: str) -> str:
     return backend_call(incoming, "new_upload", form)
 
 
+@pytest.mark.parametrize("parallel", [1, 4], ids=["one-upload", "parallelUploads-4"])
 def test_uppy_uploads_with_the_ticket_in_its_meta(
     page: Page,
     uppy_page: str,
     incoming: Incoming,
     handovers: tuple[str, list[dict[str, str]]],
     tmp_path: Path,
+    parallel: int,
 ) -> None:
     backend_url, posts = handovers
     source = random_file(tmp_path / "holiday video.mp4", 24 * MiB + 5)
@@ -115,7 +117,7 @@ def test_uppy_uploads_with_the_ticket_in_its_meta(
     page.goto(uppy_page)
     page.set_input_files("#file", str(source))
     endpoint = f"http://127.0.0.1:{incoming.port}/incoming/tus/"
-    result = page.evaluate("([e, t]) => uploadWithUppy(e, t)", [endpoint, ticket])
+    result = page.evaluate("([e, t, p]) => uploadWithUppy(e, t, p)", [endpoint, ticket, parallel])
     assert result == {
         "successful": [{"name": "holiday video.mp4", "url": f"{endpoint}{ticket}",
                         "size": 24 * MiB + 5, "complete": True}],
@@ -129,6 +131,8 @@ def test_uppy_uploads_with_the_ticket_in_its_meta(
         ticket, "no", "holiday video.mp4")  # fmt: skip
     assert post["filename"] == str(incoming.storage / ticket)
     assert sha256(incoming.storage / ticket) == sha256(source)
+    assert post["sha256"] == sha256(source)
+    assert list(incoming.storage.glob("*.part")) == []  # partial uploads gone with the copy
 
 
 class Tickets:

@@ -1,0 +1,225 @@
+"""tus concatenation against the real daemon (SPEC: Long fat links): tus-js-client's
+`parallelUploads` under Node, and the refusals a client meets with raw requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from .harness import Backend, Server, start_daemon, stop_daemon
+from .test_tus_clients import (
+    LARGE,
+    RETRY,
+    TUS,
+    assert_one_handover,
+    metadata,
+    node_modules,  # noqa: F401 (autouse fixture)
+    offset_of,
+    patch,
+    random_file,
+    restart_on,
+    tus_js,
+)
+
+MiB = 1024 * 1024
+
+
+async def partial(server: Server, ticket: str, length: int, **headers: str) -> Any:
+    """A partial upload of `ticket` (a creation with `Upload-Concat: partial`)."""
+    headers = {"Upload-Length": str(length), "Upload-Metadata": metadata(ticket=ticket),
+               "Upload-Concat": "partial", **headers}  # fmt: skip
+    response = await treq.post(f"{server.base}/tus/", headers={**TUS, **headers})
+    response.text_ = await response.text()
+    return response
+
+
+async def final(server: Server, urls: list[str], **headers: str) -> Any:
+    concat = {"Upload-Concat": "final;" + " ".join(urls), **headers}
+    response = await treq.post(f"{server.base}/tus/", headers={**TUS, **concat})
+    response.text_ = await response.text()
+    return response
+
+
+async def stored_partial(server: Server, ticket: str, data: bytes) -> str:
+    """A complete partial upload of `data`; its URL."""
+    response = await partial(server, ticket, len(data))
+    assert response.code == 201, response.text_
+    [url] = response.headers.getRawHeaders("location")
+    url = absolute(server, url)
+    assert (await patch(url, 0, data))[0] == 204
+    return url
+
+
+def absolute(server: Server, location: str) -> str:
+    return f"http://127.0.0.1:{server.port}{location}" if location.startswith("/") else location
+
+
+def parts_in(storage: Path, ticket: str) -> list[Path]:
+    return [p for p in storage.glob("*.part") if p.name != f"{ticket}.part"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tus_js_client_parallel_uploads_are_concatenated_into_the_ticket(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    options = await treq.request("OPTIONS", f"{server.base}/tus/")
+    assert "concatenation" in options.headers.getRawHeaders("tus-extension")[0].split(",")
+    data = random_file(tmp_path / "film.mp4", 10 * MiB + 7)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    backend.hold = True  # the final request is answered once the backend has the file
+    client = tus_js(server, [{"file": tmp_path / "film.mp4",
+                              "metadata": {"ticket": ticket, "filename": "film.mp4"},
+                              "metadataForPartialUploads": {"ticket": ticket}}],
+                    parallelUploads=4, retryDelays=RETRY)  # fmt: skip
+    post = await backend.posts.get()
+    assert_one_handover(post, ticket, storage / ticket, "film.mp4", data)
+    assert (storage / ticket).read_bytes() == data
+    await deferLater(reactor, 0.3)
+    assert client.named("success") == []  # not before the backend has answered
+    backend.release()
+    events = await client.ended
+    assert events[-1]["ok"] is True, events
+    [success] = client.named("success")
+    assert success["url"] == f"{server.base}/tus/{ticket}"
+    assert (success["status"], success["offset"]) == (201, str(len(data)))
+    assert client.named("retry") == []
+    assert parts_in(storage, ticket) == []  # the partial uploads went with the copy
+    assert await offset_of(success["url"]) == len(data)
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_parallel_uploads_resume_after_the_daemon_is_sigkilled(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    size = 160 * MiB  # (tus_client.mjs's `rate` cannot throttle partial uploads)
+    data = random_file(tmp_path / "big.bin", size)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    client = tus_js(server, [{"file": tmp_path / "big.bin",
+                              "metadata": {"ticket": ticket, "filename": "big.bin"},
+                              "metadataForPartialUploads": {"ticket": ticket}}],
+                    parallelUploads=4, retryDelays=RETRY)  # fmt: skip
+    deadline = reactor.seconds() + 30
+    while sum(p.stat().st_size for p in parts_in(storage, ticket)) < 8 * MiB:
+        assert reactor.seconds() < deadline, client.events
+        await deferLater(reactor, 0.002)
+    await daemon.kill(process)
+    kept = {p.name: p.stat().st_size for p in parts_in(storage, ticket)}
+    assert len(kept) == 4 and sum(kept.values()) < size, kept  # killed mid-way
+    assert client.named("success") == [] and len(backend.posts.pending) == 0
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    events = await client.ended
+    assert events[-1]["ok"] is True, events
+    assert any(r["status"] == 0 and r["retry"] for r in client.named("retry"))
+    post = await backend.posts.get()
+    assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
+    assert (storage / ticket).read_bytes() == data
+    assert parts_in(storage, ticket) == []
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_and_final_requests_that_break_the_rules_are_refused(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
+    ticket = await server.new_upload(backend.url)
+    other = await server.new_upload(backend.url)
+    first = await stored_partial(server, ticket, b"a" * 1000)
+    theirs = await stored_partial(server, other, b"b" * 1000)
+    half = await partial(server, ticket, 1000)
+    [half_url] = half.headers.getRawHeaders("location")
+    assert (await patch(absolute(server, half_url), 0, b"c" * 500))[0] == 204
+    unknown = f"{server.base}/tus/{'0' * 8}-0000-4000-8000-{'0' * 12}"
+
+    assert (await partial(server, "no-such-ticket", 10)).code == 404
+    refused = await treq.post(f"{server.base}/tus/", headers={**TUS, "Upload-Length": "10",
+                              "Upload-Concat": "partial"})  # fmt: skip
+    assert refused.code == 400 and "ticket" in await refused.text()
+    assert (await partial(server, ticket, 10, **{"Upload-Concat": "halfway"})).code == 400
+    for urls, status, words in [
+        ([first, theirs], 403, "another ticket"),
+        ([first, unknown], 404, "no such upload"),
+        ([first, absolute(server, half_url)], 409, "500 of 1000 bytes"),
+        ([first, first], 400, "listed twice"),
+        ([first, "/somewhere/else"], 400, "not an upload's URL"),
+        ([f"{server.base}/tus/{ticket}"], 400, "not a partial upload"),
+        ([], 400, "no partial upload"),
+    ]:
+        response = await final(server, urls, **{"Upload-Metadata": metadata(ticket=ticket)})
+        assert (response.code, words in response.text_) == (status, True), response.text_
+    with_length = await final(server, [first], **{"Upload-Length": "1000"})
+    assert with_length.code == 400 and "length" in with_length.text_
+    # Nothing was stored for the ticket, and the partials are intact.
+    assert not (storage / f"{ticket}.part").exists() and not (storage / ticket).exists()
+    assert await offset_of(first) == 1000 and await offset_of(theirs) == 1000
+    # A partial upload goes only into its own ticket's upload.
+    mine = {"Upload-Metadata": metadata(ticket=ticket)}
+    assert (await final(server, [theirs], **mine)).code == 403
+    done = await final(server, [first], **mine)
+    assert done.code == 201, done.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, "1000")
+    await stop_daemon(daemon, process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_of_a_partial_upload_removes_it_and_a_final_then_refuses_it(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    first = await stored_partial(server, ticket, b"x" * 3000)
+    second = await stored_partial(server, ticket, b"y" * 2000)
+    assert len(parts_in(storage, ticket)) == 2
+    head = await treq.head(first, headers=TUS)
+    assert head.headers.getRawHeaders("upload-concat") == ["partial"]
+    deleted = await treq.delete(first, headers=TUS)
+    assert deleted.code == 204
+    assert len(parts_in(storage, ticket)) == 1
+    assert (await treq.head(first, headers=TUS)).code == 410
+    refused = await final(server, [first, second])
+    assert refused.code == 410, refused.text_
+    assert len(backend.posts.pending) == 0  # the backend hears of tickets only
+    # The ticket is untouched: a new partial in place of the deleted one completes it.
+    again = await stored_partial(server, ticket, b"z" * 3000)
+    done = await final(server, [again, second])
+    assert done.code == 201, done.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"], post["cancelled"]) == (ticket, "5000", "no")
+    assert Path(post["filename"]).read_bytes() == b"z" * 3000 + b"y" * 2000
+    assert parts_in(storage, ticket) == []
+    await stop_daemon(daemon, process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_partial_upload_of_a_cancelled_ticket_takes_no_more_bytes(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper)
+    ticket = await server.new_upload(backend.url)
+    response = await partial(server, ticket, 1000)
+    [url] = response.headers.getRawHeaders("location")
+    url = absolute(server, url)
+    assert (await patch(url, 0, b"a" * 400))[0] == 204
+    cancel = await treq.post(f"{server.base}/backend/cancel_upload", params={"id": ticket})
+    assert cancel.code == 200, await cancel.text()
+    status, _, text = await patch(url, 400, b"a" * 600)
+    assert status == 410 and "cancelled" in text
+    assert (await partial(server, ticket, 10)).code == 410
+    await stop_daemon(daemon, process)
