@@ -84,6 +84,7 @@ class UploadManager:
             lambda: sum(upload.handover_pending for upload in self._uploads.values())
         )
         self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
+        self._unsaveable: set[str] = set()  # uploads whose last state save failed
         self.coordinator = None if cluster is None else Coordinator(self, cluster)
 
     @property
@@ -184,6 +185,8 @@ class UploadManager:
         finally:
             await self.storage.drain(upload.id)
             self._let_go_soon(upload)
+        if upload.id in self._unsaveable:  # what the request changed is not durable
+            raise UploadError(ErrorCode.STORAGE_FAILED, "the upload's state cannot be saved")
 
     def adopt(self, upload: Upload, idle_delay: float) -> None:
         """Hold the upload here: its table wired to this manager, its idle clock running."""
@@ -202,6 +205,7 @@ class UploadManager:
         self.retrier.stop(upload_id, "handover")
         self.retrier.stop(upload_id, "cancel notice")
         self._unsaved.discard(upload_id)
+        self._unsaveable.discard(upload_id)
         return upload
 
     async def save_if_changed(self, upload: Upload) -> None:
@@ -325,25 +329,31 @@ class UploadManager:
         self._arm_idle(upload, self.max_idle)
         self._unsaved.add(upload.id)
 
-    def save(self, upload: Upload, durable: bool = False) -> Deferred[None]:
-        """Save, logging a failure; later disk work for this upload queues behind it.
-        Cluster: in Redis too (when it is away, again with the next renewal)."""
+    def save(self, upload: Upload) -> Deferred[bool]:
+        """Save durably; True once saved, False (logged) if it could not be. Later disk
+        work for this upload queues behind it. Cluster: in Redis too (when it is away,
+        again with the next renewal)."""
         if self._abandoned(upload):
-            return succeed(None)
-        if not upload.awaiting_answer:  # each phase is saved: those waiting for it hear
-            for answer in self._answers.pop(upload.id, []):
-                answer.callback(None)
+            return succeed(False)
         if not upload.handing_over:
             self._handover_over(upload.id)
         self._unsaved.discard(upload.id)
         if self.coordinator is not None:
             self.spawn(self.coordinator.send(upload))
 
-        def failed(failure: Any) -> None:
-            log.error("upload {id}: cannot save state: {e}", id=upload.id, e=failure.value)
+        def saved(_: None) -> bool:
+            self._unsaveable.discard(upload.id)
+            if not upload.awaiting_answer:  # each phase is saved: those waiting for it hear
+                for answer in self._answers.pop(upload.id, []):
+                    answer.callback(None)
+            return True
 
-        d = self.storage.save_state(upload.id, upload.to_record(), durable)
-        return d.addErrback(failed)
+        def failed(failure: Any) -> bool:
+            log.error("upload {id}: cannot save state: {e}", id=upload.id, e=failure.value)
+            self._unsaveable.add(upload.id)
+            return False
+
+        return self.storage.save_state(upload.id, upload.to_record()).addCallbacks(saved, failed)
 
     def release(self, upload: Upload) -> None:
         if self._abandoned(upload):
@@ -412,7 +422,8 @@ class UploadManager:
         self.spawn(self._finalize(upload))
 
     async def _finalize(self, upload: Upload) -> None:
-        await self.save(upload, durable=True)
+        if not await self.save(upload):
+            return  # nobody hears of an end a restart would not find; the file stays
         if upload.remove_file_when_finished:
             await self._remove_file(upload)
         upload.life.finalized()
@@ -483,6 +494,7 @@ class UploadManager:
             return
         self._uploads.pop(upload.id, None)
         self._unsaved.discard(upload.id)
+        self._unsaveable.discard(upload.id)
         self.spawn(self._forget(upload))
 
     async def _forget(self, upload: Upload) -> None:

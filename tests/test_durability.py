@@ -129,7 +129,7 @@ async def test_with_sync_off_nothing_is_synced(tmp_path: Path, pool: ThreadPool)
     upload_id = str(uuid.uuid4())
     await write_and_sync(storage, upload_id, 0, b"z" * BLOCK)
     await storage.record_ticket(str(uuid.uuid4()), {"id": "t"})
-    await storage.save_state(upload_id, {"id": upload_id}, True)
+    await storage.save_state(upload_id, {"id": upload_id})
     await storage.complete(upload_id)
     assert sync.calls == 0
 
