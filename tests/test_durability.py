@@ -4,6 +4,7 @@ state file it cannot read. The power cuts themselves are in test_powercut.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
@@ -168,6 +169,29 @@ async def test_tickets_appended_together_share_a_journal_sync(
     await gatherResults([journal.append(i, {"id": i}) for i in ids[:5]])
     assert sync.calls == 3
     journal.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ticket_whose_sync_failed_is_not_in_the_journal(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    """The backend hears of an error: no restart may bring the ticket back."""
+    failing: list[bool] = []
+
+    def sync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fdatasync(fd)
+
+    journal = TicketJournal(tmp_path / "j", reactor, pool, fdatasync=sync)
+    journal.load()
+    kept, lost = str(uuid.uuid4()), str(uuid.uuid4())
+    await journal.append(kept, {"id": kept})
+    failing.append(True)
+    with pytest.raises(OSError):
+        await journal.append(lost, {"id": lost})
+    journal.close()
+    assert sorted(TicketJournal(tmp_path / "j", reactor, pool).load()) == [kept]
 
 
 @pytest_twisted.ensureDeferred
