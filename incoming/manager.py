@@ -212,12 +212,6 @@ class UploadManager:
         if upload.id in self._unsaved:
             await self.save(upload)
 
-    def lookup(self, upload_id: str) -> Upload:
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        return upload
-
     def __iter__(self) -> Iterator[Upload]:
         return iter(list(self._uploads.values()))
 

@@ -339,8 +339,8 @@ def test_restart_redoes_an_interrupted_handover_or_sees_it_was_taken() -> None:
     ]
     again.restore()
     assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
-    assert again.lookup(upload.id).phase is Phase.FINISHED
-    assert again.lookup(taken.id).phase is Phase.FINISHED
+    assert again.get(upload.id).phase is Phase.FINISHED
+    assert again.get(taken.id).phase is Phase.FINISHED
 
 
 def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> None:
@@ -353,7 +353,7 @@ def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> No
     again, clock, _, handover = make_manager(storage=storage)
     again.restore()
     assert storage.finals == {kept.id: b"abc"}  # removeFileWhenFinished=false: the backend's
-    assert handover.notices == [] and again.lookup(removed.id).phase is Phase.FINISHED
+    assert handover.notices == [] and again.get(removed.id).phase is Phase.FINISHED
 
 
 def lines(log: list[str], upload: Upload) -> list[str]:
