@@ -8,6 +8,8 @@ run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
 
 $(VENV)/.installed: pyproject.toml
+	python3 -c 'import ensurepip' 2>/dev/null || \
+	    INSTALL_TEST_DEPS_PACKAGES=python3-venv contrib/install-test-deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '.[test]'

@@ -312,14 +312,16 @@ class Retrier:
         each BackendAway, `go_on()` says whether the POST is still wanted (else Stopped);
         the last BackendAway is raised once the time since `since` is spent."""
         key = (upload_id, what)
-        assert key not in self._runs, f"{what} of upload {upload_id} is already under way"
+        earlier = self._runs.get(key)  # a stopped one may still wait for its last answer
+        assert earlier is None or earlier.stopped, f"{what} of {upload_id} is under way"
         if self._closed:
             raise Stopped()
         run = self._runs[key] = _Run()
         try:
             return await self._retried(run, upload_id, what, post, since, go_on)
         finally:
-            del self._runs[key]
+            if self._runs.get(key) is run:
+                del self._runs[key]
 
     async def _retried(
         self,

@@ -147,14 +147,16 @@ class TicketJournal:
             self._size = os.fstat(self._fd).st_size
         try:
             write_all(self._fd, data)
-        except OSError:  # a full disk: no torn line may glue itself to the next ticket's
+            if self.sync:
+                self._fdatasync(self._fd)
+        except OSError:
+            # A full disk: no torn line may glue itself to the next ticket's. A failed
+            # sync: the backend hears of an error, so no restart may bring these back.
             os.ftruncate(self._fd, self._size)
             raise
         self._size += len(data)
-        if self.sync:
-            self._fdatasync(self._fd)
-            if created:  # its name too
-                fsync_dir(self.path.parent)
+        if self.sync and created:  # its name too
+            fsync_dir(self.path.parent)
 
     def _rewrite(self, live: bytes | None = None) -> None:
         """Replace the journal by one holding only the live tickets."""

@@ -6,9 +6,8 @@ is saved with the upload's state, and `restore` takes every upload up again
 after a restart.
 
 With a `Cluster` (several instances on one Redis) it holds only the uploads this
-instance acts on, each under its lease: `hold` takes one up from Redis, and it is
-let go (saved, lease released) once nothing here needs it. A request for an upload
-held elsewhere goes to its holder (`command`).
+instance acts on, each under its lease; which those are is its `Coordinator`'s
+business (`coordination`).
 """
 
 from __future__ import annotations
@@ -17,19 +16,19 @@ import contextlib
 from collections import Counter
 from collections.abc import Coroutine, Iterator
 from typing import Any
-from uuid import UUID
 
-from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .cluster import Busy, Cluster, RequestFailed, Unavailable
+from .cluster import Cluster
+from .coordination import Coordinator
 from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest, Spliced
 from .handover import Answer, BackendAway, Handover, HandoverFailed, Retrier, Stopped
 from .metrics import Metrics
-from .storage import Record, Storage, no_space
+from .storage import Storage, no_space
 from .upload import (
     Cause,
     Event,
@@ -46,7 +45,6 @@ log = Logger()
 COMMANDS = frozenset(
     {"cancel_by_backend", "finish_upload", "cancel_by_client", "declare", "consumed"}
 )
-REGISTRY_CHECK_SECONDS = 1.0  # cluster: how often Redis is pinged (its answer or its silence)
 
 
 class UploadManager:
@@ -87,16 +85,16 @@ class UploadManager:
         metrics.handovers_pending.set_function(
             lambda: sum(upload.handover_pending for upload in self._uploads.values())
         )
-        self.cluster = cluster
-        self._loading: dict[str, DeferredLock] = {}  # uploads being taken up from Redis
         self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
-        self._unsent: set[str] = set()  # saved to disk, not yet to Redis (it was away)
-        self._rounds: list[LoopingCall] = []
-        self.registry_reachable = True  # cluster: Redis answered the last PING
-        if cluster is not None:
-            cluster.serve = self._serve
+        self._unsaveable: set[str] = set()  # uploads whose last state save failed
+        self.coordinator = None if cluster is None else Coordinator(self, cluster)
 
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> Deferred[Any]:
+    @property
+    def registry_reachable(self) -> bool:
+        """Cluster: whether Redis answered the last PING (one process: no Redis, true)."""
+        return self.coordinator is None or self.coordinator.reachable
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> Deferred[Any]:
         d = ensureDeferred(work)
         self.running.add(d)
 
@@ -119,34 +117,16 @@ class UploadManager:
             raise UploadError(ErrorCode.STORAGE_FULL, "the storage is full; try again later")
         upload = Upload(new_ticket_id(), signal_finish_url, backend_secret, remove)
         upload.partial_of = partial_of
-        if self.cluster is not None:
-            return await self._create_shared(upload)
-        bring_to_life(upload, self)
-        self._uploads[upload.id] = upload
-        self._arm_idle(upload, self.max_idle)
-        try:
-            await self.storage.record_ticket(upload.id, upload.to_record())
-        except OSError:
-            del self._uploads[upload.id]
-            self._idle.pop(upload.id).cancel()
-            raise
-        self.metrics.tickets_created.inc()
-        return upload
-
-    async def _create_shared(self, upload: Upload) -> Upload:
-        """Cluster: a state file in the shared directory (no journal: instances share it),
-        and the record in Redis; nobody holds the new upload yet."""
-        assert self.cluster is not None
-        upload.idle_deadline = self.clock.seconds() + self.max_idle
-        record = upload.to_record()
-        await self.storage.save_state(upload.id, record)
-        self.storage.forget(upload.id)  # no bookkeeping here for an upload not held here
-        try:
-            await self._registry(self.cluster.create(record, upload.idle_deadline))
-        except UploadError:  # Redis is away: the backend gets 503, and no ticket stays
-            await self.storage.discard(upload.id)
-            self.storage.forget(upload.id)
-            raise
+        if self.coordinator is not None:
+            upload.idle_deadline = self.clock.seconds() + self.max_idle
+            await self.coordinator.create(upload)
+        else:
+            self.adopt(upload, self.max_idle)
+            try:
+                await self.storage.record_ticket(upload.id, upload.to_record())
+            except OSError:
+                self.drop(upload.id)
+                raise
         self.metrics.tickets_created.inc()
         return upload
 
@@ -157,14 +137,9 @@ class UploadManager:
     async def find(self, upload_id: str) -> Upload | None:
         """The upload, to look at: the one held here, or (cluster) a copy read from Redis."""
         upload = self._uploads.get(upload_id)
-        if upload is not None or self.cluster is None:
+        if upload is not None or self.coordinator is None:
             return upload
-        record = await self._record(upload_id)
-        if record is None:
-            return None
-        stored, _ = await self.storage.stored(upload_id)
-        self.storage.forget(upload_id)
-        return Upload.from_record(record, stored)
+        return await self.coordinator.find(upload_id)
 
     async def answered(self, upload_id: str, within: float) -> Upload | None:
         """The upload once the backend answered its handover (if one runs), or as it stands
@@ -189,91 +164,20 @@ class UploadManager:
         upload = self._uploads.get(upload_id)
         if upload is not None:
             return upload
-        if self.cluster is None:
+        if self.coordinator is None:
             raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        # One caller at a time takes it up; those waiting meanwhile find it held, or try
-        # in turn and get their own refusal. (A Deferred awaited by several callers would
-        # give its result to the first only: the others got None.)
-        lock = self._loading.setdefault(upload_id, DeferredLock())
-        await lock.acquire()
-        try:
-            return self._uploads.get(upload_id) or await self._take_up(upload_id)
-        finally:
-            lock.release()
-            if not lock.locked and self._loading.get(upload_id) is lock:
-                del self._loading[upload_id]
-
-    async def _take_up(self, upload_id: str) -> Upload:
-        assert self.cluster is not None
-        try:
-            await self._registry(self.cluster.acquire(upload_id))
-        except Busy:
-            raise UploadError(
-                ErrorCode.ALREADY_CONNECTED, "another instance is serving this upload"
-            ) from None
-        record = await self._record(upload_id)
-        if record is None:
-            await self._registry(self.cluster.release(upload_id))
-            raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        stored, _ = await self.storage.stored(upload_id)
-        upload = Upload.from_record(record, stored)
-        bring_to_life(upload, self)
-        self._uploads[upload_id] = upload
-        self._arm_idle(upload, upload.idle_deadline - self.clock.seconds())
-        return upload
-
-    async def _record(self, upload_id: str) -> Record | None:
-        """Cluster: the record in Redis, or else in the shared directory (Redis lost it:
-        it is put back)."""
-        assert self.cluster is not None
-        try:
-            UUID(upload_id)
-        except ValueError:
-            return None
-        record: Record | None = await self._registry(self.cluster.read(upload_id))
-        if record is None:
-            record = await self.storage.read_state(upload_id)
-            if record is not None:
-                upload = Upload.from_record(record, 0)
-                await self._registry(
-                    self.cluster.save(record, upload.idle_deadline, upload.with_backend)
-                )
-        return record
-
-    async def _registry(self, call: Coroutine[Any, Any, Any]) -> Any:
-        try:
-            return await call
-        except Unavailable:
-            raise UploadError(
-                ErrorCode.REGISTRY_UNAVAILABLE, "the upload registry is unavailable; try again"
-            ) from None
+        return await self.coordinator.hold(upload_id)
 
     async def command(self, upload_id: str, op: str, *args: Any) -> None:
         """Apply a request (an input of the upload's table: `COMMANDS`) where the upload
         is held, and return once its disk work is done; raises its UploadError."""
         assert op in COMMANDS
-        for _attempt in range(2):
-            if self.cluster is not None and upload_id not in self._uploads:
-                holder = await self._registry(self.cluster.holder(upload_id))
-                if holder is not None and holder != self.cluster.instance:
-                    try:
-                        await self.cluster.request(holder, op, upload_id, list(args))
-                    except RequestFailed as e:
-                        raise UploadError(ErrorCode(e.code), e.message) from None
-                    except Unavailable:
-                        raise UploadError(
-                            ErrorCode.REGISTRY_UNAVAILABLE, "the instance serving it is away"
-                        ) from None
-                    return
-            try:
-                await self._serve(op, upload_id, list(args))
-                return
-            except UploadError as e:  # taken by another instance meanwhile: ask it
-                if e.code is not ErrorCode.ALREADY_CONNECTED or self.cluster is None:
-                    raise
-        raise UploadError(ErrorCode.ALREADY_CONNECTED, "another instance is serving this upload")
+        if self.coordinator is None:
+            await self.serve(op, upload_id, list(args))
+        else:
+            await self.coordinator.command(upload_id, op, list(args))
 
-    async def _serve(self, op: str, upload_id: str, args: list[Any]) -> None:
+    async def serve(self, op: str, upload_id: str, args: list[Any]) -> None:
         """Apply a request here (for `command`, or from another instance)."""
         if op not in COMMANDS:
             raise UploadError(ErrorCode.UNEXPECTED_MESSAGE, f"no such request {op!r}")
@@ -287,12 +191,32 @@ class UploadManager:
         finally:
             await self.storage.drain(upload.id)
             self._let_go_soon(upload)
+        if upload.id in self._unsaveable:  # what the request changed is not durable
+            raise UploadError(ErrorCode.STORAGE_FAILED, "the upload's state cannot be saved")
 
-    def lookup(self, upload_id: str) -> Upload:
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
+    def adopt(self, upload: Upload, idle_delay: float) -> None:
+        """Hold the upload here: its table wired to this manager, its idle clock running."""
+        bring_to_life(upload, self)
+        self._uploads[upload.id] = upload
+        self._arm_idle(upload, idle_delay)
+
+    def drop(self, upload_id: str) -> Upload | None:
+        """Hold the upload here no more (cluster: another instance may take it up): its
+        timers and retries stop."""
+        upload = self._uploads.pop(upload_id, None)
+        for timers in (self._idle, self._confirm, self._late):
+            timer = timers.pop(upload_id, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.retrier.stop(upload_id, "handover")
+        self.retrier.stop(upload_id, "cancel notice")
+        self._unsaved.discard(upload_id)
+        self._unsaveable.discard(upload_id)
         return upload
+
+    async def save_if_changed(self, upload: Upload) -> None:
+        if upload.id in self._unsaved:
+            await self.save(upload)
 
     def __iter__(self) -> Iterator[Upload]:
         return iter(list(self._uploads.values()))
@@ -314,12 +238,10 @@ class UploadManager:
             except (KeyError, ValueError, TypeError) as e:
                 log.error("ignoring saved upload {r!r}: {e}", r=saved.record.get("id"), e=e)
                 continue
-            bring_to_life(upload, self)
-            self._uploads[upload.id] = upload
             if saved.modified is not None:
                 # State is saved at connects, not at every chunk: the file shows activity.
                 upload.idle_deadline = max(upload.idle_deadline, saved.modified + self.max_idle)
-            self._arm_idle(upload, upload.idle_deadline - now)
+            self.adopt(upload, upload.idle_deadline - now)
             found[_restored(upload)] += 1
             if upload.receiving and upload.length is not None:
                 log.info(
@@ -408,33 +330,31 @@ class UploadManager:
         self._arm_idle(upload, self.max_idle)
         self._unsaved.add(upload.id)
 
-    def save(self, upload: Upload, durable: bool = False) -> Deferred[None]:
-        """Save, logging a failure; later disk work for this upload queues behind it.
-        Cluster: in Redis too (when it is away, again with the next renewal)."""
+    def save(self, upload: Upload) -> Deferred[bool]:
+        """Save durably; True once saved, False (logged) if it could not be. Later disk
+        work for this upload queues behind it. Cluster: in Redis too (when it is away,
+        again with the next renewal)."""
         if self._abandoned(upload):
-            return succeed(None)
-        if not upload.awaiting_answer:  # each phase is saved: those waiting for it hear
-            for answer in self._answers.pop(upload.id, []):
-                answer.callback(None)
+            return succeed(False)
         if not upload.handing_over:
             self._handover_over(upload.id)
         self._unsaved.discard(upload.id)
-        if self.cluster is not None:
-            self._spawn(self._send(upload))
+        if self.coordinator is not None:
+            self.spawn(self.coordinator.send(upload))
 
-        def failed(failure: Any) -> None:
+        def saved(_: None) -> bool:
+            self._unsaveable.discard(upload.id)
+            if not upload.awaiting_answer:  # each phase is saved: those waiting for it hear
+                for answer in self._answers.pop(upload.id, []):
+                    answer.callback(None)
+            return True
+
+        def failed(failure: Any) -> bool:
             log.error("upload {id}: cannot save state: {e}", id=upload.id, e=failure.value)
+            self._unsaveable.add(upload.id)
+            return False
 
-        d = self.storage.save_state(upload.id, upload.to_record(), durable)
-        return d.addErrback(failed)
-
-    async def _send(self, upload: Upload) -> None:
-        assert self.cluster is not None
-        try:
-            await self.cluster.save(upload.to_record(), upload.idle_deadline, upload.with_backend)
-            self._unsent.discard(upload.id)
-        except Unavailable:
-            self._unsent.add(upload.id)
+        return self.storage.save_state(upload.id, upload.to_record()).addCallbacks(saved, failed)
 
     def release(self, upload: Upload) -> None:
         if self._abandoned(upload):
@@ -445,7 +365,7 @@ class UploadManager:
     def hand_over(self, upload: Upload) -> None:
         if self._abandoned(upload):
             return
-        self._spawn(self._hand_over(upload))
+        self.spawn(self._hand_over(upload))
 
     async def _hand_over(self, upload: Upload) -> None:
         try:
@@ -500,10 +420,11 @@ class UploadManager:
     def finalize(self, upload: Upload) -> None:
         if self._abandoned(upload):
             return
-        self._spawn(self._finalize(upload))
+        self.spawn(self._finalize(upload))
 
     async def _finalize(self, upload: Upload) -> None:
-        await self.save(upload, durable=True)
+        if not await self.save(upload):
+            return  # nobody hears of an end a restart would not find; the file stays
         if upload.remove_file_when_finished:
             await self._remove_file(upload)
         upload.life.finalized()
@@ -512,7 +433,7 @@ class UploadManager:
     def discard_file(self, upload: Upload) -> None:
         if self._abandoned(upload):
             return
-        self._spawn(self._discard_file(upload))
+        self.spawn(self._discard_file(upload))
 
     async def _discard_file(self, upload: Upload) -> None:
         await self._remove_file(upload)
@@ -574,16 +495,14 @@ class UploadManager:
             return
         self._uploads.pop(upload.id, None)
         self._unsaved.discard(upload.id)
-        self._unsent.discard(upload.id)
-        self._spawn(self._forget(upload))
+        self._unsaveable.discard(upload.id)
+        self.spawn(self._forget(upload))
 
     async def _forget(self, upload: Upload) -> None:
         await self.storage.discard(upload.id)
         self.storage.forget(upload.id)
-        if self.cluster is not None:
-            with contextlib.suppress(Unavailable):  # the janitor finds it again
-                await self.cluster.forget(upload.id)
-                await self.cluster.release(upload.id)
+        if self.coordinator is not None:
+            await self.coordinator.forget(upload.id)
         log.info("upload {id} forgotten", id=upload.id)
 
     def happened(
@@ -655,162 +574,23 @@ class UploadManager:
                 detail=f": {clipped(detail)}" if detail else "",
             )
 
-    # Cluster: letting go of uploads, renewing leases, the janitor
+    # Cluster: uploads held here (`coordination`)
 
     def _abandoned(self, upload: Upload) -> bool:
         """Cluster: an upload no longer held here (taken over by another instance, whose
         lease it is now) is inert: no write, save, timer or handover of ours touches it."""
-        return self.cluster is not None and self._uploads.get(upload.id) is not upload
+        return self.coordinator is not None and self._uploads.get(upload.id) is not upload
 
     def _let_go_soon(self, upload: Upload) -> None:
-        if self.cluster is not None:
-            self._spawn(self._let_go(upload))
-
-    async def _let_go(self, upload: Upload) -> None:
-        """Once nothing here needs the upload (no connection, no writes, no handover):
-        save it and release its lease, for any instance to take it up."""
-        assert self.cluster is not None
-        await self.storage.drain(upload.id)
-        if self._uploads.get(upload.id) is not upload or not _idle(upload):
-            return
-        if upload.id in self._unsaved:
-            await self.save(upload)
-        await self._send(upload)  # Redis has the latest before the lease goes
-        still = self._uploads.get(upload.id) is upload and _idle(upload)
-        if upload.id in self._unsent or not still:
-            return  # Redis is away (the next renewal tries again), or it is in use again
-        del self._uploads[upload.id]
-        for timers in (self._idle, self._confirm):
-            timer = timers.pop(upload.id, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.storage.forget(upload.id)
-        with contextlib.suppress(Unavailable):  # it lapses by itself
-            await self.cluster.release(upload.id)
+        if self.coordinator is not None:
+            self.spawn(self.coordinator.let_go(upload))
 
     def start(self) -> None:
-        """Take up saved uploads (one process), or start renewing leases (cluster)."""
-        if self.cluster is None:
+        """Take up saved uploads (one process), or start the cluster's rounds."""
+        if self.coordinator is None:
             self.restore()
-            return
-        self.cluster.start()
-        period = self.cluster.lease_ms / 3000
-        for work, every in (
-            (self._renew, period),
-            (self._janitor_round, period),
-            (self._check_registry, REGISTRY_CHECK_SECONDS),
-        ):
-            call = LoopingCall(lambda work=work: self._spawn(work()))
-            call.clock = self.clock
-            call.start(every, now=False)
-            self._rounds.append(call)
-
-    async def _check_registry(self) -> None:
-        """Whether Redis answers, whatever this instance holds (for /incoming/health)."""
-        assert self.cluster is not None
-        reachable = await self.cluster.reachable()
-        if reachable != self.registry_reachable:
-            if reachable:
-                log.info("Redis is back")
-            else:
-                log.warn("Redis is unavailable; uploads being written carry on")
-        self.registry_reachable = reachable
-
-    async def _renew(self) -> None:
-        """Renew the leases of the uploads held here, with their idle deadlines, and send
-        Redis what it missed while it was away; drop uploads another instance took."""
-        assert self.cluster is not None
-        held = list(self._uploads.values())
-        deadlines = {upload.id: upload.idle_deadline for upload in held}
-        try:
-            lost = await self.cluster.renew(list(deadlines), deadlines)
-            for upload_id in list(self._unsent):
-                upload = self._uploads.get(upload_id)
-                if upload is not None:
-                    await self._send(upload)
-        except Unavailable:
-            return
-        for upload_id in lost:
-            upload = self._uploads.pop(upload_id, None)
-            if upload is not None:
-                log.error("upload {id}: another instance took it over", id=upload_id)
-                self._handover_over(upload_id)
-                self.retrier.stop(upload_id, "cancel notice")
-                for timers in (self._idle, self._confirm):
-                    timer = timers.pop(upload_id, None)
-                    if timer is not None and timer.active():
-                        timer.cancel()
-                self._unsaved.discard(upload_id)
-                self._unsent.discard(upload_id)
-                if upload.transport is not None:
-                    upload.transport.going_away()
-        for upload in list(self._uploads.values()):
-            if _idle(upload):  # one that Redis's absence kept here
-                self._let_go_soon(upload)
-
-    async def _janitor_round(self) -> None:
-        """One instance at a time: expire idle uploads nobody holds, and take up
-        handovers (or waits for finish_upload) whose instance died."""
-        assert self.cluster is not None
-        try:
-            if not await self.cluster.janitor():
-                return
-            if not await self.cluster.populated():
-                await self._repopulate()
-            now = self.clock.seconds()
-            for upload_id in await self.cluster.due(now):
-                await self._janitor_duty(self._janitor_expire(upload_id, now), upload_id)
-            for upload_id in await self.cluster.handovers():
-                if upload_id not in self._uploads and await self.cluster.holder(upload_id) is None:
-                    await self._janitor_duty(self._janitor_take_up(upload_id), upload_id)
-        except Unavailable:
-            return
-
-    async def _janitor_duty(self, work: Coroutine[Any, Any, None], upload_id: str) -> None:
-        """One upload's work: a record it cannot read must not stop the others'."""
-        try:
-            await work
-        except Unavailable:
-            raise
-        except Exception:
-            log.failure("janitor: upload {id} skipped", id=upload_id)
-
-    async def _repopulate(self) -> None:
-        """Redis is new, or lost its data: put back the records of the shared directory
-        (the tickets' state files), then say it holds them."""
-        assert self.cluster is not None
-        saved = await self.storage.saved()
-        for found in saved:
-            upload = Upload.from_record(found.record, found.stored)
-            await self.cluster.save(found.record, upload.idle_deadline, upload.with_backend)
-        await self.cluster.mark_populated()
-        log.info("Redis holds the records of {n} uploads of the shared directory", n=len(saved))
-
-    async def _janitor_expire(self, upload_id: str, now: float) -> None:
-        if upload_id in self._uploads:
-            return  # its own idle timer runs here
-        try:
-            upload = await self.hold(upload_id)
-        except UploadError as e:
-            if e.code is ErrorCode.UNKNOWN_TICKET:
-                with contextlib.suppress(Unavailable):
-                    await self.cluster.forget(upload_id)  # type: ignore[union-attr]
-            return  # held by another instance: its timer runs there
-        if upload.idle_deadline > now:
-            self._let_go_soon(upload)  # Redis had an old deadline
-            return
-        upload.life.idle_timeout(self.max_idle)
-        self._let_go_soon(upload)
-
-    async def _janitor_take_up(self, upload_id: str) -> None:
-        try:
-            upload = await self.hold(upload_id)
-        except UploadError:
-            return
-        stored, present = await self.storage.stored(upload_id)
-        log.info("upload {id}: taking up its handover", id=upload_id)
-        upload.life.restored(present)
-        self._let_go_soon(upload)
+        else:
+            self.coordinator.start()
 
     # The idle clock
 
@@ -834,9 +614,8 @@ class UploadManager:
         in the journal); `restore` carries on from there at the next start. Cluster:
         the leases are released, for other instances to carry on at once.
         """
-        for call in self._rounds:
-            if call.running:
-                call.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop_rounds()
         self.retrier.stop_all()  # handovers and notices are posted again at the next start
         for timer in [*self._idle.values(), *self._confirm.values(), *self._late.values()]:
             if timer.active():
@@ -853,12 +632,8 @@ class UploadManager:
             changed = self._uploads.get(upload_id)
             if changed is not None:
                 await self.save(changed)
-        if self.cluster is not None:
-            for upload in list(self._uploads.values()):
-                with contextlib.suppress(Unavailable):
-                    await self._send(upload)
-                    await self.cluster.release(upload.id)
-            await self.cluster.stop()
+        if self.coordinator is not None:
+            await self.coordinator.leave()
 
 
 def _restored(upload: Upload) -> str:
@@ -872,8 +647,3 @@ def _restored(upload: Upload) -> str:
     if upload.with_backend:
         return "waiting for the backend's finish_upload"
     return str(upload.phase.value)
-
-
-def _idle(upload: Upload) -> bool:
-    """Nothing of this instance's is needed: no connection, no write, no handover."""
-    return upload.transport is None and not upload.pending and not upload.with_backend

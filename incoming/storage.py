@@ -186,7 +186,7 @@ class Storage(Protocol):
 
     def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]: ...
 
-    def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]: ...
+    def save_state(self, upload_id: str, record: Record) -> Deferred[None]: ...
 
     def write(
         self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
@@ -493,10 +493,10 @@ class DiskStorage:
         """Save a new ticket's first record (in the journal; see `journal`)."""
         return self.journal.append(upload_id, record).addErrback(self._full_or_not)
 
-    def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
+    def save_state(self, upload_id: str, record: Record) -> Deferred[None]:
         """Replace the upload's state record atomically, and durably if syncing is on
-        (whatever `sync` says: a state a client was answered on must survive)."""
-        d = self._run_named(upload_id, self._save_state, upload_id, record, sync)
+        (a state a client was answered on must survive)."""
+        d = self._run_named(upload_id, self._save_state, upload_id, record)
 
         def saved(_: None) -> None:
             self.journal.superseded(upload_id)
@@ -681,7 +681,7 @@ class DiskStorage:
         self.part_path(upload_id).unlink(missing_ok=True)  # durably: see `remove`
         self.final_path(upload_id).unlink(missing_ok=True)
 
-    def _save_state(self, upload_id: str, record: Record, sync: bool) -> None:
+    def _save_state(self, upload_id: str, record: Record) -> None:
         data = json.dumps(record).encode("utf-8")
         path = self.state_path(upload_id)  # its name made durable by `_run_named`
         replace_file(path, data, self.sync, fsync=self._fdatasync, fsync_directory=False)

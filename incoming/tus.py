@@ -529,6 +529,9 @@ class PatchStream:
     ) -> tuple[int, bool]:
         """Where the body goes, and whether it is to be dropped (the upload has it all)."""
         assert upload.length is not None
+        if upload.cancelled:  # meanwhile (its ending reaches this stream once saved)
+            reason = f"this upload was cancelled: {upload.cancel_reason}"
+            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
         discard = not upload.receiving  # every byte is stored: it is (being) handed over
         if discard:
             position = upload.offset

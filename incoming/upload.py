@@ -146,8 +146,9 @@ class Effects(Protocol):
     def touch(self, upload: Upload) -> None:
         """Restart the idle clock: it expires live uploads and forgets ended ones."""
 
-    def save(self, upload: Upload, durable: bool = False) -> Deferred[None]:
-        """Save the upload's state (`durable`: fsynced); fires once saved."""
+    def save(self, upload: Upload) -> Deferred[bool]:
+        """Save the upload's state (durably); fires True once saved, or False if it could
+        not be (logged): nothing that relies on it is answered then."""
 
     def release(self, upload: Upload) -> None:
         """Nobody is sending: the upload's file need not stay open."""
@@ -637,7 +638,7 @@ def _all_stored(life: UploadLife, core: _Core) -> None:
     upload = core.upload
     upload.phase = Phase.HANDOVER
     core.effects.happened(upload, Event.COMPLETE)  # notes when: retries count from there
-    core.effects.save(upload, durable=True)
+    core.effects.save(upload)
     core.effects.hand_over(upload)
 
 
@@ -673,10 +674,7 @@ def _wait(life: UploadLife, core: _Core) -> None:
     upload = core.upload
     upload.phase = Phase.AWAITING_FINISH
     core.effects.arm_confirm(upload)
-    if upload.transport is not None:
-        upload.transport.waiting()
-    saved = core.effects.save(upload, durable=True)
-    saved.addCallback(lambda _: core.effects.happened(upload, Event.HANDED_OVER))
+    core.effects.save(upload).addCallback(_tell_waiting, core)
 
 
 @handover.upon(On.handover_failed).to(cancelled)
@@ -691,7 +689,7 @@ def _finish_early(life: UploadLife, core: _Core, result: str) -> None:
     upload = core.upload
     upload.phase = Phase.FINISH_REQUESTED
     upload.result = result
-    core.effects.save(upload, durable=True)
+    core.effects.save(upload)
     if upload.retrying or upload.late:  # no answer is on its way: none is waited for
         life.handover_retrying()
 
@@ -711,10 +709,23 @@ def _late(life: UploadLife, core: _Core) -> None:
     if upload.late:
         return
     upload.late = True
-    saved = core.effects.save(upload, durable=True)
-    saved.addCallback(lambda _: core.effects.happened(upload, Event.PENDING))
-    if upload.transport is not None:
-        upload.transport.pending()
+    core.effects.save(upload).addCallback(_tell_pending, core)
+
+
+def _tell_waiting(saved: bool, core: _Core) -> None:
+    """The backend's `wait` is durable: the client hears the file is handed over."""
+    if saved:
+        core.effects.happened(core.upload, Event.HANDED_OVER)
+        if core.upload.transport is not None:
+            core.upload.transport.waiting()
+
+
+def _tell_pending(saved: bool, core: _Core) -> None:
+    """The handover is late, durably: the client hears the file is stored, pending."""
+    if saved:
+        core.effects.happened(core.upload, Event.PENDING)
+        if core.upload.transport is not None:
+            core.upload.transport.pending()
 
 
 for _state in (handover, awaiting_finish):
@@ -909,7 +920,12 @@ def _end(
     saved = core.effects.save(upload)
     transport = upload.transport
     if transport is not None:
-        saved.addCallback(lambda _: transport.ended(ending))
+
+        def tell(saved: bool) -> None:
+            if saved:
+                transport.ended(ending)
+
+        saved.addCallback(tell)
     core.effects.discard_file(upload)
 
 

@@ -32,7 +32,8 @@ class MemoryStorage:
         self.finals: dict[str, bytes] = {}  # complete files
         self.journal: dict[str, Record] = {}
         self.states: dict[str, Record] = {}
-        self.saves: list[tuple[str, object, bool]] = []  # (id, phase, durable), in order
+        self.saves: list[tuple[str, object]] = []  # (id, phase), in order
+        self.unsaveable_phases: set[str] = set()  # states in these phases find no space
         self.open: set[str] = set()  # uploads whose file is open
 
     def load(self) -> list[Saved]:
@@ -61,9 +62,11 @@ class MemoryStorage:
         self.journal[upload_id] = record
         return succeed(None)
 
-    def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
+    def save_state(self, upload_id: str, record: Record) -> Deferred[None]:
+        if record["phase"] in self.unsaveable_phases:
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
         self.states[upload_id] = record
-        self.saves.append((upload_id, record["phase"], sync))
+        self.saves.append((upload_id, record["phase"]))
         return succeed(None)
 
     def write(

@@ -234,15 +234,15 @@ def test_a_restart_continues_the_retry_time_of_the_first_attempt() -> None:
     again, clock, _, handover = away_manager(storage=storage)
     clock.advance(100_000)
     again.restore()
-    assert again.lookup(old.id).late and not again.lookup(fresh.id).late
+    assert again.get(old.id).late and not again.get(fresh.id).late
     elapse(clock, 399)
-    assert again.lookup(old.id).phase is Phase.HANDOVER
+    assert again.get(old.id).phase is Phase.HANDOVER
     elapse(clock, 1)  # its day is over: 400 s after the restart, not a day
-    assert again.lookup(old.id).phase is Phase.CANCELLED
-    assert again.lookup(fresh.id).phase is Phase.HANDOVER
+    assert again.get(old.id).phase is Phase.CANCELLED
+    assert again.get(fresh.id).phase is Phase.HANDOVER
     elapse(clock, 6000)
-    assert again.lookup(fresh.id).phase is Phase.HANDOVER
-    assert again.lookup(fresh.id).handover_began == 100_000  # as saved before the restart
+    assert again.get(fresh.id).phase is Phase.HANDOVER
+    assert again.get(fresh.id).handover_began == 100_000  # as saved before the restart
 
 
 def test_cancel_notices_are_retried_and_keep_the_ticket_until_heard() -> None:

@@ -21,7 +21,16 @@ from twisted.internet.task import deferLater
 from incoming.config import Config
 from incoming.errors import ErrorCode, UploadError
 
-from .harness import CHUNK_KB, Backend, Redis, Server, log_line, serving
+from .harness import (
+    CHUNK_KB,
+    Backend,
+    Redis,
+    Server,
+    complete_upload,
+    log_line,
+    serving,
+    upload_request,
+)
 
 CHUNK = CHUNK_KB * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -128,7 +137,7 @@ async def test_many_quickly_aborted_patches_do_no_harm(
     for _ in range(50):
         await connectProtocol(endpoint, AbortedPatch(ticket, data))
     await instance.settled()
-    while True:  # an aborted PATCH may still be letting go of the upload: 423, try again
+    for _attempt in range(100):  # an aborted PATCH may still be letting go of it: 423
         head = await treq.head(f"{instance.base}/tus/{ticket}", headers=TUS)
         offset = head.headers.getRawHeaders("upload-offset")[0]
         response = await treq.request(
@@ -138,6 +147,8 @@ async def test_many_quickly_aborted_patches_do_no_harm(
         if response.code != 423:
             break
         await deferLater(reactor, 0.1, lambda: None)
+    else:
+        pytest.fail("the upload stayed locked (423) for 10 s")
     assert response.code == 204, await response.text()
     post = await backend.posts.get()
     assert post["sha256"] == hashlib.sha256(data).hexdigest()
@@ -165,3 +176,29 @@ async def test_health_follows_redis_while_no_upload_is_held(instance: Server, re
         await redis.start()
         await back.addTimeout(20, reactor)  # the client reconnects within 10 s
     assert await health(instance) == (200, "ok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_whose_lease_another_instance_took_is_let_go_here(
+    instance: Server, backend: Backend
+) -> None:
+    """Renewal finds the lease taken (this instance stalled past it): the upload is
+    dropped here and its client sent away; once the lease is free it goes on here."""
+    coordinator = instance.manager.coordinator
+    assert coordinator is not None
+    data = os.urandom(3 * CHUNK)
+    ticket = await instance.new_upload(backend.url, removeFileWhenFinished="false")
+    client, conf = await upload_request(instance, ticket, len(data))
+    assert instance.manager.get(ticket) is not None
+    lease = f"incoming:lease:{ticket}"
+    await coordinator.cluster._call("set", lease, "another-instance")
+    await coordinator._renew()
+    assert instance.manager.get(ticket) is None
+    await client.closed  # going away
+    await coordinator.cluster._call("delete", lease)  # that instance died
+    client, conf = await upload_request(instance, ticket, len(data))
+    assert conf["FilePos"] == 0
+    await complete_upload(client, data, CHUNK, 4)
+    post = await backend.posts.get()
+    assert post["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (instance.storage_dir / ticket).read_bytes() == data

@@ -4,6 +4,7 @@ state file it cannot read. The power cuts themselves are in test_powercut.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
@@ -129,7 +130,7 @@ async def test_with_sync_off_nothing_is_synced(tmp_path: Path, pool: ThreadPool)
     upload_id = str(uuid.uuid4())
     await write_and_sync(storage, upload_id, 0, b"z" * BLOCK)
     await storage.record_ticket(str(uuid.uuid4()), {"id": "t"})
-    await storage.save_state(upload_id, {"id": upload_id}, True)
+    await storage.save_state(upload_id, {"id": upload_id})
     await storage.complete(upload_id)
     assert sync.calls == 0
 
@@ -168,6 +169,29 @@ async def test_tickets_appended_together_share_a_journal_sync(
     await gatherResults([journal.append(i, {"id": i}) for i in ids[:5]])
     assert sync.calls == 3
     journal.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ticket_whose_sync_failed_is_not_in_the_journal(
+    tmp_path: Path, pool: ThreadPool
+) -> None:
+    """The backend hears of an error: no restart may bring the ticket back."""
+    failing: list[bool] = []
+
+    def sync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fdatasync(fd)
+
+    journal = TicketJournal(tmp_path / "j", reactor, pool, fdatasync=sync)
+    journal.load()
+    kept, lost = str(uuid.uuid4()), str(uuid.uuid4())
+    await journal.append(kept, {"id": kept})
+    failing.append(True)
+    with pytest.raises(OSError):
+        await journal.append(lost, {"id": lost})
+    journal.close()
+    assert sorted(TicketJournal(tmp_path / "j", reactor, pool).load()) == [kept]
 
 
 @pytest_twisted.ensureDeferred

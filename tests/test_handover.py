@@ -31,6 +31,7 @@ from incoming.handover import (
     HandoverClient,
     HandoverFailed,
     Retrier,
+    Stopped,
     retry_delay,
 )
 from incoming.metrics import Metrics
@@ -169,6 +170,27 @@ def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
     clock.advance(0.1)
     stub.flush()
     assert d.result == "done"
+
+
+def test_a_stopped_run_still_waiting_for_its_answer_makes_way_for_a_new_one() -> None:
+    """Cluster: an instance that lost an upload's lease, then took it up again, posts
+    again while its earlier POST is still out."""
+    clock = Clock()
+    retrier = Retrier(clock, 86400, Metrics(), jitter=lambda: 0.0)
+    first_answer: Deferred[str] = Deferred()
+    first = ensureDeferred(retrier.run("u", "handover", lambda: first_answer, 0, lambda: True))
+    retrier.stop("u", "handover")
+
+    async def away() -> str:
+        raise BackendAway("HTTP 503")
+
+    second = ensureDeferred(retrier.run("u", "handover", away, 0, lambda: True))
+    assert not second.called  # waiting to try again
+    first_answer.callback("old")
+    assert first.result == "old"  # an answer under way is still read
+    retrier.stop("u", "handover")  # the second run is still known: its wait ends
+    assert failure_of(second).check(Stopped)
+    assert clock.getDelayedCalls() == []
 
 
 def test_429_and_5xx_answers_and_connection_errors_are_the_backend_away() -> None:

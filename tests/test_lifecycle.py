@@ -94,11 +94,48 @@ def test_bytes_are_written_in_order_and_acknowledged_to_their_sender() -> None:
     assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
     assert upload.phase is Phase.FINISHED
     assert upload.id not in storage.finals  # removeFileWhenFinished
-    assert [(phase, durable) for _, phase, durable in storage.saves] == [
-        ("receiving", False),  # connected
-        ("handover", True),
-        ("finished", True),  # durable before the client hears of it
-    ]
+    assert [phase for _, phase in storage.saves] == ["receiving", "handover", "finished"]
+
+
+def test_nobody_hears_of_a_finish_that_could_not_be_saved() -> None:
+    """A restart must find what the client was told: the file stays, the client waits."""
+    manager, clock, storage, handover, upload, transport = begin()
+    storage.unsaveable_phases.add("finished")
+    upload.life.receive(b"abc")
+    assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
+    assert transport.events == [("stored", 3)]  # no ("ended", ...)
+    assert storage.states[upload.id]["phase"] == "handover"
+    assert storage.finals[upload.id] == b"abc"  # removeFileWhenFinished waits too
+
+
+@pytest.mark.parametrize(
+    ("phase", "heard"), [("awaiting_finish", "waiting"), ("cancelled", "ended")]
+)
+def test_a_state_that_could_not_be_saved_is_not_announced(phase: str, heard: str) -> None:
+    manager, clock, storage, handover, upload, transport = begin("wait", remove=False)
+    storage.unsaveable_phases.add(phase)
+    upload.life.receive(b"ab")
+    if phase == "cancelled":
+        with pytest.raises(UploadError) as refused:
+            now(manager.command(upload.id, "cancel_by_client", "stop"))
+        assert refused.value.code is ErrorCode.STORAGE_FAILED  # the client asked: it hears
+    else:
+        upload.life.receive(b"c")
+    assert upload.phase.value == phase
+    assert heard not in [event[0] for event in transport.events]
+    assert storage.states[upload.id]["phase"] != phase
+
+
+def test_the_backend_hears_when_its_finish_upload_could_not_be_saved() -> None:
+    manager, clock, storage, handover, upload, transport = begin("wait", remove=False)
+    upload.life.receive(b"abc")
+    assert upload.phase is Phase.AWAITING_FINISH
+    storage.unsaveable_phases.add("finished")
+    with pytest.raises(UploadError) as refused:
+        now(manager.command(upload.id, "finish_upload", ""))
+    assert refused.value.code is ErrorCode.STORAGE_FAILED
+    assert storage.states[upload.id]["phase"] == "awaiting_finish"
+    assert transport.events == [("stored", 3), ("waiting",)]
 
 
 def test_idle_upload_expires_then_is_forgotten() -> None:
@@ -302,8 +339,8 @@ def test_restart_redoes_an_interrupted_handover_or_sees_it_was_taken() -> None:
     ]
     again.restore()
     assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
-    assert again.lookup(upload.id).phase is Phase.FINISHED
-    assert again.lookup(taken.id).phase is Phase.FINISHED
+    assert again.get(upload.id).phase is Phase.FINISHED
+    assert again.get(taken.id).phase is Phase.FINISHED
 
 
 def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> None:
@@ -316,7 +353,7 @@ def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> No
     again, clock, _, handover = make_manager(storage=storage)
     again.restore()
     assert storage.finals == {kept.id: b"abc"}  # removeFileWhenFinished=false: the backend's
-    assert handover.notices == [] and again.lookup(removed.id).phase is Phase.FINISHED
+    assert handover.notices == [] and again.get(removed.id).phase is Phase.FINISHED
 
 
 def lines(log: list[str], upload: Upload) -> list[str]:
