@@ -13,30 +13,55 @@ client.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, Protocol
 from uuid import UUID
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .cluster import Busy, Cluster, RequestFailed, Unavailable
 from .errors import ErrorCode, UploadError
-from .storage import Record
+from .storage import Record, Storage
 from .upload import Upload
-
-if TYPE_CHECKING:
-    from .manager import UploadManager
 
 log = Logger()
 REGISTRY_CHECK_SECONDS = 1.0  # how often Redis is pinged (its answer or its silence)
 
 
+class Holder(Protocol):
+    """What the coordinator needs of the manager (`manager.UploadManager`): the uploads
+    held here, their storage and clock, and requests applied to them."""
+
+    storage: Storage
+    clock: IReactorTime
+    max_idle: float
+
+    def get(self, upload_id: str) -> Upload | None: ...
+
+    def __iter__(self) -> Iterator[Upload]: ...
+
+    def adopt(self, upload: Upload, idle_delay: float) -> None:
+        """Hold the upload here, its idle clock running."""
+
+    def drop(self, upload_id: str) -> Upload | None:
+        """Hold it here no more: its timers and retries stop."""
+
+    async def save_if_changed(self, upload: Upload) -> None: ...
+
+    async def serve(self, op: str, upload_id: str, args: list[Any]) -> None:
+        """Apply a request (an input of the upload's table) here."""
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> Deferred[Any]:
+        """Run background work (awaited at shutdown, its failure logged)."""
+
+
 class Coordinator:
     """The cluster side of an `UploadManager`: leases, take-up, let-go, the janitor."""
 
-    def __init__(self, manager: UploadManager, cluster: Cluster) -> None:
+    def __init__(self, manager: Holder, cluster: Cluster) -> None:
         self.manager = manager
         self.cluster = cluster
         self.reachable = True  # Redis answered the last PING
