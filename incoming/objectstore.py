@@ -31,6 +31,8 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from .files import has_hole
+
 T = TypeVar("T")
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part, but for the last
@@ -145,7 +147,10 @@ class FileRange(io.RawIOBase):
 
 
 def content_md5(fd: int, offset: int, size: int) -> str:
-    """The base64 MD5 of a file range, for Content-MD5."""
+    """The base64 MD5 of a file range, for Content-MD5; OSError if the range is not all
+    in the file (a hole, given back once sent, is never sent as data)."""
+    if has_hole(fd, offset, size):
+        raise OSError(f"the spool file has no data for bytes {offset} to {offset + size}")
     digest = hashlib.md5()
     for start in range(offset, offset + size, READ_BLOCK):
         block = os.pread(fd, min(READ_BLOCK, offset + size - start), start)

@@ -14,6 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
+from incoming.files import punch_hole
 from incoming.objectstore import (
     Gone,
     Location,
@@ -111,15 +112,26 @@ async def test_a_part_sent_again_replaces_the_first(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_spool_file_shorter_than_the_part_sends_nothing(
+async def test_a_spool_range_without_data_sends_nothing(
     store: ObjectStore, spool: tuple[Path, bytes]
 ) -> None:
+    """A range past the file's end, or over a hole (bytes given back once sent), would
+    read as zeros: it is never sent."""
     path, data = spool
     key = store.location.key("short")
     upload = await store.begin(key)
-    with pytest.raises(OSError, match="ends before"):
+    with pytest.raises(OSError, match="no data"):
         await store.upload_part(key, upload, 1, path, 2 * PART, PART)
+    with open(path, "r+b") as f:
+        punch_hole(f.fileno(), PART, PART)
+    assert path.read_bytes() == data[:PART] + bytes(PART) + data[2 * PART :]
+    with pytest.raises(OSError, match="no data"):
+        await store.upload_part(key, upload, 1, path, PART // 2, PART)
+    with pytest.raises(OSError, match="no data"):
+        await store.put(key, path, 0, 2 * PART)
     assert await store.parts(key, upload) == []
+    await store.upload_part(key, upload, 1, path, 0, PART)  # data on both sides of it
+    await store.upload_part(key, upload, 2, path, 2 * PART, len(data) - 2 * PART)
     await store.abort(key, upload)
 
 
