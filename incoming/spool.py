@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .files import punch_hole
+from .files import DATA_MODE, punch_hole
 from .objectstore import Gone, ObjectStore, Part, StoreError, StoreUnavailable
 
 log = Logger()
@@ -90,18 +90,23 @@ class Shipper:
         store: ObjectStore,
         clock: IReactorTime,
         path_of: Callable[[str], Path],
-        give_back: Callable[[Path, int, int], Deferred[None]],
+        on_disk: Callable[..., Deferred[Any]],
         part_size: int,
+        tails: bool = False,
     ) -> None:
         self.store = store
         self.clock = clock
         self.part_size = part_size
+        self.tails = tails  # cluster mode: uploads move between instances (`hand_off`)
         self._path_of = path_of  # an upload's spool file
-        self._give_back = give_back  # punch a range of a spool file (in a disk thread)
+        self._on_disk = on_disk  # runs a call in a disk thread
         self._shipments: dict[str, _Shipment] = {}
 
     def key(self, upload_id: str) -> str:
         return self.store.location.key(upload_id)
+
+    def _give_back(self, path: Path, offset: int, size: int) -> Deferred[None]:
+        return self._on_disk(give_back, path, offset, size)
 
     def _shipment(self, upload_id: str) -> _Shipment:
         s = self._shipments.get(upload_id)
@@ -273,6 +278,67 @@ class Shipper:
             if part.size == s.part_size:
                 s.parts[part.number] = part
 
+    # Moving between instances (cluster mode: each has its own spool)
+
+    async def hand_off(self, upload_id: str, size: int) -> None:
+        """Put the upload's `size` bytes where another instance finds them: its whole
+        parts in the store, the rest (less than a part) as a small object of its own,
+        the tail (`<key>.tail`, its offset in its metadata). Retries while the store is
+        away; raises StoreError if the store lost the upload."""
+        s = self._shipment(upload_id)
+        self.firm(upload_id, size)
+        delay = RETRY_FIRST
+        while True:
+            await self.settled(upload_id)
+            if s.failed is not None:
+                raise s.failed
+            shipped = s.shipped
+            if shipped + s.part_size <= size:  # a part's upload failed for now: again
+                self._ship(s)
+                continue
+            if shipped == size:
+                return
+            try:
+                metadata = {"offset": str(shipped)}
+                await self.store.put(_tail(s.key), s.path, shipped, size - shipped, metadata)
+                return
+            except StoreError as e:
+                self._trouble(s, f"its tail: {e}")
+                await deferLater(self.clock, delay, lambda: None)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def take_up(self, upload_id: str) -> int:
+        """Where the upload's bytes end, from what is anywhere: the parts in the store
+        from the first on, then (taking them into this spool) the tail another instance
+        left, and the bytes this spool holds (a crash may have left some). The spool file
+        is cut where they end; they all stand. Raises StoreError if the store cannot
+        say (it is away: try again later)."""
+        self._shipments.pop(upload_id, None)  # what the store holds may have changed
+        s = self._shipment(upload_id)
+        async with s.lock:
+            await self._learn(s)
+            for part in list(s.parts.values()):
+                await self._give_back(s.path, (part.number - 1) * s.part_size, part.size)
+        extent = s.shipped
+        tail = await self.store.head(_tail(s.key)) if self.tails else None
+        while True:
+            held = await self._on_disk(data_from, s.path, extent)
+            if held > extent:
+                extent = held
+                continue
+            if tail is None:
+                break
+            start = int(tail.metadata.get("offset", -1))
+            if start < 0 or not start <= extent < start + tail.size:
+                break
+            fetched = await self.store.fetch(_tail(s.key), s.path, start)
+            tail = None
+            if fetched is not None:
+                extent = max(extent, start + fetched)
+        await self._on_disk(cut, s.path, extent)
+        self.firm(upload_id, extent)
+        return extent
+
     # The end
 
     async def complete(self, upload_id: str, size: int) -> None:
@@ -285,6 +351,8 @@ class Shipper:
         while True:
             try:
                 await self._complete(s, size)
+                if self.tails:
+                    await self.store.delete(_tail(s.key))
                 return
             except (Gone, OSError) as e:
                 self._lost(s, f"cannot complete the object: {e}")
@@ -368,6 +436,8 @@ class Shipper:
             try:
                 for upload in await self.store.uploads(key):
                     await self.store.abort(key, upload)
+                if self.tails:
+                    await self.store.delete(_tail(key))
                 return
             except StoreError as e:
                 if self.clock.seconds() + delay > deadline:
@@ -395,6 +465,34 @@ class Shipper:
         s = self._shipments.get(upload_id)
         if s is not None and not s.sending and not s.waiting:
             del self._shipments[upload_id]
+
+
+def _tail(key: str) -> str:
+    return key + ".tail"
+
+
+def data_from(path: Path, offset: int) -> int:
+    """Where the bytes the spool file holds from `offset` on end (the first hole, or its
+    end); `offset` if it holds none there, or has no file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return offset
+    try:
+        return max(offset, os.lseek(fd, offset, os.SEEK_HOLE))
+    except OSError:  # at or past its end
+        return offset
+    finally:
+        os.close(fd)
+
+
+def cut(path: Path, size: int) -> None:
+    """Make the spool file `size` bytes long (a new one is all hole: the store has them)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, DATA_MODE)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 def give_back(path: Path, offset: int, size: int) -> None:

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.python.threadpool import ThreadPool
 
 from incoming import spool
 from incoming.objectstore import Location, ObjectStore, StoreError, StoreUnavailable
-from incoming.spool import Shipper, give_back
+from incoming.spool import Shipper
 
 from .ceph import Ceph
 
@@ -37,11 +36,8 @@ class Spool:
     def path(self, upload_id: str) -> Path:
         return self.directory / f"{upload_id}.part"
 
-    def shipper(self, part_size: int = PART) -> Shipper:
-        def punch(path: Path, offset: int, size: int) -> Deferred[None]:
-            return deferToThread(give_back, path, offset, size)
-
-        return Shipper(self.store, reactor, self.path, punch, part_size)
+    def shipper(self, part_size: int = PART, tails: bool = False) -> Shipper:
+        return Shipper(self.store, reactor, self.path, deferToThread, part_size, tails)
 
     def write(self, upload_id: str, data: bytes, offset: int = 0) -> None:
         with open(self.path(upload_id), "ab") as f:
@@ -223,3 +219,55 @@ async def test_parts_lost_by_the_store_fail_the_upload(
     with pytest.raises(StoreError):
         await shipper.complete("l", 3 * PART)
     assert ceph.objects(bucket) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_handed_off_goes_on_from_another_spool(
+    tmp_path: Path, store: ObjectStore, ceph: Ceph, bucket: str
+) -> None:
+    """Cluster mode: instance A lets go of the upload (its whole parts in the store, the
+    rest as the tail object), instance B with a spool of its own takes it up there."""
+    a, b = Spool(tmp_path / "a", store), Spool(tmp_path / "b", store)
+    for spool_ in (a, b):
+        spool_.directory.mkdir()
+    data = os.urandom(3 * PART + 99)
+    first = a.shipper(tails=True)
+    a.write("m", data[: 2 * PART + 1000])
+    await first.hand_off("m", 2 * PART + 1000)
+    assert ceph.objects(bucket) == {"in/m.tail": 1000}
+    a.path("m").unlink()
+    second = b.shipper(tails=True)
+    assert await second.take_up("m") == 2 * PART + 1000
+    assert b.path("m").read_bytes()[2 * PART :] == data[2 * PART : 2 * PART + 1000]
+    b.write("m", data[2 * PART + 1000 :], 2 * PART + 1000)
+    second.firm("m", len(data))
+    await second.complete("m", len(data))
+    assert ceph.read(bucket, "in/m") == data
+    assert ceph.objects(bucket) == {"in/m": len(data)}  # the tail went too
+    assert ceph.multipart_uploads(bucket) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_only_in_a_lost_spool_are_sent_again(
+    tmp_path: Path, store: ObjectStore, ceph: Ceph, bucket: str
+) -> None:
+    """Instance A dies with bytes in its spool that the store lacks: B's offset is where
+    the store's parts end. A's spool, back after a restart, still counts where it has them."""
+    a, b = Spool(tmp_path / "a", store), Spool(tmp_path / "b", store)
+    for spool_ in (a, b):
+        spool_.directory.mkdir()
+    data = os.urandom(3 * PART)
+    first = a.shipper(tails=True)
+    a.write("k", data[: 2 * PART + 5])
+    first.firm("k", PART)
+    await first.settled("k")  # part 1 in the store; then A is killed
+    assert await b.shipper(tails=True).take_up("k") == PART
+    assert b.path("k").stat().st_size == PART  # all hole: the store has it
+    assert b.allocated("k") == 0
+    restarted = a.shipper(tails=True)
+    assert await restarted.take_up("k") == 2 * PART + 5  # part 1 stored, the rest in A's spool
+    a.write("k", data[2 * PART + 5 :], 2 * PART + 5)
+    restarted.firm("k", len(data))
+    await restarted.complete("k", len(data))
+    assert ceph.read(bucket, "in/k") == data
+    assert ceph.multipart_uploads(bucket) == []
