@@ -8,6 +8,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -202,3 +203,23 @@ def test_the_start_up_check_names_a_missing_bucket(store: ObjectStore, ceph: Cep
         ObjectStore(Location("no-such-bucket"), reactor, ThreadPool(), missing).check()
     assert not isinstance(error.value, StoreUnavailable)
     assert "404" in str(error.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_part_carries_its_signed_sha256_which_the_store_checks(
+    store: ObjectStore, spool: tuple[Path, bytes]
+) -> None:
+    """The part's integrity check: its SHA-256 in the signature (x-amz-content-sha256),
+    not UNSIGNED-PAYLOAD, so that bytes changed on the way are refused."""
+    path, data = spool
+    sent: list[str] = []
+
+    def seen(request: Any, **_: Any) -> None:
+        sent.append(request.headers["X-Amz-Content-SHA256"].decode())
+
+    store._s3.meta.events.register("before-send.s3.UploadPart", seen)
+    key = store.location.key("signed")
+    upload = await store.begin(key)
+    await store.upload_part(key, upload, 1, path, PART, PART)
+    assert sent == [hashlib.sha256(data[PART : 2 * PART]).hexdigest()]
+    await store.abort(key, upload)
