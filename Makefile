@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-tus bench-wan bench-cluster load system-packages
+.PHONY: run test lint docs bench bench-tus bench-wan bench-cluster load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check incoming twisted tests bench examples
-	$(VENV)/bin/ruff format --check incoming twisted tests bench examples
+	$(VENV)/bin/ruff check incoming twisted tests bench examples docs
+	$(VENV)/bin/ruff format --check incoming twisted tests bench examples docs
 	$(VENV)/bin/mypy incoming
 
 # Debian packages the tests need (the list: contrib/install-test-deps, which CI runs
@@ -32,7 +32,12 @@ node_modules/.installed: package.json package-lock.json | system-packages
 	npm ci --no-audit --no-fund --ignore-scripts
 	touch $@
 
-test: lint system-packages node_modules/.installed
+# The documentation (docs/, Sphinx) as HTML in build/docs: warnings are errors, and every
+# reference must resolve (-n). The examples and incoming.backend's docstrings are included.
+docs: $(VENV)/.installed
+	$(VENV)/bin/sphinx-build -q -W --keep-going -n -b html docs build/docs
+
+test: system-packages lint docs node_modules/.installed
 	node --test tests/js/
 	$(PY) -m pytest -q
 

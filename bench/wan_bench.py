@@ -21,7 +21,7 @@ deleted. The page builds its File from a 64 MiB block it fetches (no more in mem
 see browser_bench.py), in 1 MiB slices at offsets that differ, so no two MiB alike.
 
     python bench/wan_bench.py [--rtt 40,150] [--rate 400] [--size 256] [--runs 1]
-        [--lib2014 PATH] [--quick] [--json FILE]
+        [--lib2014 PATH] [--rows WebSocket,2014] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> dict[float, dict[str, Any
         alone: dict[tuple[str, str], float] = {}
         link = LinkProcess(targets, rtt_ms=0, rate_mbit=0)
         try:
-            for row, server in REFERENCE:
+            for row, server in selected(args, REFERENCE):
                 outcome = run_row(bench, link, row, server, Cell())
                 if outcome is not None and outcome.seconds and not outcome.failed:
                     alone[(row, server)] = bench.size / outcome.seconds / 1e6
@@ -298,7 +298,7 @@ def measure(args: argparse.Namespace, bench: Bench) -> dict[float, dict[str, Any
         cells: dict[tuple[str, str], Cell] = {}
         try:
             for _ in range(args.runs):
-                for row, _kind in ROWS:
+                for row, _kind in selected(args, ROWS):
                     for server in SERVERS:
                         cell = cells.get((row, server), Cell())
                         outcome = run_row(bench, link, row, server, cell)
@@ -312,6 +312,14 @@ def measure(args: argparse.Namespace, bench: Bench) -> dict[float, dict[str, Any
             stats = link.stop()
         results[rtt] = {"cells": cells, "link": stats, "alone": alone}
     return results
+
+
+def selected(args: argparse.Namespace, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rows `--rows` names (by any part of their label), or all."""
+    if not args.rows:
+        return rows
+    parts = [part.strip().lower() for part in args.rows.split(",") if part.strip()]
+    return [(row, kind) for row, kind in rows if any(part in row.lower() for part in parts)]
 
 
 def run_row(bench: Bench, link: LinkProcess, row: str, server: str, cell: Cell) -> Outcome | None:
@@ -357,7 +365,7 @@ def print_table(args: argparse.Namespace, bench: Bench, results: dict[float, Any
     print(head + f"{'goal ' + ' / '.join(f'{r:g}' for r in rtts):>16}")
     notes: list[str] = []
     ok = True
-    for row, kind in ROWS:
+    for row, kind in selected(args, ROWS):
         label = row + (" -> ours / @tus/server" if kind == "tus" else " -> ours")
         line = f"{label:<58}"
         for rtt in rtts:
@@ -435,6 +443,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="MiB per upload")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--lib2014", help="a copy of the 2014 library's incoming.js")
+    parser.add_argument(
+        "--rows", help="only the rows whose label holds one of these, e.g. WebSocket,2014"
+    )
     parser.add_argument("--quick", action="store_true", help="32 MiB, one run")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()

@@ -36,6 +36,10 @@
   // server keeps what arrived of a PATCH cut short, so a pause or a lost connection
   // costs nothing more with a large one.
   var HTTP_CHUNK_SIZE = 32 * 1024 * 1024;
+  // WebSocket chunks read from the file ahead of sending, at most: a server on a long
+  // fat link announces a SendAhead of tens of chunks (its window covers the round
+  // trip), and what is read but not sent is held in the page's memory.
+  var WS_READ_AHEAD = 8;
   // What an HTTP refusal means, as the WebSocket's ErrorCode (README table).
   var CREATION_ERRORS = { 400: 1, 404: 10, 409: 14, 413: 22, 502: 30, 507: 21 };
   var PATCH_ERRORS = { 400: 1, 404: 10, 413: 15, 415: 1, 502: 30, 507: 20 };
@@ -765,8 +769,9 @@
     this._notify("onerror");
   };
 
-  // Sending chunks: keep SendAhead chunks in flight, and up to SendAhead more being
-  // read from the file meanwhile (several reads at once are much faster in Chromium).
+  // Sending chunks: keep SendAhead chunks in flight, and up to SendAhead more (at most
+  // WS_READ_AHEAD) being read from the file meanwhile (several reads at once are much
+  // faster in Chromium).
 
   P._pump = function () {
     var s = this._s;
@@ -780,7 +785,8 @@
       s.chunks_tx_now++;
       this._notify("onprogress");
     }
-    while (this._queue.length < this._send_ahead && this._read_pos < s.bytes_total) {
+    var ahead = Math.min(this._send_ahead, WS_READ_AHEAD);
+    while (this._queue.length < ahead && this._read_pos < s.bytes_total) {
       var end = Math.min(this._read_pos + this._chunk_size, s.bytes_total);
       this._read(this._read_pos, end);
       this._read_pos = end;

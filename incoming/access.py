@@ -1,4 +1,4 @@
-"""Who may call the backend API, and where handovers may go (README: Access).
+"""Who may call the backend API, and where handovers may go (docs/deployment/access.rst).
 
 Safe by default: the backend API and metrics on a listener that also serves browsers
 answer only this host and `--backend-networks`, and a ticket's `signalFinishURL`

@@ -28,16 +28,18 @@ class Config:
     storage_dir: Path = Path("incoming-storage")
     chunk_size_kb: int = 512
     send_ahead: int = 4
+    max_window: int = 64 * 1024 * 1024  # bytes a WebSocket client may send ahead at most
+    window_rate_mbit: int = 1000  # the window covers a round trip at this rate
     max_idle: float = 43200.0
     ws_timeout: float = 58.0
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
-    # who may call the backend API on `listen` besides this host (README: Access)
+    # who may call the backend API on `listen` besides this host (docs: access)
     backend_networks: frozenset[Network] = frozenset()
     handover_hosts: frozenset[str] = frozenset()  # signalFinishURL hosts besides the caller's
     open_access: bool = False  # the 2014 server's: backend API for all, handovers anywhere
-    group: str | None = None  # shares the storage directory with this group (README)
+    group: str | None = None  # shares the storage directory with this group (docs: sharing)
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
@@ -187,6 +189,8 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "storage_dir": ("storage-dir", "StorageDir", lambda n, v: Path(_text(n, v))),
     "chunk_size_kb": ("chunk-size-kb", "UploadChunkSizeKB", _int_in(1, 16 * 1024)),
     "send_ahead": ("send-ahead", "UploadSendAhead", _int_in(1, 1024)),
+    "max_window": ("max-window", "MaxWindowBytes", _int_in(0, 2**40)),
+    "window_rate_mbit": ("window-rate", "WindowRateMbit", _int_in(1, 10**6)),
     "max_idle": ("max-idle", "UploadMaxIdleDurationS", _seconds),
     "ws_timeout": ("ws-timeout", "WebsocketConnectionTimeoutS", _seconds),
     "handover_timeout": ("handover-timeout", "HandoverTimeoutS", _seconds),
@@ -249,7 +253,20 @@ class Options(usage.Options):
         ["listen", "l", None, "Endpoint for browsers and backends [tcp:4000:interface=0.0.0.0]"],
         ["storage-dir", "s", None, "Directory for uploads, created if missing [incoming-storage]"],
         ["chunk-size-kb", None, None, "Chunk size announced to uploaders, KiB [512]"],
-        ["send-ahead", None, None, "Chunks a client may send before an ack [4]"],
+        ["send-ahead", None, None, "Chunks a client may send before an ack, at least [4]"],
+        [
+            "max-window",
+            None,
+            None,
+            "Bytes a WebSocket client may send before an ack, at most; the window covers the "
+            "connection's round trip x --window-rate [67108864]",
+        ],
+        [
+            "window-rate",
+            None,
+            None,
+            "Mbit/s a WebSocket connection's window is sized for [1000]",
+        ],
         ["max-idle", None, None, "Seconds after which an idle upload expires [43200]"],
         ["ws-timeout", None, None, "Seconds before a silent WebSocket is dropped [58]"],
         ["handover-timeout", None, None, "Seconds for the handover POST, retries included [55]"],

@@ -1,5 +1,5 @@
 """Where the files an operator installs beside the package are: the systemd units, the
-.tac file they run and an example YAML file (README: Running it).
+.tac file they run and an example YAML file (docs/deployment/install.rst).
 
 `python -m incoming.contrib` prints their directory, `python -m incoming.contrib NAME`
 the path of one of them (for example `systemd/incoming.service`).

@@ -1,5 +1,5 @@
-"""Numbered errors that reach clients (the README lists them), and how much of a
-client's own text may reach the log."""
+"""Numbered errors that reach clients (docs/reference/errors.rst lists them), and how
+much of a client's own text may reach the log."""
 
 from __future__ import annotations
 

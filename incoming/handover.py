@@ -37,7 +37,7 @@ MAX_RETRY_DELAY = 8.0
 # Connection failures and 5xx answers are retried. A connection lost after the request
 # was sent (ResponseNeverReceived) may hide a backend that took the file and whose
 # answer was lost: that is why a handover is delivered *at least* once, and a backend
-# must answer `done` again for an `id` it already has (README, "The handover").
+# must answer `done` again for an `id` it already has (docs/reference/handover.rst).
 _RETRYABLE = (
     ConnectError,
     DNSLookupError,

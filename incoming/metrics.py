@@ -29,6 +29,7 @@ WRITE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 SIZE_BUCKETS = tuple(float(1024 * 4**n) for n in range(16))  # 1 KiB to 1 TiB
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0)
 HANDOVER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROUND_TRIP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 TRANSPORTS = ("websocket", "tus", "none")  # "none": an upload that never had a connection
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -52,6 +53,12 @@ class Metrics:
         )
         self.websocket_connections = Gauge(
             "incoming_websocket_connections", "Open upload WebSockets.", registry=registry
+        )
+        self.websocket_round_trip = Histogram(
+            "incoming_websocket_round_trip_seconds",
+            "Round trips of upload WebSockets, measured as they open (their windows cover them).",
+            buckets=ROUND_TRIP_BUCKETS,
+            registry=registry,
         )
         self.tus_patches = Gauge(
             "incoming_tus_patches", "tus request bodies being written.", registry=registry

@@ -11,7 +11,13 @@ memory where numpy cost 11 MB).
 
 Replies (pongs, messages) that the peer does not read pause reading from it:
 the connection is its transport's producer, and one that keeps sending while
-its replies pile up is dropped.
+its replies pile up is dropped. The handler may pause reading too (its disk is
+behind); the socket reads again once neither holds it.
+
+The round trip is measured once, end to end (`rtt`): from the `101` response,
+followed at once by a ping, to the peer's first bytes after it (the pong, or its
+first message if that comes first). Browsers answer pings in their network stack,
+not in the page's script, so the pong is not delayed by a busy page.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ log = Logger()
 READ_SIZE = 256 * 1024
 FRAGMENT_COST = 64  # a fragment counts as at least this many bytes: empty ones are not free
 MAX_UNREAD_REPLIES = 1024 * 1024  # bytes written while the peer takes none; then it is dropped
+RTT_PROBE = b"rtt"  # the payload of the ping that follows the 101 response
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = (CONTINUATION, TEXT, BINARY)
@@ -123,6 +130,10 @@ class WebSocketConnection(TwistedProtocol):
         self.closing = False
         self._pinged = False
         self._silence: IDelayedCall | None = None
+        self._held = False  # the handler paused reading
+        self._reading = True
+        self._opened_at: float | None = None
+        self.rtt: float | None = None  # seconds, once the peer answered the 101
 
     def connectionMade(self) -> None:
         self.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
@@ -142,11 +153,11 @@ class WebSocketConnection(TwistedProtocol):
 
     def pauseProducing(self) -> None:
         self._paused_writes = 0
-        IPushProducer(self.transport).pauseProducing()
+        self._read_or_not()
 
     def resumeProducing(self) -> None:
         self._paused_writes = None
-        IPushProducer(self.transport).resumeProducing()
+        self._read_or_not()
 
     def stopProducing(self) -> None:
         self.closing = True
@@ -161,7 +172,32 @@ class WebSocketConnection(TwistedProtocol):
                 return
         self.transport.write(data)
 
+    # The handler's back-pressure
+
+    def pause_reading(self) -> None:
+        """Read nothing more until `resume_reading` (what was read is still delivered)."""
+        self._held = True
+        self._read_or_not()
+
+    def resume_reading(self) -> None:
+        self._held = False
+        self._read_or_not()
+
+    def _read_or_not(self) -> None:
+        reading = not self._held and self._paused_writes is None
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                IPushProducer(self.transport).resumeProducing()
+            else:
+                IPushProducer(self.transport).pauseProducing()
+
     # Sending
+
+    def opened(self) -> None:
+        """The 101 response is written: ping, and time the peer's first answer."""
+        self._opened_at = self._clock.seconds()
+        self._write(frame(PING, RTT_PROBE))
 
     def send_text(self, text: str) -> None:
         if not self.closing:
@@ -191,6 +227,8 @@ class WebSocketConnection(TwistedProtocol):
     # Receiving
 
     def dataReceived(self, data: bytes) -> None:
+        if self.rtt is None and self._opened_at is not None:
+            self.rtt = self._clock.seconds() - self._opened_at
         self._pinged = False
         if self._silence is not None and self._silence.active():
             self._silence.reset(self._timeout / 2)
@@ -399,6 +437,7 @@ class WebSocketResource(Resource):
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n"
         )
+        connection.opened()
         return NOT_DONE_YET
 
 

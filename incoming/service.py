@@ -33,6 +33,7 @@ from .site import IncomingSite, url_tree
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
+from .window import Window
 
 log = Logger(namespace="incoming")
 
@@ -105,12 +106,17 @@ def build_site(
         api = BackendApi(manager, manager.metrics, access, guarded=browser).app.resource()
         owners.update(dict.fromkeys((b"backend", b"metrics", b"health"), api))
     if browser:
+        window = Window(
+            config.chunk_size,
+            config.send_ahead,
+            config.max_window,
+            config.window_rate_mbit * 1e6 / 8,
+        )
         upload_ws = WebSocketResource(
             lambda request: UploadProtocolSession(
                 manager,
                 reactor,
-                chunk_size_kb=config.chunk_size_kb,
-                send_ahead=config.send_ahead,
+                window=window,
                 request_timeout=config.ws_timeout,
                 connections=manager.metrics.websocket_connections,
             ),

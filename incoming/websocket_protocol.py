@@ -22,6 +22,7 @@ from .errors import ErrorCode, UploadError, clipped
 from .files import Digest
 from .manager import UploadManager
 from .upload import Departure, Ending, Upload
+from .window import Window
 
 log = Logger()
 
@@ -57,15 +58,15 @@ class UploadProtocolSession:
         manager: UploadManager,
         clock: IReactorTime,
         *,
-        chunk_size_kb: int,
-        send_ahead: int,
+        window: Window,
         request_timeout: float,
         connections: Gauge,
     ) -> None:
         self.manager = manager
         self.clock = clock
-        self.chunk_size_kb = chunk_size_kb
-        self.send_ahead = send_ahead
+        self.chunk_size_kb = window.chunk_size // 1024
+        self.window = window
+        self.send_ahead = window.send_ahead  # as announced in MsgUploadConf
         self.request_timeout = request_timeout
         self.connections = connections
         self.connection: rfc6455.WebSocketConnection | None = None
@@ -123,10 +124,22 @@ class UploadProtocolSession:
             )
             return
         self.upload.life.receive(data)
+        # A window grown past the memory bound waits in the kernel and the network meanwhile
+        # (one of the bound's size needs no pause: its client waits for an ack).
+        grown = self.send_ahead > self.window.send_ahead
+        if grown and self.upload.pending_bytes >= self.window.max_pending:
+            assert self.connection is not None
+            self.connection.pause_reading()
+
+    def _disk_caught_up(self) -> None:
+        pending = self.upload.pending_bytes if self.upload is not None else 0
+        if pending < self.window.max_pending and self.connection is not None:
+            self.connection.resume_reading()
 
     # upload.Transport
 
     def stored(self, size: int) -> None:
+        self._disk_caught_up()
         self._send("MsgChunkAck", ChunkSize=size)
 
     def ended(self, ending: Ending) -> None:
@@ -202,6 +215,10 @@ class UploadProtocolSession:
         if self.stage is not Stage.CONNECTING:
             return
         self.stage = Stage.AWAIT_ACK
+        assert self.connection is not None
+        self.send_ahead = self.window.for_rtt(self.connection.rtt)
+        if self.connection.rtt is not None:
+            self.manager.metrics.websocket_round_trip.observe(self.connection.rtt)
         self._send(
             "MsgUploadConf",
             ChunkSizeKB=self.chunk_size_kb,

@@ -122,7 +122,7 @@ def ceph_cluster() -> Iterator[Ceph]:
     if missing:
         pytest.skip(
             f"Ceph is not installed (no {', '.join(missing)}): "
-            "apt-get install ceph-mon ceph-osd radosgw ceph-common (README, Ceph)"
+            "apt-get install ceph-mon ceph-osd radosgw ceph-common (contrib/install-test-deps)"
         )
     with Ceph() as cluster:
         yield cluster

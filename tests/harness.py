@@ -284,50 +284,29 @@ class Redis:
         self.process = None
 
 
-# The load balancer of README's "Several instances", word for word: round robin (the
-# default) over the instances, no stickiness; the browser routes (script, WebSocket,
-# tus) streamed both ways, with room for the longest Incoming-Result header (nginx
-# refuses a proxy_buffer_size above 14k without larger proxy_buffers, even unbuffered);
-# the backend API on a listener of its own. The tests listen on loopback ports instead
-# of 443 with TLS and an internal address.
-NGINX_SITE = r"""
-upstream incoming {
-    server @INSTANCE_A@;
-    server @INSTANCE_B@;
-}
-map $http_upgrade $connection_upgrade {
-    default upgrade;
-    ""      "";
-}
-server {
-    listen @PUBLIC@;
-    location ~ ^/incoming/(0\.1/)?(frontend/|tus(/|$)) {
-        proxy_pass http://incoming;
-        proxy_http_version 1.1;
-        proxy_set_header Upgrade $http_upgrade;
-        proxy_set_header Connection $connection_upgrade;
-        proxy_set_header Host $host;
-        proxy_request_buffering off;
-        proxy_buffering off;
-        proxy_buffer_size 64k;
-        proxy_buffers 4 64k;
-        proxy_read_timeout 120s;
-        proxy_send_timeout 120s;
-        client_max_body_size 0;
-    }
-    location / {
-        return 404;
-    }
-}
-server {
-    listen @BACKEND@;
-    location /incoming/ {
-        proxy_pass http://incoming;
-        proxy_http_version 1.1;
-        proxy_set_header Host $host;
-    }
-}
-"""
+# The nginx configurations of docs/deployment, as the docs show them: one instance
+# (nginx.conf) and the load balancer of several (nginx-cluster.conf: round robin, the
+# default, over the instances, no stickiness). Both pass the browser routes (script,
+# WebSocket, tus) streamed both ways, with room for the longest Incoming-Result header
+# (nginx refuses a proxy_buffer_size above 14k without larger proxy_buffers, even
+# unbuffered), and keep the backend API off the public side. The tests listen on loopback
+# ports instead of 443 with TLS, and their instances' ports replace the documented ones.
+NGINX_SINGLE = ROOT / "docs" / "deployment" / "nginx.conf"
+NGINX_CLUSTER = ROOT / "docs" / "deployment" / "nginx-cluster.conf"
+
+
+def nginx_site(conf: Path, public: str, backend: str, upstreams: list[str]) -> str:
+    """`conf` as documented, on the test's addresses: its public `listen 443 ssl` (TLS
+    would need a certificate), its backend listener, and the instances it proxies to, in
+    the order the file names them."""
+    text, listeners = re.subn(r"listen 443 ssl;[^\n]*", f"listen {public};", conf.read_text())
+    assert listeners == 1, conf
+    text = text.replace("listen 127.0.0.1:4000;", f"listen {backend};")
+    documented = list(dict.fromkeys(re.findall(r"(?:server |http://)(127\.0\.0\.1:\d+);", text)))
+    assert len(documented) == len(upstreams), (conf, documented)
+    for address, upstream in zip(documented, upstreams, strict=True):
+        text = re.sub(rf"(server |http://){re.escape(address)};", rf"\g<1>{upstream};", text)
+    return text
 
 
 class Nginx:
@@ -335,8 +314,9 @@ class Nginx:
     its configuration, pid file, logs and temporary files in a directory of the test's
     (nothing of /etc/nginx is read). The access log names the instance of every request."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, conf: Path = NGINX_CLUSTER) -> None:
         self.directory = directory
+        self.conf = conf  # one of docs/deployment's
         self.port = free_port()  # browsers
         self.backend_port = free_port()  # the backend API
         self.daemon: Daemon | None = None
@@ -364,10 +344,10 @@ class Nginx:
 
     def config(self, upstreams: list[int]) -> str:
         d = self.directory
-        site = NGINX_SITE.replace("@PUBLIC@", f"127.0.0.1:{self.port}")
-        site = site.replace("@BACKEND@", f"127.0.0.1:{self.backend_port}")
-        for name, port in zip(("@INSTANCE_A@", "@INSTANCE_B@"), upstreams, strict=True):
-            site = site.replace(name, f"127.0.0.1:{port}")
+        site = nginx_site(
+            self.conf, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.backend_port}",
+            [f"127.0.0.1:{port}" for port in upstreams],
+        )  # fmt: skip
         # As root, the workers run as nginx's built-in user (nobody) if it exists.
         user = "user root;" if os.geteuid() == 0 and not _has_user("nobody") else ""
         return f"""

@@ -1,4 +1,4 @@
-"""Who may call the backend API and where handovers may go (README: Access): this host
+"""Who may call the backend API and where handovers may go (docs/deployment/access.rst): this host
 by default, configured networks and hosts besides, everyone with --open-access.
 
 A request from another host is made for real: a socket bound to this machine's own
@@ -198,7 +198,7 @@ async def test_a_proxy_on_this_host_is_judged_by_the_client_it_names(
 
 class RelayingNginx(Nginx):
     """nginx relaying all of /incoming/ to one instance, naming its client in
-    X-Forwarded-For as README: Access recommends (or not, with `name_client=False`)."""
+    X-Forwarded-For as the docs (deployment/access) recommend (or not, with `name_client=False`)."""
 
     def __init__(self, directory: Path, name_client: bool) -> None:
         super().__init__(directory)

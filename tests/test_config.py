@@ -91,6 +91,22 @@ def test_yaml_ipv6_address_is_escaped(tmp_path: Path) -> None:
     assert parse("--config", str(path)).listen == "tcp:4000:interface=\\:\\:1"
 
 
+def test_the_window_ceiling_and_rate_from_command_line_and_yaml(tmp_path: Path) -> None:
+    assert (parse().max_window, parse().window_rate_mbit) == (64 * 1024 * 1024, 1000)
+    path = tmp_path / "c.yaml"
+    path.write_text("MaxWindowBytes: 16777216\nWindowRateMbit: 400\n")
+    assert (
+        parse("--config", str(path)).max_window,
+        parse("--config", str(path)).window_rate_mbit,
+    ) == (16777216, 400)
+    config = parse("--config", str(path), "--max-window", "0", "--window-rate", "10000")
+    assert (config.max_window, config.window_rate_mbit) == (0, 10000)
+    with pytest.raises(usage.UsageError, match="--max-window"):
+        parse("--max-window", "-1")
+    with pytest.raises(usage.UsageError, match="--window-rate"):
+        parse("--window-rate", "0")
+
+
 @pytest.mark.parametrize(
     "argv, named",
     [

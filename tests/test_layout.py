@@ -7,8 +7,6 @@ import ast
 import re
 from pathlib import Path
 
-from incoming.errors import ErrorCode
-
 from .harness import ROOT
 
 PACKAGE = ROOT / "incoming"
@@ -54,9 +52,3 @@ def test_only_the_upload_table_sets_or_compares_phases() -> None:
             continue
         lines = [line for line in path.read_text().splitlines() if deciding.search(line)]
         assert lines == [], (path.name, lines)
-
-
-def test_every_error_code_is_in_the_readme() -> None:
-    table = (ROOT / "README.rst").read_text()
-    for code in ErrorCode:
-        assert re.search(rf"^{code.value}\s+{code.name}\s", table, re.M), code

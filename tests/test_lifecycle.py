@@ -28,6 +28,7 @@ from incoming.metrics import Metrics
 from incoming.storage import DiskStorage, Saved
 from incoming.upload import HANDOVER_FAILED_TEXT, Departure, Phase, Room, Upload, bring_to_life
 from incoming.websocket_protocol import UploadProtocolSession
+from incoming.window import Window
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .fakes import MemoryStorage, RecordingHandover, RecordingTransport
@@ -384,8 +385,7 @@ def test_a_connection_without_upload_request_is_dropped_at_the_timeout() -> None
         session = UploadProtocolSession(
             manager,
             clock,
-            chunk_size_kb=4,
-            send_ahead=2,
+            window=Window(4096, 2, 0, 1e9),
             request_timeout=58,
             connections=manager.metrics.websocket_connections,
         )

@@ -1,6 +1,7 @@
-"""Two instances behind nginx, a round-robin load balancer without stickiness, configured
-as README's "Several instances" shows (`harness.NGINX_SITE`): one upload resumes across
-both of them through it. Real daemons, a real redis-server, a real nginx, loopback."""
+"""Incoming!! behind nginx, configured as docs/deployment shows (the files the docs
+include, `harness.NGINX_SINGLE` and `harness.NGINX_CLUSTER`): one instance, and two behind
+a round-robin load balancer without stickiness, across which one upload resumes. Real
+daemons, a real redis-server, a real nginx, loopback."""
 
 from __future__ import annotations
 
@@ -19,7 +20,20 @@ from twisted.internet.task import deferLater
 
 from incoming.errors import ErrorCode
 
-from .harness import CHUNK_KB, SEND_AHEAD, Backend, Daemon, Nginx, Redis, Server, connect, send_all
+from .harness import (
+    CHUNK_KB,
+    NGINX_SINGLE,
+    SEND_AHEAD,
+    Backend,
+    Daemon,
+    Nginx,
+    Redis,
+    Server,
+    connect,
+    free_port,
+    send_all,
+    start_daemon,
+)
 from .test_cluster import instances, sha256, stop_all
 
 CHUNK = CHUNK_KB * 1024
@@ -37,6 +51,74 @@ async def behind_nginx(
     front = Server(manager=None, port=nginx.port, storage_dir=storage)  # type: ignore[arg-type]
     api = Server(manager=None, port=nginx.backend_port, storage_dir=storage)  # type: ignore[arg-type]
     return started, front, api
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_instance_behind_nginx_as_the_docs_configure_it(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """docs/deployment/nginx.conf in front of a daemon started as its first lines say
+    (`--backend-listen` on loopback): the script, a tus upload with the longest verdict and
+    a WebSocket upload pass through; the backend API and the metrics do not."""
+    storage = tmp_path / "storage"
+    backend_port = free_port()
+    _, _, daemon = await start_daemon(
+        storage, tmp_path, stopper, "--backend-listen", f"tcp:{backend_port}:interface=127.0.0.1"
+    )
+    nginx = Nginx(tmp_path / "nginx", NGINX_SINGLE)
+    await nginx.start([daemon.port])
+    try:
+        front = Server(manager=None, port=nginx.port, storage_dir=storage)  # type: ignore[arg-type]
+        api = Server(manager=None, port=backend_port, storage_dir=storage)  # type: ignore[arg-type]
+        script = await treq.get(f"{front.base}/frontend/incoming.js")
+        assert script.code == 200 and b"Uploader" in await script.content()
+        for path in ("backend/new_upload", "0.1/backend/new_upload", "metrics"):
+            refused = await treq.post(f"http://127.0.0.1:{nginx.port}/incoming/{path}")
+            assert refused.code == 404, path
+        # tus, with the longest verdict in its Incoming-Result header
+        data = os.urandom(200 * 1024 + 5)
+        ticket = await api.new_upload(backend.url, removeFileWhenFinished="false")
+        verdict = "é" * 2048
+        backend.answer = b"done\n" + verdict.encode()
+        metadata = "ticket " + base64.b64encode(ticket.encode()).decode()
+        created = await treq.post(
+            f"{front.base}/tus/",
+            headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": metadata},
+        )
+        assert created.code == 201
+        location = created.headers.getRawHeaders("location")[0]
+        patched = await treq.request(
+            "PATCH", f"http://127.0.0.1:{nginx.port}{location}", data=data,
+            headers={**TUS, "Content-Type": "application/offset+octet-stream",
+                     "Upload-Offset": "0"},
+        )  # fmt: skip
+        await patched.content()
+        assert patched.code == 204
+        assert patched.headers.getRawHeaders("incoming-result") == [quote(verdict, safe="")]
+        post = await backend.posts.get()
+        assert (post["id"], post["sha256"]) == (ticket, sha256(data))
+        assert (storage / ticket).read_bytes() == data
+        # the WebSocket, upgraded through it
+        data = os.urandom(5 * CHUNK + 3)
+        backend.answer = b"done"
+        ticket = await api.new_upload(backend.url, removeFileWhenFinished="false")
+        client = await connect(front.ws_url())
+        client.send("MsgUploadReq", Id=ticket, LengthBytes=len(data), Name="f.bin")
+        assert (await client.expect("MsgUploadConf"))["FilePos"] == 0
+        client.send("MsgAck", Ack=True)
+        await send_all(client, data, CHUNK, SEND_AHEAD)
+        await client.expect("MsgAllDone")
+        post = await backend.posts.get()
+        assert (post["id"], post["sha256"]) == (ticket, sha256(data))
+        assert (storage / ticket).read_bytes() == data
+    finally:
+        await nginx.stop()
+    methods = [(method, status) for method, _, status, _ in nginx.requests()]
+    assert ("PATCH", 204) in methods and ("GET", 101) in methods
+    # refused by nginx itself: no request reached the daemon
+    private = [r for r in nginx.requests() if "/backend/" in r[1] or r[1].endswith("metrics")]
+    assert [(status, upstream) for _, _, status, upstream in private] == [(404, "-")] * 3
+    assert nginx.problems() == []
 
 
 def served(daemon: Daemon, ticket: str) -> int:

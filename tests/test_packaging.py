@@ -90,14 +90,28 @@ def test_the_wheel_installs_a_twistd_plugin_and_the_browser_library(
 
 
 def test_install_instructions_name_this_distribution() -> None:
-    for path in (
+    """Every `pip install` in the README, the docs, the examples' READMEs and the units
+    installs this distribution (by name, or a checkout: `.`, `./incoming`), or the
+    examples' frameworks: never PyPI's unrelated `incoming`."""
+    paths = [
         ROOT / "README.rst",
+        *sorted((ROOT / "docs").rglob("*.rst")),
+        *sorted((ROOT / "examples").glob("*/README.md")),
         ROOT / "contrib" / "systemd" / "incoming.service",
         ROOT / "contrib" / "systemd" / "incoming@.service",
-    ):
-        text = path.read_text()
-        for command in re.findall(r"pip install ([^\s)]+)", text):
-            assert command in (".", f"{DISTRIBUTION}", "'.[test]'"), (path, command)
+    ]
+    checkout = (".", "./incoming", "'.[test]'", "'.[examples]'")
+    found = 0
+    for path in paths:
+        for line in re.findall(r"pip install ([^\n`]+)", path.read_text()):
+            line = re.sub(r"\s@\s*\S+", "", line.split("#")[0])  # "NAME @ git+URL"
+            words = line.replace('"', " ").split()
+            names = [w for w in words if not w.startswith("-")]
+            assert names, (path, line)
+            assert names[0] in (*checkout, DISTRIBUTION), (path, line)
+            assert set(names[1:]) <= {"flask", "django"}, (path, line)
+            found += 1
+    assert found >= 5
 
 
 def requirements(wheel: Path) -> list[Requirement]:

@@ -19,7 +19,7 @@ from playwright.sync_api import Page
 from .conftest import TEST_HOOKS, Demo, Incoming, random_file, sha256, throttle
 
 MiB = 1024 * 1024
-SLOW = ["--chunk-size-kb", "16", "--send-ahead", "1"]  # many round trips: time to act mid-way
+SLOW = ["--chunk-size-kb", "16", "--send-ahead", "1", "--max-window", "0"]  # one in flight
 WS = {"transport": "websocket"}
 HTTP: dict[str, str] = {}  # the default
 TRANSPORTS = pytest.mark.parametrize("options", [HTTP, WS], ids=["http", "websocket"])

@@ -426,3 +426,29 @@ test("frac_sent stays below 1 while the handover runs, and is 1 once finished", 
   socket.receive("MsgAllDone", {});
   assert.deepEqual([up.finished, up.frac_sent], [true, 1]);
 });
+
+test("a large SendAhead keeps that many chunks in flight, reading at most 8 ahead", async () => {
+  const env = load();
+  const reads = []; // the file's reads not yet answered
+  const big = file(64 * 1024);
+  big.slice = (start, end) => ({
+    size: end - start,
+    arrayBuffer: () => new Promise((resolve) => reads.push(() => resolve(new ArrayBuffer(end - start)))),
+  });
+  const up = new env.incoming.Uploader("t", big, WS);
+  const socket = await confirmed(env, up, { ChunkSizeKB: 1, FilePos: 0, SendAhead: 40 });
+  let most = 0;
+  while (reads.length) {
+    most = Math.max(most, reads.length);
+    reads.shift()();
+    await settle();
+  }
+  assert.equal(most, 8);
+  assert.equal(socket.chunks().length, 40); // the window, all on the wire
+  assert.equal(up.chunks_ahead, 40);
+  socket.receive("MsgChunkAck", { ChunkSize: 1024 });
+  await settle();
+  reads.shift()();
+  await settle();
+  assert.equal(socket.chunks().length, 41);
+});

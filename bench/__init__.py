@@ -1,0 +1,1 @@
+"""Benchmarks (scripts; tests import the link emulator, bench.linkem)."""
