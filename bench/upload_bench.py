@@ -388,7 +388,9 @@ def summary(values: list[float]) -> dict[str, float]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     backend, backend_url = start_backend()
     chunk = args.chunk_kb * 1024
-    extra = ["--chunk-size-kb", str(args.chunk_kb), "--send-ahead", str(args.send_ahead)]
+    extra = ["--chunk-size-kb", str(args.chunk_kb)]
+    if args.send_ahead is not None:
+        extra += ["--send-ahead", str(args.send_ahead)]
     results: dict[str, Any] = {"chunk_kb": args.chunk_kb, "send_ahead": args.send_ahead}
     big = 256 * MiB if not args.quick else 64 * MiB
     huge = 1024 * MiB if not args.quick else 128 * MiB
@@ -434,7 +436,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(results: dict[str, Any]) -> None:
     disk = results["limit_disk_write"]["MB/s"]["median"]
     loop = results["limit_loopback_tcp"]["MB/s"]["median"]
-    print(f"chunk {results['chunk_kb']} KiB, send-ahead {results['send_ahead']}")
+    ahead = results["send_ahead"] or "the server's default"
+    print(f"chunk {results['chunk_kb']} KiB, send-ahead {ahead}")
     print(f"{'figure':<26}{'median':>10}{'min':>10}{'max':>10}{'CPU s/GiB':>11}"
           f"{'peak RSS MB':>13}{'/disk':>7}{'/loop':>7}")  # fmt: skip
     for name, value in results.items():
@@ -456,7 +459,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunk-kb", type=int, default=512)
-    parser.add_argument("--send-ahead", type=int, default=4)
+    parser.add_argument("--send-ahead", type=int, help="SendAhead [the server's default]")
     parser.add_argument("--quick", action="store_true", help="smaller files, for a smoke run")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()

@@ -26,9 +26,9 @@
   var RETRY_FIRST_S = 1;
   var RETRY_MAX_S = 60;
   // ErrorCodes after which trying again may help: another connection still
-  // held the ticket, the server had an internal error, or (several instances)
-  // their Redis was away.
-  var RETRYABLE_ERRORS = { 13: true, 23: true, 99: true };
+  // held the ticket, the server had an internal error, (several instances)
+  // their Redis was away, or its storage was full (nothing acknowledged is lost).
+  var RETRYABLE_ERRORS = { 13: true, 23: true, 24: true, 99: true };
   var TUS_VERSION = "1.0.0";
   // Bytes per PATCH. Headless Chromium to a local server (bench/browser_bench.py
   // --runs 5 --slices 8,16,32,64, medians of 256 MiB uploads, two sessions): 183/179,
@@ -42,7 +42,7 @@
   var WS_READ_AHEAD = 8;
   // What an HTTP refusal means, as the WebSocket's ErrorCode (README table).
   var CREATION_ERRORS = { 400: 1, 404: 10, 409: 14, 413: 22, 502: 30, 507: 21 };
-  var PATCH_ERRORS = { 400: 1, 404: 10, 413: 15, 415: 1, 502: 30, 507: 20 };
+  var PATCH_ERRORS = { 400: 1, 404: 10, 413: 15, 415: 1, 502: 30, 507: 24 };
   var REMEMBERED = "incoming.upload|"; // localStorage key prefix
   var REMEMBER_MS = 12 * 3600 * 1000; // the server's default idle expiry
   var MAX_REASON_CHARS = 500; // of a cancel reason sent over HTTP: what the server keeps
@@ -1213,8 +1213,9 @@
     var text = answer_text(xhr);
     var tus = header(xhr, "Tus-Resumable") !== null;
     var s = this._s;
-    if (status === 423 || status === 500) {
-      s.error_code = status === 423 ? 13 : 99;
+    var code = status === 423 ? 13 : status === 500 ? 99 : errors[status];
+    if (RETRYABLE_ERRORS[code]) {
+      s.error_code = code;
       s.error_msg = text;
       this._h_retry("Interrupted: " + text, text);
     } else if (status >= 500 && !(tus && errors[status])) {

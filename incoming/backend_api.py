@@ -25,6 +25,7 @@ _BOOLEANS = {
 }
 _STATUS_FOR = {
     ErrorCode.REGISTRY_UNAVAILABLE: 503,
+    ErrorCode.STORAGE_FULL: 507,
     ErrorCode.ALREADY_CONNECTED: 503,  # an instance holding it did not answer: try again
     ErrorCode.UNKNOWN_TICKET: 400,
     ErrorCode.TOO_LATE: 412,

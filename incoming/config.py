@@ -19,6 +19,8 @@ from twisted.python import usage
 from .access import Network
 from .objectstore import MAX_PART_SIZE, MIN_PART_SIZE, Location
 
+SYNC_WINDOW = 8 * 1024 * 1024  # bytes a client may send ahead by default, with syncing on
+
 
 @dataclass(frozen=True)
 class Config:
@@ -27,7 +29,7 @@ class Config:
     listen: str = "tcp:4000:interface=0.0.0.0"
     storage_dir: Path = Path("incoming-storage")
     chunk_size_kb: int = 512
-    send_ahead: int = 4
+    send_ahead: int | None = None  # chunks a client may send unacknowledged; see `window`
     max_window: int = 64 * 1024 * 1024  # bytes a WebSocket client may send ahead at most
     window_rate_mbit: int = 1000  # the window covers a round trip at this rate
     max_idle: float = 43200.0
@@ -43,6 +45,7 @@ class Config:
     allowed_origins: frozenset[str] = frozenset()  # allowed browser Origins; empty: any
     max_upload_bytes: int | None = None  # the largest upload a client may announce
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
+    sync: str = "fsync"  # make acknowledged bytes and state durable; "none": storage needing none
     redis: str | None = None  # cluster mode: redis://host[:port][/db], shared by all instances
     storage: Location | None = None  # finished files in this S3 bucket; None: in storage_dir
     s3_endpoint: str | None = None  # the S3 store's URL, when not AWS (Ceph RGW, MinIO)
@@ -52,6 +55,17 @@ class Config:
     @property
     def chunk_size(self) -> int:
         return self.chunk_size_kb * 1024
+
+    @property
+    def window(self) -> int:
+        """Chunks a client may send ahead (`SendAhead`): as set, or by default 4 (the 2014
+        server's) and, with syncing on, enough for SYNC_WINDOW bytes: acknowledgements
+        wait for fdatasyncs, and a window that covers one keeps the client sending."""
+        if self.send_ahead is not None:
+            return self.send_ahead
+        if self.sync == "none":
+            return 4
+        return min(max(4, -(-SYNC_WINDOW // self.chunk_size)), 1024)
 
 
 def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
@@ -207,6 +221,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "allowed_origins": ("allowed-origins", "AllowedOrigins", _names),
     "max_upload_bytes": ("max-upload-size", "MaxUploadBytes", _int_in(0, 2**63 - 1)),
     "checksum": ("checksum", "Checksum", _choice("sha256", "none")),
+    "sync": ("sync", "Sync", _choice("fsync", "none")),
     "redis": ("redis", "Redis", _redis_url),
     "storage": ("storage", "Storage", _s3_url),
     "s3_endpoint": ("s3-endpoint", "S3Endpoint", _http_url),
@@ -305,6 +320,13 @@ class Options(usage.Options):
         ],
         ["max-upload-size", None, None, "Largest upload in bytes a client may announce [none]"],
         ["checksum", None, None, "Digest of every file for the handover: sha256 or none [sha256]"],
+        [
+            "sync",
+            None,
+            None,
+            "fsync: what is acknowledged survives a power cut; none: for storage that needs "
+            "no syncing, such as a tmpfs [fsync]",
+        ],
         [
             "redis",
             None,

@@ -27,10 +27,11 @@ class ErrorCode(enum.IntEnum):
     PAST_END = 15  # a chunk would grow the file past LengthBytes (upload cancelled)
     TOO_LATE = 16  # cancel while the handover runs or after it
     NOT_WAITING = 17  # finish_upload for an upload that is not waiting for it
-    STORAGE_FAILED = 20  # disk full, permissions... (upload cancelled)
+    STORAGE_FAILED = 20  # the disk failed, permissions... (upload cancelled)
     INSUFFICIENT_STORAGE = 21  # LengthBytes exceeds the free space
     TOO_LARGE = 22  # LengthBytes exceeds the configured MaxUploadBytes
     REGISTRY_UNAVAILABLE = 23  # cluster mode: Redis is unreachable; try again
+    STORAGE_FULL = 24  # no space left: nothing acknowledged is lost; resume later
     HANDOVER_FAILED = 30  # the backend did not take the file (upload cancelled)
     INTERNAL_ERROR = 99
 

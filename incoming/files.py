@@ -1,6 +1,9 @@
-"""File helpers shared by storage and the journal: whole writes, atomic replacement.
+"""File helpers shared by storage and the journal: whole writes, atomic replacement,
+durable names.
 
-State files hold backend secrets and are created 0600; upload data is 0640.
+State files hold backend secrets and are created 0600; upload data is 0640. "Durable"
+follows POSIX strictly (what a power cut cannot take): a file's bytes once it is
+fsynced, its name once its directory is fsynced too.
 """
 
 from __future__ import annotations
@@ -60,18 +63,30 @@ def pwrite_all(fd: int, data: Chunk, offset: int) -> None:
             views[0] = views[0][written:]
 
 
-def replace_file(path: Path, data: bytes, sync: bool = False, mode: int = STATE_MODE) -> None:
-    """Give `path` the content `data` atomically; `sync` also makes it durable."""
+def replace_file(
+    path: Path,
+    data: bytes,
+    sync: bool = False,
+    mode: int = STATE_MODE,
+    fsync: Callable[[int], None] = os.fsync,
+    fsync_directory: bool = True,
+) -> None:
+    """Give `path` the content `data` atomically; `sync` also makes it durable (write,
+    `fsync` it, rename, fsync the directory: unless the caller does that itself, grouped
+    with others). A failure (a full disk) leaves the old file."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         write_all(fd, data)
         if sync:
-            os.fsync(fd)
+            fsync(fd)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
     os.replace(temporary, path)
-    if sync:
+    if sync and fsync_directory:
         fsync_dir(path.parent)
 
 
@@ -90,7 +105,8 @@ def share_directory(path: Path, gid: int) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """Make the entries of a directory (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -121,3 +137,13 @@ def has_hole(fd: int, offset: int, size: int) -> bool:
         return os.lseek(fd, offset, os.SEEK_HOLE) < offset + size
     except OSError:  # past the end: it is all hole
         return True
+
+
+def make_dirs(path: Path, mode: int, sync: bool) -> None:
+    """Create `path` (with `mode`) and any missing parents (as `mkdir -p` would); `sync`:
+    each new one's name made durable."""
+    missing = [p for p in (path, *path.parents) if not p.is_dir()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=mode if directory == path else 0o777, exist_ok=True)
+        if sync:
+            fsync_dir(directory.parent)

@@ -29,7 +29,7 @@ from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
-from .storage import Record, Storage
+from .storage import Record, Storage, no_space
 from .upload import (
     Cause,
     Event,
@@ -61,6 +61,7 @@ class UploadManager:
         confirm_timeout: float,
         max_upload: int | None = None,
         cluster: Cluster | None = None,
+        min_free: int = 0,
     ) -> None:
         self.storage = storage
         self.handover = handover
@@ -69,6 +70,7 @@ class UploadManager:
         self.max_idle = max_idle
         self.confirm_timeout = confirm_timeout
         self.max_upload = max_upload
+        self.min_free = min_free  # new tickets need this much free storage (a chunk)
         self._uploads: dict[str, Upload] = {}
         self._idle: dict[str, IDelayedCall] = {}
         self._confirm: dict[str, IDelayedCall] = {}
@@ -99,7 +101,9 @@ class UploadManager:
     # Tickets
 
     async def create(self, signal_finish_url: str, backend_secret: str, remove: bool) -> Upload:
-        """A new ticket, in the journal before anybody hears of it."""
+        """A new ticket, in the journal (durably) before anybody hears of it."""
+        if self.storage.free_bytes() < self.min_free:
+            raise UploadError(ErrorCode.STORAGE_FULL, "the storage is full; try again later")
         upload = Upload(new_ticket_id(), signal_finish_url, backend_secret, remove)
         if self.cluster is not None:
             return await self._create_shared(upload)
@@ -336,9 +340,18 @@ class UploadManager:
         return Room(self.storage.free_bytes(), self.max_upload)
 
     async def resume_position(self, upload: Upload) -> int:
-        """Bytes stored, once every write still in flight (an earlier connection's) landed."""
+        """Bytes stored durably, once every write still in flight (an earlier connection's)
+        landed and was synced (a restart syncs what an earlier process wrote); raises
+        UploadError if the storage fails meanwhile."""
         await self.storage.drain(upload.id)
-        return upload.stored
+        if upload.receiving:
+            try:
+                await self.storage.synced(upload.id, upload.stored)
+            except OSError as e:
+                if no_space(e):
+                    raise UploadError(ErrorCode.STORAGE_FULL, "the storage is full") from None
+                raise UploadError(ErrorCode.STORAGE_FAILED, "storage failed") from None
+        return upload.offset
 
     async def settled(self, upload: Upload) -> None:
         """Fires once the disk work the upload's last input asked for has been done."""
@@ -347,19 +360,32 @@ class UploadManager:
     # Effects (upload.Effects)
 
     def write(self, upload: Upload, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+        """Write, then wait for the bytes to be durable (the storage groups the syncs).
+        Results for writes queued before the file was cut (a new `era`) are dropped."""
         if self._abandoned(upload):
             return
         self.metrics.bytes_received.inc(len(data))
-        arrived = self.clock.seconds()
+        arrived, era, end = self.clock.seconds(), upload.era, offset + len(data)
 
-        def stored(_: None) -> None:
-            self.metrics.chunk_write_seconds.observe(self.clock.seconds() - arrived)
-            upload.life.written()
+        def written(_: None) -> None:
+            if upload.era == era:
+                self.metrics.chunk_write_seconds.observe(self.clock.seconds() - arrived)
+                upload.life.written()
+                self.storage.synced(upload.id, end).addCallbacks(durable, failed)
+
+        def durable(_: None) -> None:
+            if upload.era == era:
+                upload.life.synced(end)
 
         def failed(failure: Any) -> None:
-            upload.life.storage_failed(f"cannot write: {failure.value}")
+            if upload.era != era:
+                return
+            if no_space(failure.value):
+                upload.life.storage_full()
+            else:
+                upload.life.storage_failed(f"cannot write: {failure.value}")
 
-        self.storage.write(upload.id, offset, data, digests).addCallbacks(stored, failed)
+        self.storage.write(upload.id, offset, data, digests).addCallbacks(written, failed)
 
     def touch(self, upload: Upload) -> None:
         if self._abandoned(upload):

@@ -42,17 +42,21 @@ class StartupError(Exception):
     """The daemon cannot start; the message is the one line the operator reads."""
 
 
+SYNC_THREADS = 16  # uploads' fdatasyncs under way at once (at most one per upload)
+
+
 class UploadService(Service):
     """Runs the uploads: restores saved ones at start; at stop, sends clients away
     (close code 1001), lets queued writes land, then stops the disk threads."""
 
-    def __init__(self, manager: UploadManager, pool: ThreadPool) -> None:
+    def __init__(self, manager: UploadManager, *pools: ThreadPool) -> None:
         self.manager = manager
-        self.pool = pool
+        self.pools = pools
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        for pool in self.pools:
+            pool.start()
         self.manager.start()
 
     def stopService(self) -> Deferred[None]:
@@ -61,18 +65,29 @@ class UploadService(Service):
 
     async def _stop(self) -> None:
         await self.manager.shutdown()
-        self.pool.stop()
+        for pool in self.pools:
+            pool.stop()
 
 
 def build_manager(
-    config: Config, reactor: Any, pool: ThreadPool, storage: Storage | None = None
+    config: Config,
+    reactor: Any,
+    pool: ThreadPool,
+    storage: Storage | None = None,
+    sync_pool: ThreadPool | None = None,
 ) -> UploadManager:
     """The uploads, on `storage` (by default the disk under `config.storage_dir`)."""
     metrics = Metrics()
     if storage is None:
         group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
         disk = DiskStorage(
-            config.storage_dir, reactor, pool, sha256=config.checksum == "sha256", group=group
+            config.storage_dir,
+            reactor,
+            pool,
+            sha256=config.checksum == "sha256",
+            sync=config.sync == "fsync",
+            sync_pool=sync_pool,
+            group=group,
         )
         disk.prepare()
         storage = disk
@@ -89,6 +104,7 @@ def build_manager(
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=config.max_upload_bytes,
         cluster=cluster,
+        min_free=config.chunk_size,
     )
 
 
@@ -108,7 +124,7 @@ def build_site(
     if browser:
         window = Window(
             config.chunk_size,
-            config.send_ahead,
+            config.window,
             config.max_window,
             config.window_rate_mbit * 1e6 / 8,
         )
@@ -131,7 +147,7 @@ def build_site(
             manager,
             reactor,
             block_size=config.chunk_size,
-            max_pending=config.chunk_size * config.send_ahead,
+            max_pending=config.chunk_size * config.window,
             allowed_origins=config.allowed_origins,
             max_upload=config.max_upload_bytes,
             patches=manager.metrics.tus_patches,
@@ -249,14 +265,15 @@ def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     """The daemon: the uploads, a listener per endpoint, the start-up summary.
     Raises StartupError when the storage or an endpoint cannot be used."""
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
+    syncs = ThreadPool(minthreads=0, maxthreads=SYNC_THREADS, name="incoming-sync")
     try:
-        manager = build_manager(config, reactor, pool)
+        manager = build_manager(config, reactor, pool, sync_pool=syncs)
     except OSError as e:
         raise StartupError(
             f"cannot use the storage directory {config.storage_dir}: {e.strerror or e}"
         ) from None
     top = MultiService()
-    UploadService(manager, pool).setServiceParent(top)
+    UploadService(manager, pool, syncs).setServiceParent(top)
     separate = config.backend_listen is not None
     roles = "browser" if separate else "browser and backend"
     plan = [(config.listen, roles, build_site(manager, config, reactor, backend=not separate))]

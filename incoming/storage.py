@@ -7,6 +7,13 @@ server's own ticket ids only. State files hold backend secrets: they are 0600,
 data files 0640, and a storage directory the server creates is 0750 (0770 and the
 group's with `--group`, whose members move handed-over files away).
 
+With `sync` on (the default; README: Durability), whatever a caller is told is
+saved survives a power cut: state files, tickets and finished files are fsynced
+(and their directory) before their Deferred fires, and `synced` tells when an
+upload's bytes are. Its syncs are grouped: one fdatasync at a time per upload,
+beside its writes (not queued behind them), each covering every write that
+landed before it began; callers that ask meanwhile share the next one.
+
 An upload's file stays open only while a connection writes it, and at most
 MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 """
@@ -14,6 +21,7 @@ MAX_OPEN_FILES at once: abandoned uploads must not use up the process's fds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,13 +29,21 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    ensureDeferred,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from .files import (
@@ -37,6 +53,7 @@ from .files import (
     Digest,
     Pieces,
     fsync_dir,
+    make_dirs,
     pwrite_all,
     replace_file,
     share_directory,
@@ -50,6 +67,12 @@ MAX_OPEN_FILES = 256
 REHASH_BLOCK = 4 * 1024 * 1024  # read to hash again what a restart or a rewind lost
 HASH_MARKS = 8  # copies of an upload's SHA-256 kept where its last writes began
 FREE_SPACE_AGE = 5.0  # seconds a measure of the free space is used
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or quota: the upload waits
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether a storage error means a full disk (or quota), which freeing space cures."""
+    return isinstance(error, OSError) and error.errno in NO_SPACE
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,58 @@ class _Hashing:
         return True
 
 
+@dataclass
+class _Durable:
+    """How much of an upload's file is known durable, and its syncs (reactor thread)."""
+
+    durable: int = 0  # bytes fdatasynced, by this process
+    written: int = 0  # bytes known written: by writes that landed, or as a caller says
+    running: bool = False  # a sync is under way
+    waiting: list[tuple[int, Deferred[None]]] = field(default_factory=list)  # (upto, d)
+    era: int = 0  # a cut makes what a sync under way found void
+    named: bool = False  # its file's directory entry is durable
+
+
+class DirectorySync:
+    """fsyncs of one directory (new names, renames, removals made durable), grouped: one
+    at a time, and a caller waits for the first that begins after it asked."""
+
+    def __init__(
+        self,
+        path: Path,
+        reactor: IReactorFromThreads,
+        pool: ThreadPool,
+        fsync: Callable[[Path], None] = fsync_dir,
+    ) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._pool = pool
+        self._fsync = fsync
+        self._waiting: list[Deferred[None]] = []
+        self._running = False
+
+    def synced(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        self._next()
+        return d
+
+    def _next(self) -> None:
+        if self._running or not self._waiting:
+            return
+        self._running = True
+        covered, self._waiting = self._waiting, []
+        work = deferToThreadPool(self._reactor, self._pool, self._fsync, self.path)
+
+        def done(result: None | Failure) -> None:
+            self._running = False
+            for d in covered:
+                d.errback(result) if isinstance(result, Failure) else d.callback(None)
+            self._next()
+
+        work.addBoth(done)
+
+
 @dataclass(frozen=True)
 class Saved:
     """An upload as a restart finds it."""
@@ -115,6 +190,8 @@ class Storage(Protocol):
         self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]: ...
 
+    def synced(self, upload_id: str, upto: int) -> Deferred[None]: ...
+
     def truncate(self, upload_id: str, size: int) -> Deferred[None]: ...
 
     def release(self, upload_id: str) -> Deferred[None]: ...
@@ -142,12 +219,22 @@ class DiskStorage:
         pool: ThreadPool,
         max_open_files: int = MAX_OPEN_FILES,
         sha256: bool = True,
+        sync: bool = True,
+        fdatasync: Callable[[int], None] = os.fdatasync,
+        sync_pool: ThreadPool | None = None,
         group: int | None = None,
     ) -> None:
         self.root = root.absolute()
         self.group = group  # shares the directory with this group (`share_directory`)
+        self.sync = sync  # make what callers are told is saved durable (fsync)
+        self._fdatasync = fdatasync
+        # fsyncs wait on the disk: in threads of their own, they leave the pool's threads
+        # to writes (which would otherwise queue up, in memory, behind them).
+        self._sync_pool = sync_pool or pool
         self._sha256 = sha256  # keep each upload's SHA-256 as its bytes are written
         self._hashing: dict[str, _Hashing] = {}  # touched only by that upload's calls
+        self._durable: dict[str, _Durable] = {}  # reactor thread
+        self._short: dict[str, int] = {}  # upload -> errno of a write that found no space
         self._free, self._free_measured = 0, 0.0
         self._reactor = reactor
         self._pool = pool
@@ -155,12 +242,14 @@ class DiskStorage:
         self._fds: dict[str, int] = {}  # touched only by the thread running that upload's call
         self._open: OrderedDict[str, None] = OrderedDict()  # uploads that may hold an fd, LRU
         self._max_open_files = max_open_files
-        self.journal = TicketJournal(self.root / "tickets.journal", reactor, pool)
+        self._directory = DirectorySync(self.root, reactor, self._sync_pool)
+        self.journal = TicketJournal(
+            self.root / "tickets.journal", reactor, pool, sync=sync, fdatasync=fdatasync
+        )
 
     def prepare(self) -> None:
-        """Create the storage directory (at start-up, before the reactor runs)."""
-        if not self.root.is_dir():
-            self.root.mkdir(parents=True, mode=DIRECTORY_MODE, exist_ok=True)
+        """Create the storage directory, durably (at start-up, before the reactor runs)."""
+        make_dirs(self.root, DIRECTORY_MODE, self.sync)
         if self.group is not None:
             share_directory(self.root, self.group)
         self._measure_free()
@@ -178,9 +267,10 @@ class DiskStorage:
         """Every saved upload with what its file says (at start-up, before the reactor:
         `tidy` also removes stray temporary files and compacts the journal)."""
         if tidy:
-            for stray in self.root.glob("*.json.tmp"):
+            for stray in self.root.glob("*.tmp"):  # a replacement cut short
                 stray.unlink(missing_ok=True)
         records = self.journal.load(tidy)
+        set_aside = False
         for path in sorted(self.root.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -188,10 +278,13 @@ class DiskStorage:
                 if path != self.state_path(upload_id):
                     raise ValueError("file name does not match its id")
             except (OSError, ValueError, KeyError, TypeError) as e:
-                log.error("ignoring unreadable upload state {path}: {e}", path=path, e=e)
+                if tidy:
+                    set_aside = self._set_aside(path, e) or set_aside
                 continue
             records[upload_id] = record
             self.journal.superseded(upload_id)
+        if set_aside and self.sync:
+            fsync_dir(self.root)
         found = []
         for upload_id, record in records.items():
             try:
@@ -207,6 +300,21 @@ class DiskStorage:
             modified = stat.st_mtime if stat and partial else None
             found.append(Saved(record, size, stat is not None, modified))
         return found
+
+    def _set_aside(self, path: Path, error: Exception) -> bool:
+        """Rename an unreadable state file (written by a version that did not sync, or
+        damaged) out of the way, for a person to look at; its data file stays."""
+        when = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = path.with_name(f"{path.name}.unreadable-{when}")
+        try:
+            path.rename(aside)
+        except OSError as e:
+            log.error("unreadable upload state {path} ({e}) cannot be set aside: {why}",
+                      path=path, e=error, why=e)  # fmt: skip
+            return False
+        log.error("unreadable upload state {path} ({e}) set aside as {aside}; its data "
+                  "file, if any, is kept", path=path, e=error, aside=aside.name)  # fmt: skip
+        return True
 
     def saved(self) -> Deferred[list[Saved]]:
         """Every upload saved in the directory, read in a thread while other instances
@@ -234,16 +342,114 @@ class DiskStorage:
         lock = self._locks.setdefault(upload_id, DeferredLock())
         return lock.run(deferToThreadPool, self._reactor, self._pool, call, *args)
 
+    def _run_named(self, upload_id: str, call: Callable[..., T], *args: object) -> Deferred[T]:
+        """`_run` for a call that creates, renames or removes files: the directory is
+        fsynced after it (grouped with other uploads'), before later calls run."""
+        lock = self._locks.setdefault(upload_id, DeferredLock())
+        return lock.run(self._then_directory, call, *args)
+
+    def _then_directory(self, call: Callable[..., T], *args: object) -> Deferred[T]:
+        if not self.sync:
+            return deferToThreadPool(self._reactor, self._pool, call, *args)
+        d = deferToThreadPool(self._reactor, self._sync_pool, call, *args)  # it fsyncs
+
+        def durably(result: T) -> Deferred[T]:
+            return self._directory.synced().addCallback(lambda _: result)
+
+        return d.addCallback(durably)
+
     def write(
         self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
     ) -> Deferred[None]:
-        """Write `data` at `offset`, feeding `digests` with it in the same thread."""
+        """Write `data` at `offset`, feeding `digests` with it in the same thread. Fires
+        once written (not yet durable: see `synced`). After a write that found no space
+        (`no_space`), the upload's later writes fail the same way until a `truncate`."""
         self._opening(upload_id)
-        return self._run(upload_id, self._write, upload_id, offset, data, digests)
+        d = self._run(upload_id, self._write, upload_id, offset, data, digests)
+        state = self._durable.setdefault(upload_id, _Durable())
+
+        def landed(_: None) -> None:
+            state.written = offset + len(data)  # in order: writes land one after the other
+
+        return d.addCallbacks(landed, self._full_or_not)
+
+    def _full_or_not(self, failure: Failure) -> Failure:
+        """A write that found no space: no room for new uploads until a new measure
+        (at the next look at the free space) says otherwise."""
+        if failure.value is not None and no_space(failure.value):
+            self._free, self._free_measured = 0, float("-inf")
+        return failure
+
+    def synced(self, upload_id: str, upto: int) -> Deferred[None]:
+        """Fires once the upload's first `upto` bytes, already written, are durable.
+
+        Grouped: one fdatasync at a time per upload, running beside its writes; each
+        covers every write that landed before it began, so a caller waits for the
+        first sync that begins after it asked. The first sync of a file also makes its
+        name durable. Fails (OSError) if the sync does, or if the bytes were cut off
+        before they were durable."""
+        state = self._durable.setdefault(upload_id, _Durable())
+        if not self.sync or upto <= state.durable:
+            return succeed(None)
+        state.written = max(state.written, upto)  # (a restart finds bytes written before)
+        d: Deferred[None] = Deferred()
+        state.waiting.append((upto, d))
+        self._sync_next(upload_id, state)
+        return d
+
+    def _sync_next(self, upload_id: str, state: _Durable) -> None:
+        if not state.running and state.waiting:
+            state.running = True
+            ensureDeferred(self._sync(upload_id, state))
+
+    async def _sync(self, upload_id: str, state: _Durable) -> None:
+        era, covered, state.waiting = state.era, state.waiting, []
+        size = state.written  # every byte of writes that landed before it begins
+        try:
+            await deferToThreadPool(self._reactor, self._sync_pool, self._sync_file, upload_id)
+            if not state.named:  # a new file: its name too
+                await self._directory.synced()
+        except Exception:
+            failed: Failure | None = Failure()
+        else:
+            failed = None
+            if era == state.era:
+                state.durable = max(state.durable, size)
+                state.named = True
+        state.running = False
+        later = [(upto, waiter) for upto, waiter in state.waiting if upto <= state.durable]
+        state.waiting = [each for each in state.waiting if each not in later]
+        for upto, waiter in covered:
+            if failed is not None:
+                waiter.errback(failed)
+            elif upto <= state.durable:
+                waiter.callback(None)
+            else:
+                waiter.errback(_cut_off(upload_id, upto))
+        for _, waiter in later:  # asked meanwhile, for bytes this sync covered after all
+            waiter.callback(None)
+        self._sync_next(upload_id, state)
 
     def truncate(self, upload_id: str, size: int) -> Deferred[None]:
-        """Cut the partial file to `size` bytes, after queued writes."""
-        return self._run(upload_id, self._truncate, upload_id, size)
+        """Cut the partial file to `size` bytes, after queued writes (durably: bytes cut
+        off must not come back). Callers waiting for bytes past `size` hear they are gone."""
+        state = self._durable.setdefault(upload_id, _Durable())
+        state.era += 1  # a sync under way may have seen the bytes cut off
+        state.durable = min(state.durable, size)
+        waiting, state.waiting = state.waiting, []
+        for upto, waiter in waiting:
+            if upto <= size:
+                state.waiting.append((upto, waiter))
+            else:
+                waiter.errback(_cut_off(upload_id, upto))
+        d = self._run(upload_id, self._truncate, upload_id, size)
+
+        def cut(_: None) -> None:
+            state.written = size
+            if self.sync:  # the cut was fdatasynced: what is left is durable
+                state.durable = size
+
+        return d.addCallback(cut)
 
     def _opening(self, upload_id: str) -> None:
         """Note that the upload's file is open; close the least recent past the bound."""
@@ -274,20 +480,21 @@ class DiskStorage:
     def complete(self, upload_id: str) -> Deferred[Completed]:
         """Make the file durable and give it its final name; its path and SHA-256."""
         self._open.pop(upload_id, None)
-        return self._run(upload_id, self._complete, upload_id)
+        return self._run_named(upload_id, self._complete, upload_id)
 
     def remove(self, upload_id: str) -> Deferred[None]:
         """Delete the upload's file, partial or complete, after queued writes."""
         self._open.pop(upload_id, None)
-        return self._run(upload_id, self._remove, upload_id)
+        return self._run_named(upload_id, self._remove, upload_id)
 
     def record_ticket(self, upload_id: str, record: Record) -> Deferred[None]:
         """Save a new ticket's first record (in the journal; see `journal`)."""
-        return self.journal.append(upload_id, record)
+        return self.journal.append(upload_id, record).addErrback(self._full_or_not)
 
     def save_state(self, upload_id: str, record: Record, sync: bool = False) -> Deferred[None]:
-        """Replace the upload's state record atomically; `sync` also makes it durable."""
-        d = self._run(upload_id, self._save_state, upload_id, record, sync)
+        """Replace the upload's state record atomically, and durably if syncing is on
+        (whatever `sync` says: a state a client was answered on must survive)."""
+        d = self._run_named(upload_id, self._save_state, upload_id, record, sync)
 
         def saved(_: None) -> None:
             self.journal.superseded(upload_id)
@@ -302,7 +509,7 @@ class DiskStorage:
         """
         self._open.pop(upload_id, None)
         await self.journal.forget(upload_id)  # first: a crash must not bring back the ticket
-        await self._run(upload_id, self._discard, upload_id)
+        await self._run_named(upload_id, self._discard, upload_id)
 
     def forget(self, upload_id: str) -> None:
         """Drop bookkeeping for an upload that will see no more calls."""
@@ -310,6 +517,10 @@ class DiskStorage:
         if lock is not None and not lock.locked and not lock.waiting:
             del self._locks[upload_id]
             self._hashing.pop(upload_id, None)  # no thread touches it: nothing is queued
+            self._short.pop(upload_id, None)
+            durable = self._durable.get(upload_id)
+            if durable is not None and not durable.running and not durable.waiting:
+                del self._durable[upload_id]
 
     def free_bytes(self) -> int:
         """The free space, as last measured: statvfs runs in a thread (on a network file
@@ -341,6 +552,9 @@ class DiskStorage:
             os.close(fd)
 
     def _write(self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+        short = self._short.get(upload_id)
+        if short is not None:  # a hole must not open where an earlier write failed
+            raise OSError(short, f"{os.strerror(short)} (an earlier write of this upload)")
         fd = self._fd(upload_id)
         if self._sha256:
             hashing = self._hashed_up_to(upload_id, fd, offset)
@@ -349,9 +563,36 @@ class DiskStorage:
         for part in data.parts if isinstance(data, Pieces) else [data]:
             for digest in digests:
                 digest.update(part)
-        pwrite_all(fd, data, offset)
+        try:
+            pwrite_all(fd, data, offset)
+        except OSError as e:
+            self._undo_write(upload_id, fd, offset)
+            if e.errno in NO_SPACE:
+                self._short[upload_id] = e.errno
+            raise
         if self._sha256:
             self._hashing[upload_id].upto += len(data)
+
+    def _undo_write(self, upload_id: str, fd: int, offset: int) -> None:
+        """A write that failed (maybe part-way): the file and its hash end where it began."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, offset)
+        hashing = self._hashing.get(upload_id)
+        if hashing is not None and not hashing.cut(offset):
+            del self._hashing[upload_id]
+
+    def _sync_file(self, upload_id: str) -> None:
+        """fdatasync the partial file, beside the upload's queued calls (through a
+        descriptor of its own). No partial file: `_complete` synced it before renaming
+        it, or it was removed, and then nobody counts on its bytes."""
+        try:
+            fd = os.open(self.part_path(upload_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            self._fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing:
         """The upload's hash covering exactly its first `offset` bytes: the one kept while
@@ -381,7 +622,11 @@ class DiskStorage:
         return record if record.get("id") == upload_id else None
 
     def _truncate(self, upload_id: str, size: int) -> None:
-        os.ftruncate(self._fd(upload_id), size)
+        fd = self._fd(upload_id)
+        os.ftruncate(fd, size)
+        if self.sync:
+            self._fdatasync(fd)
+        self._short.pop(upload_id, None)
         hashing = self._hashing.get(upload_id)
         if hashing is not None and not hashing.cut(size):
             del self._hashing[upload_id]  # hashed again from the file at the next write
@@ -392,12 +637,12 @@ class DiskStorage:
             return Completed(final, self._digest_of(upload_id, final))
         fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
         try:
-            os.fsync(fd)
+            if self.sync:
+                self._fdatasync(fd)
             digest = self._digest_of(upload_id, part, fd)
         finally:
             self._close(upload_id)
-        os.replace(part, final)
-        fsync_dir(self.root)
+        os.replace(part, final)  # made durable by `_run_named`
         return Completed(final, digest)
 
     def _digest_of(self, upload_id: str, path: Path, fd: int | None = None) -> str | None:
@@ -419,21 +664,29 @@ class DiskStorage:
     def _remove(self, upload_id: str) -> None:
         self._close(upload_id)
         self._hashing.pop(upload_id, None)
-        for path in (self.part_path(upload_id), self.final_path(upload_id)):
-            path.unlink(missing_ok=True)
+        self._short.pop(upload_id, None)
+        self.part_path(upload_id).unlink(missing_ok=True)  # durably: see `remove`
+        self.final_path(upload_id).unlink(missing_ok=True)
 
     def _save_state(self, upload_id: str, record: Record, sync: bool) -> None:
-        replace_file(self.state_path(upload_id), json.dumps(record).encode("utf-8"), sync)
+        data = json.dumps(record).encode("utf-8")
+        path = self.state_path(upload_id)  # its name made durable by `_run_named`
+        replace_file(path, data, self.sync, fsync=self._fdatasync, fsync_directory=False)
 
     def _discard(self, upload_id: str) -> None:
         self._close(upload_id)
         self._hashing.pop(upload_id, None)
-        self.part_path(upload_id).unlink(missing_ok=True)
+        self._short.pop(upload_id, None)
+        self.part_path(upload_id).unlink(missing_ok=True)  # durably: see `discard`
         self.state_path(upload_id).unlink(missing_ok=True)
 
 
 def _nothing() -> None:
     return None
+
+
+def _cut_off(upload_id: str, upto: int) -> OSError:
+    return OSError(errno.EIO, f"upload {upload_id}: bytes up to {upto} were cut off unsynced")
 
 
 def _checked(upload_id: str) -> str:

@@ -84,7 +84,8 @@ STATUS_FOR = {
     ErrorCode.ALREADY_CONNECTED: 423,
     ErrorCode.LENGTH_MISMATCH: 409,
     ErrorCode.TOO_LATE: 412,
-    ErrorCode.STORAGE_FAILED: 507,
+    ErrorCode.STORAGE_FAILED: 500,
+    ErrorCode.STORAGE_FULL: 507,
     ErrorCode.INSUFFICIENT_STORAGE: 507,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.HANDOVER_FAILED: 502,
@@ -181,7 +182,7 @@ class TusApi:
         try:
             self.check(request)
             upload = await self.declared(request)
-            await self.manager.resume_position(upload)
+            await self.position(upload)
             answer = Answer(201, headers={"Location": _location(request, upload.id)})
             answer.headers["Upload-Offset"] = str(upload.offset)
             answer.headers["Upload-Expires"] = self.expires(upload)
@@ -196,7 +197,7 @@ class TusApi:
             # All stored while the handover runs: the answer waits for the backend's, so
             # that a tus client seeing every byte stored knows the backend has the file.
             upload = await self.created(ticket, answered=True)
-            await self.manager.resume_position(upload)  # writes still in flight land first
+            await self.position(upload)  # writes still in flight land first
             answer = Answer(200, headers={"Cache-Control": "no-store"})
             answer.headers["Upload-Offset"] = str(upload.offset)
             answer.headers["Upload-Length"] = str(upload.length)
@@ -301,6 +302,13 @@ class TusApi:
         assert upload is not None
         return upload
 
+    async def position(self, upload: Upload) -> int:
+        """Where the upload stands (durably), once writes in flight have landed."""
+        try:
+            return await self.manager.resume_position(upload)
+        except UploadError as e:
+            raise _refusal(e) from None
+
     def expires(self, upload: Upload) -> str:
         when: bytes = datetimeToString(int(upload.idle_deadline))
         return when.decode()
@@ -399,7 +407,7 @@ class PatchStream:
             self.api.check(self.request)
             offset = None if self.creating else _whole_number(self.request, "Upload-Offset")
             upload = await self._connect()
-            position = await self.api.manager.resume_position(upload)
+            position = await self.api.position(upload)
             if self.stage is not Stage.CONNECTING:
                 return  # answered meanwhile (the upload ended, the server is stopping)
             self._start, discard = self._starting_offset(upload, position, offset)
@@ -540,13 +548,26 @@ class PatchStream:
         """Until its body has all arrived (and passed its checksum), it may be voided."""
         return not self._released
 
-    def stored(self, size: int) -> None:
-        self._acked += size
+    def written(self, size: int) -> None:
         upload = self.upload
         if self._paused and upload is not None and upload.pending_bytes < self.api.max_pending:
             self._resume()
+
+    def stored(self, size: int) -> None:
+        self._acked += size
         if self.stage in (Stage.LANDING, Stage.REFUSING):
             self._check_landed()
+
+    def failed(self, error: UploadError) -> None:
+        """The storage is full: what was not durable is gone; bytes no checksum vouched
+        for are voided too. 507, and the client resumes from HEAD later."""
+        upload = self.upload
+        if self.stage is Stage.ANSWERED or upload is None:
+            return
+        refusal = self._refusal if self.stage is Stage.REFUSING else None
+        if (refusal is not None or self.digests) and self._sent and upload.receiving:
+            upload.life.rewind(self._start)
+        self._finish(refusal or _refusal(error).answer)
 
     def waiting(self) -> None:
         self.ended(Ending(None))  # the backend has the file: that answers the final PATCH

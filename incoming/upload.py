@@ -108,8 +108,17 @@ class Transport(Protocol):
         """While true its bytes may yet be voided (their checksum, or the rest of a request
         body, is still to come): no handover starts until it lets go and calls `ready`."""
 
+    def written(self, size: int) -> None:
+        """`size` more of the bytes this connection sent left memory (written, not yet
+        durable): room for more."""
+
     def stored(self, size: int) -> None:
-        """`size` more of the bytes this connection sent are on disk."""
+        """`size` more of the bytes this connection sent are stored durably: what it may
+        acknowledge to its client."""
+
+    def failed(self, error: UploadError) -> None:
+        """The storage could not take this connection's bytes (it is full); the upload
+        goes on, from where it is durable: tell the client, and let go."""
 
     def ended(self, ending: Ending) -> None:
         """The upload ended (also when this connection asked to cancel it)."""
@@ -125,7 +134,8 @@ class Effects(Protocol):
     """The I/O an upload's life asks for; each result comes back as an input."""
 
     def write(self, upload: Upload, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
-        """Queue a write (feeding `digests` too); then `written`, or `storage_failed`."""
+        """Queue a write (feeding `digests` too); then `written` and, once its bytes are
+        durable, `synced`; or `storage_full` (no space), or `storage_failed`."""
 
     def touch(self, upload: Upload) -> None:
         """Restart the idle clock: it expires live uploads and forgets ended ones."""
@@ -190,9 +200,15 @@ class UploadLife(Protocol):
         """Bytes from `offset` on failed their check: they are void (no writes pending)."""
 
     def written(self) -> None:
-        """The oldest queued write is on disk."""
+        """The oldest queued write is on disk (not yet durable)."""
+
+    def synced(self, upto: int) -> None:
+        """The file's first `upto` bytes are durable."""
 
     def all_stored(self) -> None: ...
+
+    def storage_full(self) -> None:
+        """A write or a sync found no space: what is not durable is void, the upload waits."""
 
     def storage_failed(self, why: str) -> None: ...
 
@@ -263,11 +279,15 @@ class Upload:
     started_at: float | None = None  # clock time of its first connection
     interrupted: bool = False  # its last connection paused or broke off before the end
     via: str = ""  # the protocol of its last connection
-    stored: int = 0  # bytes on disk, contiguous from the start
+    stored: int = 0  # bytes written, contiguous from the start
+    durable: int = 0  # of those, bytes synced: what clients are told
     transport: Transport | None = field(default=None, repr=False)
     # queued writes, oldest first: their sizes and the connections that sent them
     pending: deque[tuple[int, Transport | None]] = field(default_factory=deque, repr=False)
     pending_bytes: int = 0
+    # writes landed but not yet durable, oldest first: where they end, sizes, senders
+    unsynced: deque[tuple[int, int, Transport | None]] = field(default_factory=deque, repr=False)
+    era: int = 0  # each cut of the file starts a new one: writes queued before are void
     life: UploadLife = field(init=False, repr=False)
 
     @property
@@ -276,8 +296,14 @@ class Upload:
         return self.stored + self.pending_bytes
 
     @property
+    def unacknowledged(self) -> int:
+        """Writes whose bytes are not durable yet (queued, or landed and not synced)."""
+        return len(self.pending) + len(self.unsynced)
+
+    @property
     def complete(self) -> bool:
-        return self.length is not None and self.stored == self.length
+        """Every byte is durable."""
+        return self.length is not None and self.durable == self.length
 
     @property
     def receiving(self) -> bool:
@@ -299,9 +325,9 @@ class Upload:
 
     @property
     def offset(self) -> int:
-        """Where a client resumes: the bytes stored, or all of them once received."""
+        """Where a client resumes: the bytes durable, or all of them once received."""
         if self.phase is Phase.RECEIVING or self.length is None:
-            return self.stored
+            return self.durable
         return self.length
 
     def to_record(self) -> dict[str, Any]:
@@ -315,6 +341,7 @@ class Upload:
         values = {name: record[name] for name in _RECORDED if name in record}
         upload = cls(**values)  # a record of an older version has no `result`
         upload.phase, upload.stored = Phase(record["phase"]), stored
+        upload.durable = stored  # what a restart finds; synced before any client hears
         if upload.length is not None and stored > upload.length:
             raise ValueError(f"{stored} bytes stored for a {upload.length}-byte upload")
         return upload
@@ -502,11 +529,42 @@ def _written(life: UploadLife, core: _Core) -> None:
     size, sender = upload.pending.popleft()
     upload.pending_bytes -= size
     upload.stored += size
-    holding = sender is not None and sender.holding
+    upload.unsynced.append((upload.stored, size, sender))
     if sender is not None:
-        sender.stored(size)
+        sender.written(size)
+
+
+@receiving.upon(On.synced).loop()
+def _synced(life: UploadLife, core: _Core, upto: int) -> None:
+    upload = core.upload
+    upload.durable = max(upload.durable, min(upto, upload.stored))
+    holding = False
+    while upload.unsynced and upload.unsynced[0][0] <= upload.durable:
+        _, size, sender = upload.unsynced.popleft()
+        holding = sender is not None and sender.holding
+        if sender is not None:
+            sender.stored(size)
     if upload.complete and not holding:
         life.all_stored()
+
+
+@receiving.upon(On.storage_full).loop()
+def _storage_full(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    log.warn(
+        "upload {id}: the storage is full; it waits at {n} bytes durable",
+        id=upload.id,
+        n=upload.durable,
+    )
+    upload.era += 1
+    upload.pending.clear()
+    upload.pending_bytes = 0
+    upload.unsynced.clear()
+    upload.stored = upload.durable
+    core.effects.truncate(upload, upload.durable)
+    if upload.transport is not None:
+        message = "the server's storage is full; resume later: nothing acknowledged is lost"
+        upload.transport.failed(UploadError(ErrorCode.STORAGE_FULL, message))
 
 
 @receiving.upon(On.rewind).loop()
@@ -514,7 +572,9 @@ def _rewind(life: UploadLife, core: _Core, offset: int) -> None:
     upload = core.upload
     assert not upload.pending and offset <= upload.stored
     log.info("upload {id}: bytes from {n} on failed their check", id=upload.id, n=offset)
-    upload.stored = offset
+    upload.era += 1
+    upload.unsynced.clear()
+    upload.stored, upload.durable = offset, min(upload.durable, offset)
     core.effects.truncate(upload, offset)
 
 
@@ -710,20 +770,21 @@ for _state in (*_HANDING_OVER, *_ENDED):
 def _end(
     core: _Core, ending: Ending, notice: str | None, cause: Cause, detail: str | None = None
 ) -> None:
-    """Cancel: `ending` reaches the client now; then the file goes and the backend hears
-    `notice` (none when the backend asked for the cancel itself). The log says `detail`
-    (by default the ending's message)."""
+    """Cancel: `ending` reaches the client once that is saved (durably); then the file
+    goes and the backend hears `notice` (none when the backend asked for the cancel).
+    The log says `detail` (by default the ending's message)."""
     upload = core.upload
     upload.phase = Phase.CANCELLED
     upload.cancel_reason = ending.message
     core.effects.disarm_confirm(upload)
     core.effects.touch(upload)
-    core.effects.save(upload)
+    saved = core.effects.save(upload)
     core.effects.happened(
         upload, Event.CANCELLED, ending.message if detail is None else detail, cause
     )
-    if upload.transport is not None:
-        upload.transport.ended(ending)
+    transport = upload.transport
+    if transport is not None:
+        saved.addCallback(lambda _: transport.ended(ending))
     core.effects.discard_file(upload, notice)
 
 
@@ -751,6 +812,8 @@ _ignored(
     On.receive,
     On.past_end,
     On.written,
+    On.synced,
+    On.storage_full,
     On.all_stored,
     On.rewind,
 )
@@ -760,7 +823,14 @@ _ignored(
 _ignored((finish_requested, awaiting_finish, *_ENDED), On.storage_failed)
 _ignored((receiving, handover, finish_requested, *_ENDED), On.confirm_timeout)
 _ignored((*_LIVE, cancelled), On.finalized)
-_ignored(_ENDED, On.restored)
+_ignored((cancelled,), On.restored)
+
+
+@finished.upon(On.restored).loop()
+def _restored_finished(life: UploadLife, core: _Core, file_present: bool) -> None:
+    if file_present and core.upload.remove_file_when_finished:  # a crash came before
+        core.effects.discard_file(core.upload, None)
+
 
 _Machine = _builder.build()
 

@@ -117,7 +117,7 @@ class UploadProtocolSession:
             self.error(ErrorCode.UNEXPECTED_MESSAGE, "a chunk is not expected before MsgAck")
             return
         assert self.upload is not None
-        if len(self.upload.pending) >= self.send_ahead:
+        if self.upload.unacknowledged >= self.send_ahead:
             self.error(
                 ErrorCode.SEND_AHEAD_EXCEEDED,
                 f"more than SendAhead={self.send_ahead} chunks unacknowledged",
@@ -138,9 +138,15 @@ class UploadProtocolSession:
 
     # upload.Transport
 
+    def written(self, size: int) -> None:
+        pass  # the client's window moves with acknowledgements, once the bytes are durable
+
     def stored(self, size: int) -> None:
         self._disk_caught_up()
         self._send("MsgChunkAck", ChunkSize=size)
+
+    def failed(self, error: UploadError) -> None:
+        self.error(error.code, error.message)  # the client resumes later (incoming.js does)
 
     def ended(self, ending: Ending) -> None:
         if ending.finished:
@@ -211,7 +217,11 @@ class UploadProtocolSession:
             upload.life.disconnect(self, self._departure())
             return
         self.upload = upload
-        position = await self.manager.resume_position(upload)
+        try:
+            position = await self.manager.resume_position(upload)
+        except UploadError as e:
+            self.refused(e)
+            return
         if self.stage is not Stage.CONNECTING:
             return
         self.stage = Stage.AWAIT_ACK

@@ -18,11 +18,16 @@ from incoming.upload import Ending, Upload
 
 
 class MemoryStorage:
-    """`incoming.storage.Storage` in memory; writes fail (ENOSPC) past `full_at` bytes."""
+    """`incoming.storage.Storage` in memory; writes fail past `full_at` bytes (ENOSPC:
+    later writes too, until a truncate) or `broken_at` (EIO)."""
 
-    def __init__(self, free: int = 1 << 40, full_at: int | None = None) -> None:
+    def __init__(
+        self, free: int = 1 << 40, full_at: int | None = None, broken_at: int | None = None
+    ) -> None:
         self.free = free
         self.full_at = full_at
+        self.broken_at = broken_at
+        self.short: set[str] = set()  # uploads whose write found no space
         self.parts: dict[str, bytearray] = {}  # files being written
         self.finals: dict[str, bytes] = {}  # complete files
         self.journal: dict[str, Record] = {}
@@ -67,12 +72,20 @@ class MemoryStorage:
         data = b"".join(data.parts) if isinstance(data, Pieces) else data
         for digest in digests:
             digest.update(data)
-        if self.full_at is not None and offset + len(data) > self.full_at:
+        if self.broken_at is not None and offset + len(data) > self.broken_at:
+            return fail(OSError(errno.EIO, "Input/output error"))
+        if upload_id in self.short or (
+            self.full_at is not None and offset + len(data) > self.full_at
+        ):
+            self.short.add(upload_id)
             return fail(OSError(errno.ENOSPC, "No space left on device"))
         part = self.parts.setdefault(upload_id, bytearray())
         part[offset : offset + len(data)] = data
         self.open.add(upload_id)
         return succeed(None)
+
+    def synced(self, upload_id: str, upto: int) -> Deferred[None]:
+        return succeed(None)  # memory is as durable as it gets here
 
     def release(self, upload_id: str) -> Deferred[None]:
         self.open.discard(upload_id)
@@ -102,6 +115,7 @@ class MemoryStorage:
         self.parts.pop(upload_id, None)
 
     def truncate(self, upload_id: str, size: int) -> Deferred[None]:
+        self.short.discard(upload_id)
         del self.parts.setdefault(upload_id, bytearray())[size:]
         return succeed(None)
 
@@ -151,8 +165,14 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
+    def written(self, size: int) -> None:
+        pass  # back-pressure only: `stored` is what a client hears
+
     def stored(self, size: int) -> None:
         self.events.append(("stored", size))
+
+    def failed(self, error: Any) -> None:
+        self.events.append(("failed", error.code, error.message))
 
     def ended(self, ending: Ending) -> None:
         self.events.append(("ended", ending.code, ending.message))

@@ -25,7 +25,7 @@ def test_defaults_are_the_2014_servers() -> None:
         listen="tcp:4000:interface=0.0.0.0",
         storage_dir=Path("incoming-storage"),
         chunk_size_kb=512,
-        send_ahead=4,
+        send_ahead=None,
         max_idle=43200,
         ws_timeout=58,
         handover_timeout=55,
@@ -245,3 +245,22 @@ def test_object_storage_options_from_command_line_and_yaml(tmp_path: Path) -> No
     ]:
         with pytest.raises(usage.UsageError, match=option):
             parse(option, value)
+
+
+def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert (Config().sync, parse().sync) == ("fsync", "fsync")
+    assert parse("--sync", "none").sync == "none"
+    path = tmp_path / "c.yaml"
+    path.write_text("Sync: none\n")
+    assert parse("--config", str(path)).sync == "none"
+    assert parse("--config", str(path), "--sync", "fsync").sync == "fsync"
+    with pytest.raises(usage.UsageError, match="--sync"):
+        parse("--sync", "sometimes")
+
+
+def test_the_window_covers_a_sync_unless_set() -> None:
+    assert (parse().window, parse("--sync", "none").window) == (16, 4)  # 8 MiB, as in 2014
+    assert parse("--chunk-size-kb", "64").window == 128
+    assert parse("--chunk-size-kb", "4096").window == 4
+    assert parse("--chunk-size-kb", "1").window == 1024
+    assert parse("--send-ahead", "3").window == 3

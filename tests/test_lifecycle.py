@@ -4,6 +4,7 @@ for time: timeouts, the handover's answers, cancels and failures, in exact order
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -32,7 +33,15 @@ from incoming.window import Window
 
 from .conftest import CHUNK_KB, SEND_AHEAD
 from .fakes import MemoryStorage, RecordingHandover, RecordingTransport
-from .harness import Backend, Server, connect, send_all, serving, upload_request
+from .harness import (
+    Backend,
+    Server,
+    complete_upload,
+    connect,
+    send_all,
+    serving,
+    upload_request,
+)
 
 T = TypeVar("T")
 
@@ -169,10 +178,31 @@ def test_past_end_and_storage_failure_reach_the_client_with_their_codes() -> Non
     assert transport.events[-1][:2] == ("ended", ErrorCode.PAST_END)
     assert upload.phase is Phase.CANCELLED and storage.parts == {}
     manager, clock, storage, handover, upload, transport = begin(length=9000)
-    storage.full_at = 4096
+    storage.broken_at = 4096  # a disk that fails (not one that is full)
     upload.life.receive(b"x" * 5000)
     assert transport.events == [("ended", ErrorCode.STORAGE_FAILED, "storage failed")]
     assert handover.notices == [(upload.id, "storage failed")]
+
+
+def test_a_full_storage_keeps_the_upload_and_its_durable_bytes_until_space_is_free() -> None:
+    manager, clock, storage, handover, upload, transport = begin(length=9000)
+    storage.full_at = 4096
+    upload.life.receive(b"a" * 3000)
+    upload.life.receive(b"b" * 3000)  # finds no space
+    message = "the server's storage is full; resume later: nothing acknowledged is lost"
+    assert transport.events == [("stored", 3000), ("failed", ErrorCode.STORAGE_FULL, message)]
+    assert (upload.phase, upload.offset, handover.notices) == (Phase.RECEIVING, 3000, [])
+    assert storage.parts[upload.id] == b"a" * 3000
+    upload.life.disconnect(transport, Departure.INTERRUPTED)
+    storage.full_at = None  # space was freed
+    again = RecordingTransport()
+    assert now(manager.connect(upload.id, again, 9000, "n")) is upload
+    assert now(manager.resume_position(upload)) == 3000
+    upload.life.ready()
+    upload.life.receive(b"c" * 6000)
+    assert again.events[:1] == [("stored", 6000)]
+    assert handover.digests == [hashlib.sha256(b"a" * 3000 + b"c" * 6000).hexdigest()]
+    assert upload.phase is Phase.FINISHED
 
 
 def test_cancels_are_refused_once_the_handover_runs() -> None:
@@ -226,6 +256,7 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "connect": (RecordingTransport(), 3, "n", Room(10)),
         "declare": (3, "n", Room(10)),
         "rewind": (0,),
+        "synced": (0,),
         "answered_done": ("verdict",),
         "finish_upload": ("verdict",),
         "disconnect": (RecordingTransport(), Departure.INTERRUPTED),
@@ -239,8 +270,8 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "restored": (True,),
     }
     inputs = (
-        "declare connect disconnect ready receive past_end rewind written all_stored "
-        "storage_failed "
+        "declare connect disconnect ready receive past_end rewind written synced all_stored "
+        "storage_full storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
         "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
     )
@@ -272,6 +303,19 @@ def test_restart_redoes_an_interrupted_handover_or_sees_it_was_taken() -> None:
     assert handover.handovers == [(upload.id, f"/memory/{upload.id}")]
     assert again.lookup(upload.id).phase is Phase.FINISHED
     assert again.lookup(taken.id).phase is Phase.FINISHED
+
+
+def test_restart_removes_a_finished_file_a_crash_kept_from_being_removed() -> None:
+    storage = MemoryStorage()
+    manager, clock, _, handover = make_manager(storage=storage)
+    removed, kept = new_ticket(manager, True), new_ticket(manager, False)
+    for upload in (removed, kept):  # finished (saved durably), then the power went
+        storage.states[upload.id] = {**upload.to_record(), "phase": "finished", "length": 3}
+        storage.finals[upload.id] = b"abc"
+    again, clock, _, handover = make_manager(storage=storage)
+    again.restore()
+    assert storage.finals == {kept.id: b"abc"}  # removeFileWhenFinished=false: the backend's
+    assert handover.notices == [] and again.lookup(removed.id).phase is Phase.FINISHED
 
 
 def lines(log: list[str], upload: Upload) -> list[str]:
@@ -340,28 +384,38 @@ async def full_server(config: Config) -> AsyncIterator[Server]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_disk_full_cancels_only_that_upload(full_server: Server, backend: Backend) -> None:
+async def test_a_full_disk_stops_only_that_upload_until_space_is_free(
+    full_server: Server, backend: Backend
+) -> None:
     server, chunk = full_server, CHUNK_KB * 1024
-    big = await server.new_upload(backend.url)
+    big = await server.new_upload(backend.url, removeFileWhenFinished="false")
     small = await server.new_upload(backend.url, removeFileWhenFinished="false")
     big_client, _ = await upload_request(server, big, 10 * chunk)
     small_client, _ = await upload_request(server, small, chunk)
     big_client.send("MsgAck", Ack=True)
     small_client.send("MsgAck", Ack=True)
-    for _ in range(3):
-        big_client.send_chunk(os.urandom(chunk))
+    data = os.urandom(10 * chunk)
+    for i in range(3):
+        big_client.send_chunk(data[i * chunk : (i + 1) * chunk])
     messages = []
     while (msg := await big_client.next()) is not None:
         messages.append(msg)
+    acknowledged = sum(m["MsgData"]["ChunkSize"] for m in messages if m["MsgType"] == "MsgChunkAck")
+    assert acknowledged == 2 * chunk
     assert messages[-1]["MsgType"] == "MsgError"
-    assert messages[-1]["MsgData"]["ErrorCode"] == ErrorCode.STORAGE_FAILED
-    notice = await backend.posts.get()
-    assert (notice["id"], notice["cancelled"]) == (big, "yes")
-    data = os.urandom(chunk)
-    await send_all(small_client, data, chunk, SEND_AHEAD)
+    assert messages[-1]["MsgData"]["ErrorCode"] == ErrorCode.STORAGE_FULL
+    small_data = os.urandom(chunk)
+    await send_all(small_client, small_data, chunk, SEND_AHEAD)
     await small_client.expect("MsgAllDone")
     storage: MemoryStorage = server.manager.storage  # type: ignore[assignment]
-    assert storage.finals == {small: data} and storage.parts == {}
+    assert storage.finals == {small: small_data}
+    storage.full_at = None  # space was freed
+    resumed, conf = await upload_request(server, big, 10 * chunk)
+    assert conf["FilePos"] == acknowledged
+    await complete_upload(resumed, data[acknowledged:], chunk, SEND_AHEAD)
+    posts = [await backend.posts.get() for _ in range(2)]
+    assert [(p["id"], p["cancelled"]) for p in posts] == [(small, "no"), (big, "no")]
+    assert storage.finals[big] == data
 
 
 @pytest_twisted.ensureDeferred

@@ -39,9 +39,9 @@ async def upload_through(port: int, storage: Path, backend: Backend) -> None:
     data = os.urandom(3 * 1024 * 1024 + 7)
     ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
     client, conf = await upload_request(server, ticket, len(data), prefix="/incoming/0.1")
-    assert conf == {"ChunkSizeKB": 64, "FilePos": 0, "SendAhead": 4}
+    assert conf == {"ChunkSizeKB": 64, "FilePos": 0, "SendAhead": 128}  # 8 MiB: covers a sync
     client.send("MsgAck", Ack=True)
-    await send_all(client, data, 64 * 1024, 4)
+    await send_all(client, data, 64 * 1024, 128)
     post = await backend.posts.get()
     assert post["filename"] == str(storage / ticket)
     await client.expect("MsgAllDone")

@@ -87,7 +87,7 @@ test("error 13 (another connection) is retried, without onerror; error 10 (unkno
   assert.equal(env.timers.filter((t) => !t.cleared && !t.fired).length, 0);
 });
 
-test("errors 13, 23 and 99 are retried without onerror; MsgUploadConf clears the error", async () => {
+test("errors 13, 23, 24 and 99 are retried without onerror; MsgUploadConf clears the error", async () => {
   const env = load();
   const up = new env.incoming.Uploader("t", file(4096), WS);
   const events = recorder(up);
@@ -95,6 +95,7 @@ test("errors 13, 23 and 99 are retried without onerror; MsgUploadConf clears the
   socket.drop();
   for (const [code, msg] of [[13, "another connection is serving this upload"],
                              [23, "the upload registry is unavailable; try again"],
+                             [24, "the server's storage is full; resume later: nothing acknowledged is lost"],
                              [99, "internal server error"]]) {
     env.fire();
     socket = env.sockets.at(-1);
