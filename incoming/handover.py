@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,9 +70,14 @@ class Answer:
 
 
 def form_fields(
-    upload: Upload, filename: str, cancel_reason: str | None, sha256: str | None = None
+    upload: Upload,
+    filename: str,
+    cancel_reason: str | None,
+    sha256: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The six fields of SPEC, plus the byte size and, when computed, the SHA-256."""
+    """The six fields of SPEC, plus the byte size, when computed the SHA-256, and `extra`
+    (an object's bucket, key and store)."""
     fields = {
         "id": upload.id,
         "filename": filename,
@@ -83,6 +89,7 @@ def form_fields(
     }
     if sha256 is not None:
         fields["sha256"] = sha256
+    fields.update(extra or {})
     return fields
 
 
@@ -110,7 +117,13 @@ def parse_answer(body: bytes) -> Answer:
 class Handover(Protocol):
     """Tells backends about their uploads."""
 
-    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+    async def hand_over(
+        self,
+        upload: Upload,
+        filename: str,
+        sha256: str | None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Answer:
         """POST until the backend answers `done` or `wait`, or raise HandoverFailed."""
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
@@ -140,24 +153,28 @@ class HandoverClient:
         self.timeout = timeout
         self.metrics = metrics
 
-    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+    async def hand_over(
+        self,
+        upload: Upload,
+        filename: str,
+        sha256: str | None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Answer:
         """POST until the backend answers `done` or `wait`, or raise HandoverFailed."""
         try:
-            return await self._hand_over(upload, filename, sha256)
+            return await self._hand_over(upload, form_fields(upload, filename, None, sha256, extra))
         except HandoverFailed:
             self.metrics.handover_failures.inc()
             raise
 
-    async def _hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+    async def _hand_over(self, upload: Upload, fields: dict[str, str]) -> Answer:
         deadline = self._clock.seconds() + self.timeout
         delay = FIRST_RETRY_DELAY
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(
-                    upload, form_fields(upload, filename, None, sha256), deadline
-                )
+                return await self._attempt(upload, fields, deadline)
             except _Retry as e:
                 if self._clock.seconds() + delay >= deadline:
                     raise HandoverFailed(f"{e} (after {attempt} attempts)") from None

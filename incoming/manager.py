@@ -29,7 +29,8 @@ from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest
 from .handover import Handover, HandoverFailed
 from .metrics import Metrics
-from .storage import Record, Storage, no_space
+from .objectstore import StoreUnavailable
+from .storage import Record, Storage, Vanished, no_space
 from .upload import (
     Cause,
     Event,
@@ -148,8 +149,10 @@ class UploadManager:
         record = await self._record(upload_id)
         if record is None:
             return None
-        stored, _ = await self.storage.stored(upload_id)
-        self.storage.forget(upload_id)
+        stored = 0  # an upload past receiving shows its length
+        if record.get("phase") == Phase.RECEIVING.value:
+            stored, _ = await self.storage.stored(upload_id)
+            self.storage.forget(upload_id)
         return Upload.from_record(record, stored)
 
     async def answered(self, upload_id: str, within: float) -> Upload | None:
@@ -201,7 +204,7 @@ class UploadManager:
         if record is None:
             await self._registry(self.cluster.release(upload_id))
             raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        stored, _ = await self.storage.stored(upload_id)
+        stored, _ = await self.storage.take_up(upload_id)
         upload = Upload.from_record(record, stored)
         bring_to_life(upload, self)
         self._uploads[upload_id] = upload
@@ -210,14 +213,15 @@ class UploadManager:
 
     async def _record(self, upload_id: str) -> Record | None:
         """Cluster: the record in Redis, or else in the shared directory (Redis lost it:
-        it is put back)."""
+        it is put back). Instances with directories of their own (object storage) have
+        none to look in: theirs may hold an older record."""
         assert self.cluster is not None
         try:
             UUID(upload_id)
         except ValueError:
             return None
         record: Record | None = await self._registry(self.cluster.read(upload_id))
-        if record is None:
+        if record is None and self.storage.shared:
             record = await self.storage.read_state(upload_id)
             if record is not None:
                 upload = Upload.from_record(record, 0)
@@ -348,9 +352,7 @@ class UploadManager:
             try:
                 await self.storage.synced(upload.id, upload.stored)
             except OSError as e:
-                if no_space(e):
-                    raise UploadError(ErrorCode.STORAGE_FULL, "the storage is full") from None
-                raise UploadError(ErrorCode.STORAGE_FAILED, "storage failed") from None
+                raise _waits(e) or UploadError(ErrorCode.STORAGE_FAILED, "storage failed") from None
         return upload.offset
 
     async def settled(self, upload: Upload) -> None:
@@ -380,12 +382,18 @@ class UploadManager:
         def failed(failure: Any) -> None:
             if upload.era != era:
                 return
-            if no_space(failure.value):
-                upload.life.storage_full()
+            waits = _waits(failure.value)
+            if waits is not None:
+                upload.life.storage_unavailable(waits)
             else:
                 upload.life.storage_failed(f"cannot write: {failure.value}")
 
         self.storage.write(upload.id, offset, data, digests).addCallbacks(written, failed)
+
+    def stands(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
+        self.storage.firm(upload.id, upload.firm, upload.length)
 
     def touch(self, upload: Upload) -> None:
         if self._abandoned(upload):
@@ -433,13 +441,18 @@ class UploadManager:
     async def _hand_over(self, upload: Upload) -> None:
         try:
             completed = await self.storage.complete(upload.id)
+        except Vanished:  # the backend took it: it answered; we died before saving that
+            upload.life.answered_done(upload.result)
+            return
         except OSError as e:
             upload.life.storage_failed(f"cannot complete the file: {e}")
             return
         upload.sha256 = completed.sha256
         began = self.clock.seconds()
         try:
-            answer = await self.handover.hand_over(upload, str(completed.path), completed.sha256)
+            answer = await self.handover.hand_over(
+                upload, completed.filename, completed.sha256, completed.fields
+            )
         except HandoverFailed as e:
             upload.life.handover_failed(str(e))
             return
@@ -601,6 +614,11 @@ class UploadManager:
         if upload.id in self._unsaved:
             await self.save(upload)
         await self._send(upload)  # Redis has the latest before the lease goes
+        try:  # and its bytes are where other instances find them (object storage)
+            await self.storage.let_go(upload.id, upload.stored)
+        except OSError as e:
+            log.error("upload {id}: cannot hand its bytes on: {e}", id=upload.id, e=e)
+            return  # it stays here
         still = self._uploads.get(upload.id) is upload and _idle(upload)
         if upload.id in self._unsent or not still:
             return  # Redis is away (the next renewal tries again), or it is in use again
@@ -609,7 +627,7 @@ class UploadManager:
             timer = timers.pop(upload.id, None)
             if timer is not None and timer.active():
                 timer.cancel()
-        self.storage.forget(upload.id)
+        self.storage.leave(upload.id)
         with contextlib.suppress(Unavailable):  # it lapses by itself
             await self.cluster.release(upload.id)
 
@@ -629,6 +647,17 @@ class UploadManager:
             call.clock = self.clock
             call.start(every, now=False)
             self._rounds.append(call)
+
+    async def _hand_on(self, upload: Upload) -> None:
+        """At a stop: the upload's bytes where other instances find them, if that can be
+        done soon (object storage); else they wait in this spool for its restart."""
+        if not upload.receiving:
+            return
+        try:
+            let_go = self.storage.let_go(upload.id, upload.stored)
+            await let_go.addTimeout(SHUTDOWN_HAND_ON_SECONDS, self.clock)
+        except (OSError, TimeoutError) as e:
+            log.warn("upload {id}: its bytes stay in this spool: {e}", id=upload.id, e=e)
 
     async def _check_registry(self) -> None:
         """Whether Redis answers, whatever this instance holds (for /incoming/health)."""
@@ -702,6 +731,11 @@ class UploadManager:
         """Redis is new, or lost its data: put back the records of the shared directory
         (the tickets' state files), then say it holds them."""
         assert self.cluster is not None
+        if not self.storage.shared:  # each instance's directory holds records of its own,
+            await self.cluster.mark_populated()  # older ones too: none is put back
+            log.error("Redis lost its records: uploads under way are lost (object storage "
+                      "keeps no shared directory to rebuild them from)")  # fmt: skip
+            return
         saved = await self.storage.saved()
         for found in saved:
             upload = Upload.from_record(found.record, found.stored)
@@ -776,10 +810,26 @@ class UploadManager:
                 await self.save(changed)
         if self.cluster is not None:
             for upload in list(self._uploads.values()):
+                await self._hand_on(upload)
                 with contextlib.suppress(Unavailable):
                     await self._send(upload)
                     await self.cluster.release(upload.id)
             await self.cluster.stop()
+
+
+SHUTDOWN_HAND_ON_SECONDS = 10.0  # for an upload's bytes to reach the store at a stop
+
+
+def _waits(error: BaseException) -> UploadError | None:
+    """A storage error that the upload waits out (nothing acknowledged is lost; the client
+    resumes later), as its client hears it; None for others."""
+    if no_space(error):
+        message = "the server's storage is full; resume later: nothing acknowledged is lost"
+        return UploadError(ErrorCode.STORAGE_FULL, message)
+    if isinstance(error, StoreUnavailable):
+        message = "the object store is unavailable; resume later: nothing acknowledged is lost"
+        return UploadError(ErrorCode.STORE_UNAVAILABLE, message)
+    return None
 
 
 def _restored(upload: Upload) -> str:

@@ -38,6 +38,7 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part, but for the last
 MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_PARTS = 10_000  # in one multipart upload: an object is at most this many parts
+MAX_OBJECT_SIZE = 5 * 1024**4  # S3's largest object
 READ_BLOCK = MiB  # what reading an object back reads at a time
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0  # an answer, once a request is sent (a part's body included)
@@ -51,8 +52,9 @@ _GONE_CODES = frozenset({"NoSuchUpload", "NoSuchKey", "404"})
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-class StoreError(Exception):
-    """A store call failed; the message says why, for the log."""
+class StoreError(OSError):
+    """A store call failed; the message says why, for the log. (An OSError: to the
+    uploads, the store is storage that failed.)"""
 
 
 class StoreUnavailable(StoreError):

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import (
     CancelledError,
@@ -37,10 +38,24 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
-from .files import DATA_MODE, punch_hole
-from .objectstore import Gone, ObjectStore, Part, StoreError, StoreUnavailable
+from .files import DATA_MODE, Chunk, Digest, punch_hole
+from .objectstore import (
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    Gone,
+    MiB,
+    ObjectStore,
+    Part,
+    StoreError,
+    StoreUnavailable,
+)
+from .storage import Completed, DiskStorage, Saved, Vanished, checked_id
+
+T = TypeVar("T")
 
 log = Logger()
 PARTS_IN_FLIGHT = 2  # per upload: a part is read from disk while another is on the wire
@@ -101,6 +116,7 @@ class Shipper:
         self._path_of = path_of  # an upload's spool file
         self._on_disk = on_disk  # runs a call in a disk thread
         self._shipments: dict[str, _Shipment] = {}
+        self.cleaning: set[Deferred[None]] = set()  # aborts and deletions retried meanwhile
 
     def key(self, upload_id: str) -> str:
         return self.store.location.key(upload_id)
@@ -108,19 +124,22 @@ class Shipper:
     def _give_back(self, path: Path, offset: int, size: int) -> Deferred[None]:
         return self._on_disk(give_back, path, offset, size)
 
-    def _shipment(self, upload_id: str) -> _Shipment:
+    def _shipment(self, upload_id: str, length: int | None = None) -> _Shipment:
         s = self._shipments.get(upload_id)
         if s is None:
             s = _Shipment(self.key(upload_id), self._path_of(upload_id), self.part_size)
             self._shipments[upload_id] = s
+        if length is not None and not s.parts and not s.sending and s.next == 1:
+            s.part_size = part_size_for(length, self.part_size)
         return s
 
     # While bytes arrive
 
-    def firm(self, upload_id: str, upto: int) -> None:
+    def firm(self, upload_id: str, upto: int, length: int | None = None) -> None:
         """The upload's first `upto` bytes stand (durable in the spool, and nothing voids
-        them any more): every whole part of them goes to the store."""
-        s = self._shipment(upload_id)
+        them any more): every whole part of them goes to the store. The upload's
+        `length` sets its part size, the first time it is given."""
+        s = self._shipment(upload_id, length)
         s.firm = max(s.firm, upto)
         self._ship(s)
 
@@ -211,14 +230,14 @@ class Shipper:
                 except Gone as e:
                     self._lost(s, f"the store lost the upload's parts ({e})")
                     return
-                except OSError as e:  # the spool cannot give the bytes: nothing can
-                    self._lost(s, f"the spool cannot give part {number}: {e}")
-                    return
                 except StoreError as e:
                     self._trouble(s, f"part {number}: {e}")
                     await deferLater(self.clock, delay, lambda: None)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
+                except OSError as e:  # the spool cannot give the bytes: nothing can
+                    self._lost(s, f"the spool cannot give part {number}: {e}")
+                    return
                 s.parts[number] = part
                 if s.trouble:
                     log.info("{key}: the object store takes parts again", key=s.key)
@@ -307,6 +326,29 @@ class Shipper:
                 await deferLater(self.clock, delay, lambda: None)
                 delay = min(delay * 2, RETRY_MAX)
 
+    async def look(self, upload_id: str) -> tuple[int, bool]:
+        """Where the upload's bytes end in the store (its parts, then a tail), and whether
+        it has anything there (an object too): for a look by an instance that does not
+        hold it. Nothing changes."""
+        key, extent, present = self.key(upload_id), 0, False
+        for upload in await self.store.uploads(key):
+            present = True
+            parts = {p.number: p for p in await self.store.parts(key, upload) or []}
+            if 1 in parts:
+                n = 1
+                while n in parts and parts[n].size == parts[1].size:
+                    n += 1
+                extent = max(extent, (n - 1) * parts[1].size)
+        tail = await self.store.head(_tail(key)) if self.tails else None
+        if tail is not None:
+            start = int(tail.metadata.get("offset", -1))
+            if 0 <= start <= extent < start + tail.size:
+                extent = start + tail.size
+        if not present and extent == 0:
+            found = await self.store.head(key)
+            present, extent = (True, found.size) if found is not None else (False, 0)
+        return extent, present or extent > 0
+
     async def take_up(self, upload_id: str) -> int:
         """Where the upload's bytes end, from what is anywhere: the parts in the store
         from the first on, then (taking them into this spool) the tail another instance
@@ -345,7 +387,7 @@ class Shipper:
         """Make the object of the upload's `size` bytes: the parts not sent yet go, then
         the store puts them together (or a small upload goes in one request). Retries
         while the store is away; raises StoreError if it lost the upload."""
-        s = self._shipment(upload_id)
+        s = self._shipment(upload_id, size)
         s.firm = size
         delay = RETRY_FIRST
         while True:
@@ -354,7 +396,7 @@ class Shipper:
                 if self.tails:
                     await self.store.delete(_tail(s.key))
                 return
-            except (Gone, OSError) as e:
+            except Gone as e:
                 self._lost(s, f"cannot complete the object: {e}")
                 raise StoreError(str(e)) from None
             except StoreError as e:
@@ -363,6 +405,9 @@ class Shipper:
                 self._trouble(s, f"completing: {e}")
                 await deferLater(self.clock, delay, lambda: None)
                 delay = min(delay * 2, RETRY_MAX)
+            except OSError as e:  # the spool cannot give the bytes
+                self._lost(s, f"cannot complete the object: {e}")
+                raise StoreError(str(e)) from None
 
     async def _complete(self, s: _Shipment, size: int) -> None:
         self._ship(s)
@@ -418,36 +463,58 @@ class Shipper:
         found = await self.store.head(s.key)
         return found is not None and found.size == size
 
-    async def abort(self, upload_id: str) -> None:
-        """End the upload in the store, leaving no part there: a part being sent may land
-        after an abort, so it is aborted once they have all settled. Retried in the
-        background while the store is away."""
+    async def abort(self, upload_id: str, delete: bool = False) -> None:
+        """End the upload in the store, leaving no part there (`delete`: nor its object):
+        a part being sent may land after an abort, so it is aborted once they have all
+        settled. Returns after the first attempt; while the store is away, attempts go
+        on in the background (`cleaning`)."""
         s = self._shipment(upload_id)
         s.ended = True
         self._wake(s)
         for d in list(s.sending.values()):
             with contextlib.suppress(Exception):
                 await d
-        await self._abort_all(s.key)
+        try:
+            await self._clean(s.key, delete)
+        except StoreError as e:
+            log.warn("{key}: cannot clear it from the object store yet: {e}", key=s.key, e=e)
+            retrying = ensureDeferred(self._clean_later(s.key, delete))
+            self.cleaning.add(retrying)
+            retrying.addBoth(lambda _: self.cleaning.discard(retrying))
+        self.forget(upload_id)
 
-    async def _abort_all(self, key: str) -> None:
+    async def _clean(self, key: str, delete: bool) -> None:
+        for upload in await self.store.uploads(key):
+            await self.store.abort(key, upload)
+        if self.tails:
+            await self.store.delete(_tail(key))
+        if delete:
+            await self.store.delete(key)
+
+    async def _clean_later(self, key: str, delete: bool) -> None:
         delay, deadline = RETRY_FIRST, self.clock.seconds() + ABORT_PATIENCE
         while True:
+            await deferLater(self.clock, delay, lambda: None)
+            delay = min(delay * 2, RETRY_MAX)
             try:
-                for upload in await self.store.uploads(key):
-                    await self.store.abort(key, upload)
-                if self.tails:
-                    await self.store.delete(_tail(key))
+                await self._clean(key, delete)
+                log.info("{key}: cleared from the object store", key=key)
                 return
             except StoreError as e:
                 if self.clock.seconds() + delay > deadline:
-                    log.error("{key}: cannot abort its multipart uploads ({e}); they keep "
-                              "their parts until aborted (an S3 lifecycle rule can)",
-                              key=key, e=e)  # fmt: skip
+                    log.error("{key}: cannot clear it from the object store ({e}); its "
+                              "multipart uploads keep their parts until aborted (an S3 "
+                              "lifecycle rule can)", key=key, e=e)  # fmt: skip
                     return
-                log.warn("{key}: cannot abort its multipart uploads yet: {e}", key=key, e=e)
-                await deferLater(self.clock, delay, lambda: None)
-                delay = min(delay * 2, RETRY_MAX)
+
+    def open_gates(self) -> None:
+        """Let every write waiting for room go into the spool (the server is stopping:
+        what they bring is kept there for its restart)."""
+        for s in self._shipments.values():
+            waiting, s.waiting = s.waiting, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
 
     async def settled(self, upload_id: str) -> None:
         """Returns once no part of the upload is on its way (nor the store being asked
@@ -465,6 +532,15 @@ class Shipper:
         s = self._shipments.get(upload_id)
         if s is not None and not s.sending and not s.waiting:
             del self._shipments[upload_id]
+
+
+def part_size_for(length: int | None, least: int) -> int:
+    """The part size of an upload of `length` bytes: `least`, or more for the upload to
+    fit in the store's MAX_PARTS parts (a whole number of MiB)."""
+    if length is None:
+        return least
+    needed = -(-length // MAX_PARTS)
+    return min(max(least, -(-needed // MiB) * MiB), MAX_PART_SIZE)
 
 
 def _tail(key: str) -> str:
@@ -517,3 +593,220 @@ def give_back(path: Path, offset: int, size: int) -> None:
 
 
 _cannot_punch = False
+
+
+UNBOUNDED = 1 << 62  # the free space an object store is taken to have
+
+
+class SpoolStorage(DiskStorage):
+    """Upload files that end as objects in a store: written into the spool (`root`) by
+    DiskStorage's own rules (offsets, digests, grouped syncs, state files and the
+    journal), sent on part by part by a `Shipper` as they grow, made one object before
+    the handover. What is left of a complete upload in the spool is an empty file of its
+    size under its final name: a restart knows the object was made.
+
+    The SHA-256 is kept while the spool is written, in order, as on disk; after a
+    restart, or on an instance that took the upload over, the spool no longer holds the
+    bytes sent: the object is read back to hash it."""
+
+    def __init__(
+        self,
+        root: Path,
+        reactor: Any,
+        pool: ThreadPool,
+        store: ObjectStore,
+        *,
+        part_size: int,
+        cluster: bool = False,
+        **disk: Any,
+    ) -> None:
+        super().__init__(root, reactor, pool, **disk)
+        self.store = store
+        self.cluster = cluster  # each instance has a spool of its own
+        self.part_size = part_size
+        self.shipper = Shipper(
+            store,
+            reactor,
+            self.part_path,
+            functools.partial(deferToThreadPool, reactor, pool),
+            part_size,
+            tails=cluster,
+        )
+
+    shared = False  # cluster mode: no instance sees another's spool
+
+    def key(self, upload_id: str) -> str:
+        return self.store.location.key(checked_id(upload_id))
+
+    def _fields(self, key: str) -> dict[str, str]:
+        fields = {"s3Bucket": self.store.bucket, "s3Key": key}
+        if self.store.endpoint is not None:
+            fields["s3Endpoint"] = self.store.endpoint
+        return fields
+
+    def free_bytes(self) -> int:
+        """The store is taken to have room; the spool needs a few parts per upload."""
+        free = super().free_bytes()
+        return UNBOUNDED if free >= (SPOOL_PARTS + PARTS_IN_FLIGHT + 1) * self.part_size else free
+
+    # Bytes arriving
+
+    def load(self, tidy: bool = True) -> list[Saved]:
+        """DiskStorage's, and (at start-up) the bytes found in spool files stand: they go on
+        to the store."""
+        found = super().load(tidy)
+        for saved in found if tidy else ():
+            upload_id, length = str(saved.record["id"]), saved.record.get("length")
+            if saved.record.get("phase") == "receiving" and self.part_path(upload_id).exists():
+                self.shipper.firm(
+                    upload_id, saved.stored, length if isinstance(length, int) else None
+                )
+        return found
+
+    def _queue_write(
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]
+    ) -> Deferred[None]:
+        """Writes wait (in their order) while the upload's bytes wait for the store."""
+        lock = self._locks.setdefault(upload_id, DeferredLock())
+
+        def write(_: None) -> Deferred[None]:
+            return deferToThreadPool(
+                self._reactor, self._pool, self._write, upload_id, offset, data, digests
+            )
+
+        return lock.run(lambda: self.shipper.room(upload_id).addCallback(write))
+
+    def firm(self, upload_id: str, upto: int, length: int | None) -> None:
+        self.shipper.firm(upload_id, upto, length)
+
+    def drain_all(self) -> Deferred[list[None]]:
+        self.shipper.open_gates()  # stopping: writes waiting for the store land in the spool
+        return super().drain_all()
+
+    # The end
+
+    def complete(self, upload_id: str) -> Deferred[Completed]:
+        """Make the object (after the upload's queued calls); its URL, its SHA-256 (kept
+        while writing, or read back from the store), its bucket, key and endpoint.
+        Raises Vanished if it was made before a restart and is gone since."""
+        self._open.pop(upload_id, None)
+        lock = self._locks.setdefault(upload_id, DeferredLock())
+        return lock.run(lambda: ensureDeferred(self._complete_object(upload_id)))
+
+    async def _complete_object(self, upload_id: str) -> Completed:
+        key = self.key(upload_id)
+        size, digest, made = await self._in_thread(self._spooled, upload_id)
+        if made:
+            found = await self.store.head(key)
+            if found is None:
+                raise Vanished(f"{self.store.location.url(key)} is gone")
+        else:
+            await self.shipper.complete(upload_id, size)
+        if self._sha256 and digest is None:
+            digest, read = await self.store.sha256(key)
+            if read != size:
+                raise StoreError(f"{key}: {read} bytes read back, not {size}")
+        if not made:
+            await self._in_thread(self._mark_made, upload_id, size)
+            if self.sync:
+                await self._directory.synced()
+        self.shipper.forget(upload_id)
+        return Completed(self.store.location.url(key), digest, self._fields(key))
+
+    def _in_thread(self, call: Callable[..., T], *args: object) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._pool, call, *args)
+
+    def _spooled(self, upload_id: str) -> tuple[int, str | None, bool]:
+        """The upload's size, its SHA-256 if the spool can say, and whether the object
+        was made before (in a pool thread)."""
+        final, part = self.final_path(upload_id), self.part_path(upload_id)
+        if final.exists() and not part.exists():
+            self._hashing.pop(upload_id, None)
+            return final.stat().st_size, None, True
+        fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
+        try:
+            size = os.fstat(fd).st_size
+            return size, self._digest_of(upload_id, part, fd), False
+        finally:
+            self._close(upload_id)
+
+    def _mark_made(self, upload_id: str, size: int) -> None:
+        """The spool file, its bytes given back, under its final name."""
+        part = self.part_path(upload_id)
+        os.truncate(part, 0)
+        os.truncate(part, size)
+        os.replace(part, self.final_path(upload_id))
+
+    def remove(self, upload_id: str) -> Deferred[None]:
+        """The spool file, the object or its parts (after queued writes). The store's part
+        is retried in the background while the store is away."""
+        d = super().remove(upload_id)
+        return d.addCallback(lambda _: ensureDeferred(self.shipper.abort(upload_id, True)))
+
+    def _discard(self, upload_id: str) -> None:
+        """Also the empty file that stood for the object (the object stays)."""
+        super()._discard(upload_id)
+        self.final_path(upload_id).unlink(missing_ok=True)
+
+    def forget(self, upload_id: str) -> None:
+        super().forget(upload_id)
+        self.shipper.forget(upload_id)
+
+    # Cluster mode: spools of their own
+
+    def stored(self, upload_id: str) -> Deferred[tuple[int, bool]]:
+        """What any instance would find: the store's parts and tail (the spool of the
+        instance holding the upload may hold more)."""
+        if not self.cluster:
+            return super().stored(upload_id)
+        return ensureDeferred(self._looked(upload_id))
+
+    async def _looked(self, upload_id: str) -> tuple[int, bool]:
+        size, made = await self._in_thread(self._made, upload_id)
+        if made:
+            return size, True
+        return await self.shipper.look(upload_id)
+
+    def take_up(self, upload_id: str) -> Deferred[tuple[int, bool]]:
+        """Where the upload's bytes end, from the store and this spool (the spool file is
+        made to hold what the store does not)."""
+        if not self.cluster:
+            return super().stored(upload_id)
+        lock = self._locks.setdefault(upload_id, DeferredLock())
+        return lock.run(lambda: ensureDeferred(self._taken_up(upload_id)))
+
+    async def _taken_up(self, upload_id: str) -> tuple[int, bool]:
+        size, made = await self._in_thread(self._made, upload_id)
+        if made:
+            return size, True
+        self._durable.pop(upload_id, None)  # what was known of an earlier stay here
+        self._hashing.pop(upload_id, None)
+        extent = await self.shipper.take_up(upload_id)
+        if extent > 0:
+            return extent, True
+        found = await self.store.head(self.key(upload_id))  # made by an instance that died
+        return (found.size, True) if found is not None else (0, False)
+
+    def _made(self, upload_id: str) -> tuple[int, bool]:
+        final, part = self.final_path(upload_id), self.part_path(upload_id)
+        if final.exists() and not part.exists():
+            return final.stat().st_size, True
+        return 0, False
+
+    def let_go(self, upload_id: str, size: int) -> Deferred[None]:
+        """Its bytes where other instances find them: parts and a tail in the store."""
+        if not self.cluster:
+            return succeed(None)
+        return ensureDeferred(self.shipper.hand_off(upload_id, size))
+
+    def leave(self, upload_id: str) -> None:
+        """The spool file goes (after queued calls: an instance that takes the upload up
+        again, this one too, starts from the store)."""
+        if self.cluster:
+            self._run(upload_id, self._drop_spool, upload_id)
+        self.forget(upload_id)
+
+    def _drop_spool(self, upload_id: str) -> None:
+        self._close(upload_id)
+        self._hashing.pop(upload_id, None)
+        self.part_path(upload_id).unlink(missing_ok=True)

@@ -86,6 +86,7 @@ STATUS_FOR = {
     ErrorCode.TOO_LATE: 412,
     ErrorCode.STORAGE_FAILED: 500,
     ErrorCode.STORAGE_FULL: 507,
+    ErrorCode.STORE_UNAVAILABLE: 503,
     ErrorCode.INSUFFICIENT_STORAGE: 507,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.HANDOVER_FAILED: 502,
@@ -547,6 +548,13 @@ class PatchStream:
     def holding(self) -> bool:
         """Until its body has all arrived (and passed its checksum), it may be voided."""
         return not self._released
+
+    @property
+    def may_void(self) -> bool:
+        """Only a checksum that fails, or a chunked body that passes Upload-Length, voids
+        its bytes: those of a body of declared length and no checksum stand once durable
+        (a spool sends them on during a long PATCH)."""
+        return not self._released and (bool(self.digests) or self.request.body_length is None)
 
     def written(self, size: int) -> None:
         upload = self.upload

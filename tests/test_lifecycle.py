@@ -268,12 +268,13 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "idle_timeout": (100.0,),
         "confirm_timeout": (30.0,),
         "restored": (True,),
+        "storage_unavailable": (UploadError(ErrorCode.STORAGE_FULL, "full"),),
     }
     inputs = (
         "declare connect disconnect ready receive past_end rewind written synced all_stored "
-        "storage_full storage_failed "
+        "storage_unavailable storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
-        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored"
+        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored bytes_missing"
     )
     for name in inputs.split():
         manager, clock, storage, handover = make_manager()
