@@ -615,7 +615,8 @@ class UploadManager:
             await self.save(upload)
         await self._send(upload)  # Redis has the latest before the lease goes
         try:  # and its bytes are where other instances find them (object storage)
-            await self.storage.let_go(upload.id, upload.stored)
+            if upload.receiving:
+                await self.storage.let_go(upload.id, upload.stored)
         except OSError as e:
             log.error("upload {id}: cannot hand its bytes on: {e}", id=upload.id, e=e)
             return  # it stays here

@@ -42,7 +42,7 @@ MAX_OBJECT_SIZE = 5 * 1024**4  # S3's largest object
 READ_BLOCK = MiB  # what reading an object back reads at a time
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0  # an answer, once a request is sent (a part's body included)
-ATTEMPTS = 3  # botocore's own retries of one call; longer outages are the caller's
+ATTEMPTS = 2  # botocore's own (a dropped keep-alive connection); outages are the caller's
 # Codes that say the store is busy or away, not that the request is wrong.
 _TRANSIENT_CODES = frozenset(
     {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}

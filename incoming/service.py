@@ -28,9 +28,9 @@ from .frontend import Script
 from .handover import HandoverClient, http_client
 from .manager import UploadManager
 from .metrics import Metrics
+from .objectstore import MAX_OBJECT_SIZE, ObjectStore, StoreError, StoreUnavailable, make_client
 from .rfc6455 import WebSocketResource
 from .site import IncomingSite, url_tree
-from .objectstore import MAX_OBJECT_SIZE, ObjectStore, StoreError, StoreUnavailable, make_client
 from .spool import SpoolStorage
 from .storage import DiskStorage, Storage
 from .tus import TusApi
@@ -111,7 +111,7 @@ def build_manager(
                 log.warn("the object store does not answer yet: {e}", e=e)
             disk = SpoolStorage(
                 config.storage_dir, reactor, pool, store, part_size=config.s3_part_size,
-                cluster=config.redis is not None, **options,
+                cluster=config.redis is not None, patience=config.ws_timeout, **options,
             )  # fmt: skip
             max_upload = min(max_upload or MAX_OBJECT_SIZE, MAX_OBJECT_SIZE)
         disk.prepare()

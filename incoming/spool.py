@@ -61,7 +61,7 @@ log = Logger()
 PARTS_IN_FLIGHT = 2  # per upload: a part is read from disk while another is on the wire
 SPOOL_PARTS = 4  # parts' worth of bytes that could go but have not, before writes wait
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds between attempts to reach the store
-PATIENCE = 30.0  # seconds a write waits for the store before its client hears of it
+PATIENCE = 58.0  # seconds a write waits for the store before its client hears of it
 ABORT_PATIENCE = 3600.0  # seconds aborts are retried before the log names what is left
 
 
@@ -80,8 +80,9 @@ class _Shipment:
     learnt: bool = False  # the store was asked what it holds (a restart may find parts)
     lock: DeferredLock = field(default_factory=DeferredLock)  # learning, beginning, ending
     waiting: list[Deferred[None]] = field(default_factory=list)  # writes waiting for room
+    pauses: list[Deferred[None]] = field(default_factory=list)  # retries waiting their turn
     trouble: str = ""  # why the store has not taken a part, while it has not
-    stalled: bool = False  # a write waited PATIENCE for room: the next fail at once
+    stalled: bool = False  # a write waited `patience` for room: the next fail at once
     failed: StoreError | None = None  # the store lost the upload's parts: it cannot go on
     ended: bool = False  # completed or aborted: nothing more is sent
 
@@ -108,10 +109,12 @@ class Shipper:
         on_disk: Callable[..., Deferred[Any]],
         part_size: int,
         tails: bool = False,
+        patience: float = PATIENCE,
     ) -> None:
         self.store = store
         self.clock = clock
         self.part_size = part_size
+        self.patience = patience  # the server uses WebsocketConnectionTimeoutS
         self.tails = tails  # cluster mode: uploads move between instances (`hand_off`)
         self._path_of = path_of  # an upload's spool file
         self._on_disk = on_disk  # runs a call in a disk thread
@@ -146,7 +149,7 @@ class Shipper:
     def room(self, upload_id: str) -> Deferred[None]:
         """Fires once the upload's next write may go into the spool: at once, unless
         SPOOL_PARTS parts' worth of its bytes wait for the store. Fails (StoreUnavailable)
-        after PATIENCE seconds without room, and at once after that until there is room
+        after `patience` seconds without room, and at once after that until there is room
         again; fails (StoreError) if the store lost the upload."""
         s = self._shipments.get(upload_id)
         if s is None:
@@ -159,6 +162,7 @@ class Shipper:
             return fail(self._unavailable(s))
         d: Deferred[None] = Deferred()
         s.waiting.append(d)
+        self._nudge(s)  # a part waiting to be tried again is tried now
 
         def timed_out(failure: Any) -> Any:
             if failure.check(TimeoutError, CancelledError):
@@ -166,11 +170,11 @@ class Shipper:
                 raise self._unavailable(s)
             return failure
 
-        return d.addTimeout(PATIENCE, self.clock).addErrback(timed_out)
+        return d.addTimeout(self.patience, self.clock).addErrback(timed_out)
 
     def _unavailable(self, s: _Shipment) -> StoreUnavailable:
         return StoreUnavailable(
-            f"the object store has not taken this upload's bytes for {PATIENCE:g} s"
+            f"the object store has not taken this upload's bytes for {self.patience:g} s"
             + (f": {s.trouble}" if s.trouble else "")
         )
 
@@ -232,7 +236,7 @@ class Shipper:
                     return
                 except StoreError as e:
                     self._trouble(s, f"part {number}: {e}")
-                    await deferLater(self.clock, delay, lambda: None)
+                    await self._pause(s, delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 except OSError as e:  # the spool cannot give the bytes: nothing can
@@ -249,6 +253,31 @@ class Shipper:
             s.sending.pop(number, None)
             self._wake(s)
             self._ship(s)
+
+    async def _pause(self, s: _Shipment, delay: float) -> None:
+        """Wait `delay` seconds before trying the store again, or less if nudged."""
+        d: Deferred[None] = Deferred()
+        s.pauses.append(d)
+        call = self.clock.callLater(delay, _fire, d)
+        try:
+            await d
+        finally:
+            if call.active():
+                call.cancel()
+            if d in s.pauses:
+                s.pauses.remove(d)
+
+    def try_again(self, upload_id: str) -> None:
+        """The upload's client heard that the store is away, and will be back: its next
+        writes wait for room again (and meanwhile for the store)."""
+        s = self._shipments.get(upload_id)
+        if s is not None:
+            s.stalled = False
+
+    def _nudge(self, s: _Shipment) -> None:
+        pauses, s.pauses = s.pauses, []
+        for d in pauses:
+            _fire(d)
 
     def _trouble(self, s: _Shipment, why: str) -> None:
         if not s.trouble:
@@ -534,6 +563,11 @@ class Shipper:
             del self._shipments[upload_id]
 
 
+def _fire(d: Deferred[None]) -> None:
+    if not d.called:
+        d.callback(None)
+
+
 def part_size_for(length: int | None, least: int) -> int:
     """The part size of an upload of `length` bytes: `least`, or more for the upload to
     fit in the store's MAX_PARTS parts (a whole number of MiB)."""
@@ -618,6 +652,7 @@ class SpoolStorage(DiskStorage):
         *,
         part_size: int,
         cluster: bool = False,
+        patience: float = PATIENCE,
         **disk: Any,
     ) -> None:
         super().__init__(root, reactor, pool, **disk)
@@ -631,6 +666,7 @@ class SpoolStorage(DiskStorage):
             functools.partial(deferToThreadPool, reactor, pool),
             part_size,
             tails=cluster,
+            patience=patience,
         )
 
     shared = False  # cluster mode: no instance sees another's spool
@@ -678,6 +714,15 @@ class SpoolStorage(DiskStorage):
 
     def firm(self, upload_id: str, upto: int, length: int | None) -> None:
         self.shipper.firm(upload_id, upto, length)
+
+    def truncate(self, upload_id: str, size: int) -> Deferred[None]:
+        """After the writes that waited for the store in vain were voided (or bytes that
+        failed their check): the next connection's writes wait for it again."""
+        return (
+            super()
+            .truncate(upload_id, size)
+            .addCallback(lambda _: self.shipper.try_again(upload_id))
+        )
 
     def drain_all(self) -> Deferred[list[None]]:
         self.shipper.open_gates()  # stopping: writes waiting for the store land in the spool

@@ -6,19 +6,38 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
+
+from incoming.errors import ErrorCode
 
 from .ceph import Ceph
-from .harness import Backend, Server, acked_upload, send_all, start_daemon
+from .harness import (
+    Backend,
+    Client,
+    Nginx,
+    Redis,
+    Server,
+    acked_upload,
+    complete_upload,
+    send_all,
+    start_daemon,
+    upload_request,
+)
+from .test_cluster import resumed_on
 from .test_tus_clients import tus_js
 
 MiB = 1 << 20
 PART = 5 * MiB  # the smallest part size: tests need few bytes for several parts
 LARGE = ("--chunk-size-kb", "256", "--send-ahead", "8")
+LEASE = 3  # seconds (--ws-timeout): how long a killed instance holds on to its uploads
 
 
 def sha256(data: bytes) -> str:
@@ -101,3 +120,263 @@ async def test_a_websocket_upload_lands_and_remove_file_when_finished_deletes_it
     assert ceph.objects(bucket) == {}  # gone by the time the browser hears MsgAllDone
     assert ceph.multipart_uploads(bucket) == []
     assert spool_holds(spool) == 0
+
+
+async def parts_in_store(ceph: Ceph, bucket: str, key: str, count: int) -> None:
+    """Wait until the store holds `count` parts of the key's upload (sent in the background)."""
+
+    def parts() -> int:
+        for found, upload in ceph.multipart_uploads(bucket):
+            if found == key:
+                listed = ceph.client().list_parts(Bucket=bucket, Key=key, UploadId=upload)
+                return len(listed.get("Parts", []))
+        return 0
+
+    for _ in range(600):
+        if await threads.deferToThread(parts) >= count:
+            return
+        await deferLater(reactor, 0.05)
+    raise AssertionError(f"{key}: fewer than {count} parts in the store")
+
+
+async def sent(server: Server, backend: Backend, data: bytes) -> tuple[str, Client, int]:
+    """A WebSocket upload of `data` (the bytes acknowledged), the connection left open."""
+    ticket, client, conf = await acked_upload(server, backend.url, len(data) + PART)
+    await send_all(client, data, conf["ChunkSizeKB"] * 1024, conf["SendAhead"])
+    return ticket, client, conf["ChunkSizeKB"] * 1024
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("how", ["by-client", "by-backend", "expired"])
+async def test_a_cancel_or_an_expiry_mid_upload_leaves_no_part_in_the_store(
+    ceph: Ceph, bucket: str, tmp_path: Path, backend: Backend, stopper: list[Any], how: str
+) -> None:
+    spool = tmp_path / "spool"
+    _, _, server = await s3_daemon(ceph, bucket, spool, tmp_path, stopper, "--max-idle", "2")
+    ticket, client, _ = await sent(server, backend, os.urandom(2 * PART + 100))
+    await parts_in_store(ceph, bucket, f"up/{ticket}", 2)
+    if how == "by-client":
+        client.send("MsgCancel", Reason="changed my mind")
+        await client.expect("MsgCancelAck")
+    elif how == "by-backend":
+        answer = await treq.post(f"{server.base}/backend/cancel_upload", data={"id": ticket})
+        assert answer.code == 200, await answer.text()
+    else:
+        client.close()  # and nothing more comes
+    notice = await backend.posts.get() if how != "by-backend" else None
+    if notice is not None:
+        assert (notice["id"], notice["cancelled"]) == (ticket, "yes")  # after the abort
+    else:
+        await client.expect("MsgCancel")
+        await client.closed
+        await deferLater(reactor, 0.5)  # the abort runs after the client hears
+    assert ceph.multipart_uploads(bucket) == []
+    assert ceph.objects(bucket) == {}
+    assert spool_holds(spool) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_and_restart_resume_from_the_spool_and_the_store(
+    ceph: Ceph, bucket: str, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    spool = tmp_path / "spool"
+    daemon, process, server = await s3_daemon(ceph, bucket, spool, tmp_path, stopper)
+    data = os.urandom(4 * PART + 777)
+    acked = 2 * PART + 3 * MiB  # two parts in the store, the rest of it in the spool
+    ticket, client, conf = await acked_upload(server, backend.url, len(data))
+    chunk = conf["ChunkSizeKB"] * 1024
+    await send_all(client, data[:acked], chunk, conf["SendAhead"])
+    await parts_in_store(ceph, bucket, f"up/{ticket}", 2)
+    await daemon.kill(process)
+    _, _, again = await s3_daemon(ceph, bucket, spool, tmp_path, stopper)
+    client, conf = await upload_request(again, ticket, len(data))
+    assert conf["FilePos"] == acked  # nothing acknowledged lost
+    await complete_upload(client, data[acked:], chunk, conf["SendAhead"])
+    post = await backend.posts.get()
+    assert_object_handover(post, ceph, bucket, ticket, data)  # hashed again from the object
+    assert ceph.multipart_uploads(bucket) == []
+    assert ceph.objects(bucket) == {}  # removeFileWhenFinished
+    assert backend.posts.pending == []
+
+
+# Cluster mode: instances on one Redis, each with a spool of its own
+
+
+async def s3_instances(
+    ceph: Ceph, bucket: str, redis: Redis, tmp_path: Path, stopper: list[Any], count: int = 2
+) -> list[tuple[Any, Any, Server]]:
+    return [
+        await s3_daemon(
+            ceph,
+            bucket,
+            tmp_path / f"spool-{n}",
+            tmp_path,
+            stopper,
+            "--redis",
+            redis.url,
+            "--ws-timeout",
+            str(LEASE),
+        )  # fmt: skip
+        for n in range(count)
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_sigkill_the_writer_lose_its_spool_and_resume_from_the_store(
+    ceph: Ceph, bucket: str, redis: Redis, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """The parts in the store are the durable truth: what only the dead instance's spool
+    held is sent again; one handover, of the whole object."""
+    (daemon, process, a), (_, _, b) = await s3_instances(ceph, bucket, redis, tmp_path, stopper)
+    data = os.urandom(4 * PART + 5)
+    ticket, client, conf = await acked_upload(a, backend.url, len(data))
+    chunk = conf["ChunkSizeKB"] * 1024
+    await send_all(client, data[: 2 * PART + 3 * MiB], chunk, conf["SendAhead"])
+    await parts_in_store(ceph, bucket, f"up/{ticket}", 2)
+    await daemon.kill(process)
+    shutil.rmtree(tmp_path / "spool-0")  # its machine is gone
+    client, conf = await resumed_on(b, ticket, len(data))
+    assert conf["FilePos"] == 2 * PART
+    await complete_upload(client, data[2 * PART :], chunk, conf["SendAhead"])
+    post = await backend.posts.get()
+    assert_object_handover(post, ceph, bucket, ticket, data)
+    await deferLater(reactor, 0.5)
+    assert backend.posts.pending == []  # one handover
+    assert ceph.multipart_uploads(bucket) == []
+    assert ceph.objects(bucket) == {}  # removeFileWhenFinished
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_an_upload_let_go_goes_on_elsewhere_with_every_byte(
+    ceph: Ceph, bucket: str, redis: Redis, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """An instance that lets go of an upload (its client paused) leaves its bytes in the
+    store (whole parts, and the rest as a tail) for the next one; its spool keeps none."""
+    (_, _, a), (_, _, b) = await s3_instances(ceph, bucket, redis, tmp_path, stopper)
+    data = os.urandom(3 * PART + 5)
+    acked = PART + 2 * MiB + 3
+    ticket, client, conf = await acked_upload(a, backend.url, len(data))
+    chunk = conf["ChunkSizeKB"] * 1024
+    await send_all(client, data[:acked], chunk, conf["SendAhead"])
+    client.send("MsgPause", Pause=True)
+    client.close()
+    client, conf = await resumed_on(b, ticket, len(data))
+    assert conf["FilePos"] == acked
+    assert spool_holds(tmp_path / "spool-0") == 0
+    await complete_upload(client, data[acked:], chunk, conf["SendAhead"])
+    post = await backend.posts.get()
+    assert_object_handover(post, ceph, bucket, ticket, data)
+    assert ceph.multipart_uploads(bucket) == []
+    assert ceph.objects(bucket) == {}  # nor the tail
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_tus_through_a_round_robin_balancer(
+    ceph: Ceph,
+    bucket: str,
+    redis: Redis,
+    nginx: Nginx,
+    tmp_path: Path,
+    backend: Backend,
+    stopper: list[Any],
+) -> None:
+    """tus-js-client's PATCHes go to either instance (nginx round robin, documented):
+    each takes the upload up where the other left it."""
+    started = await s3_instances(ceph, bucket, redis, tmp_path, stopper)
+    await nginx.start([server.port for _, _, server in started])
+    try:
+        front = Server(manager=None, port=nginx.port, storage_dir=tmp_path)  # type: ignore[arg-type]
+        api = Server(manager=None, port=nginx.backend_port, storage_dir=tmp_path)  # type: ignore[arg-type]
+        data = os.urandom(2 * PART + 123)
+        (tmp_path / "f.bin").write_bytes(data)
+        ticket = await api.new_upload(backend.url, removeFileWhenFinished="false")
+        client = tus_js(front, [{"file": tmp_path / "f.bin", "metadata": {"ticket": ticket}}],
+                        chunkSize=2 * MiB, retryDelays=[100, 200, 400, 800, 1600])  # fmt: skip
+        post = await backend.posts.get()
+        events = await client.ended
+        assert events[-1]["ok"], events
+    finally:
+        await nginx.stop()
+    assert_object_handover(post, ceph, bucket, ticket, data)
+    assert ceph.objects(bucket) == {f"up/{ticket}": len(data)}
+    upstreams = {upstream for method, _, _, upstream in nginx.requests() if method == "PATCH"}
+    assert len(upstreams) == 2  # both instances took PATCHes
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM: the most memory the process has held, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_256_mib_single_patch_keeps_the_server_within_a_few_parts_of_memory(
+    ceph: Ceph, bucket: str, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """The body goes to the spool as it arrives and on to the store part by part (16 MiB,
+    the default): the daemon's peak memory grows by less than three parts."""
+    spool = tmp_path / "spool"
+    _, process, server = await start_daemon(
+        spool, tmp_path, stopper, "--chunk-size-kb", "512", "--send-ahead", "16",
+        "--storage", f"s3://{bucket}/up/", "--s3-endpoint", ceph.endpoint, env=credentials(ceph),
+    )  # fmt: skip
+    size = 256 * MiB
+    digest = hashlib.sha256()
+    with (tmp_path / "big.bin").open("wb") as f:
+        for _ in range(size // (4 * MiB)):
+            block = os.urandom(4 * MiB)
+            digest.update(block)
+            f.write(block)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="true")
+    before = peak_rss(process.pid)
+    client = tus_js(server, [{"file": tmp_path / "big.bin", "metadata": {"ticket": ticket}}],
+                    chunkSize=None, timeout=300)  # fmt: skip
+    post = await backend.posts.get()
+    events = await client.ended
+    assert events[-1]["ok"], events
+    assert [e["event"] for e in events].count("chunk") == 1  # one PATCH
+    assert (post["size"], post["sha256"]) == (str(size), digest.hexdigest())
+    grown = peak_rss(process.pid) - before
+    assert grown < 3 * 16 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB"
+    print(f"peak RSS: {before / MiB:.0f} MiB before, grew by {grown / MiB:.0f} MiB")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_store_away_mid_upload_stalls_then_tells_the_client_and_loses_nothing(
+    ceph: Ceph, bucket: str, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """RGW killed mid-upload: acknowledgements go on while the spool has room (a few
+    parts), then writes wait for the store, then after WebsocketConnectionTimeoutS the
+    client hears error 25 (and resumes later). Every byte acknowledged is in the object."""
+    spool = tmp_path / "spool"
+    _, _, server = await s3_daemon(ceph, bucket, spool, tmp_path, stopper, "--ws-timeout", "3")
+    data = os.urandom(8 * PART + 1)
+    ticket, client, conf = await acked_upload(server, backend.url, len(data))
+    chunk, window = conf["ChunkSizeKB"] * 1024, conf["SendAhead"]
+    await send_all(client, data[:PART], chunk, window)
+    await parts_in_store(ceph, bucket, f"up/{ticket}", 1)
+    ceph.stop_rgw()
+    try:
+        acked, sent, error = PART, PART, None
+        while error is None:
+            while sent - acked < window * chunk and sent < len(data):
+                client.send_chunk(data[sent : sent + chunk])
+                sent += len(data[sent : sent + chunk])
+            message = await client.next()
+            if message["MsgType"] == "MsgChunkAck":
+                acked += message["MsgData"]["ChunkSize"]
+            else:
+                error = message["MsgData"]
+        assert error["ErrorCode"] == ErrorCode.STORE_UNAVAILABLE, error
+        assert 4 * PART <= acked < len(data)  # the spool took a few parts meanwhile
+        assert spool_holds(spool) < 6 * PART
+    finally:
+        ceph.start_rgw()
+    client, conf = await upload_request(server, ticket, len(data))
+    assert conf["FilePos"] == acked  # nothing acknowledged lost
+    await complete_upload(client, data[acked:], chunk, conf["SendAhead"])
+    post = await backend.posts.get()
+    assert_object_handover(post, ceph, bucket, ticket, data)
+    assert ceph.multipart_uploads(bucket) == []

@@ -169,8 +169,8 @@ async def test_writes_wait_for_a_store_that_is_away_and_go_on_when_it_is_back(
 async def test_a_store_away_too_long_is_told_to_the_writer_and_then_at_once(
     spooled: Spool, ceph: Ceph, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spool, "PATIENCE", 0.5)
     shipper = spooled.shipper()
+    shipper.patience = 0.5
     spooled.write("w", os.urandom(spool.SPOOL_PARTS * PART))
     ceph.stop_rgw()
     try:
