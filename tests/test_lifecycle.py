@@ -101,6 +101,23 @@ def test_bytes_are_written_in_order_and_acknowledged_to_their_sender() -> None:
     ]
 
 
+def test_bytes_stand_once_durable_unless_their_sender_may_still_void_them() -> None:
+    """What an object store's spool may send on: durable bytes no connection can void."""
+    manager, clock, storage, handover, upload, transport = begin(length=10)
+    upload.life.receive(b"ab")
+    assert storage.firms == [(upload.id, 2)]
+    transport.may_void = True  # a tus body whose checksum is still to come, say
+    upload.life.receive(b"cde")
+    assert (upload.durable, upload.firm, storage.firms[-1]) == (5, 2, (upload.id, 2))
+    transport.may_void = False
+    upload.life.ready()  # it let go: its bytes stand
+    assert (upload.firm, storage.firms[-1]) == (5, (upload.id, 5))
+    transport.may_void = True
+    upload.life.receive(b"fg")
+    upload.life.rewind(5)  # its check failed: void
+    assert (upload.stored, upload.firm) == (5, 5)
+
+
 def test_idle_upload_expires_then_is_forgotten() -> None:
     manager, clock, storage, handover, upload, transport = begin(length=10)
     upload.life.receive(b"12345")

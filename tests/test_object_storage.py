@@ -4,6 +4,7 @@ throwaway Ceph RGW of tests/ceph.py), by way of each instance's spool; real daem
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, threads
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 
 from incoming.errors import ErrorCode
 
@@ -37,6 +38,7 @@ from .test_tus_clients import tus_js
 MiB = 1 << 20
 PART = 5 * MiB  # the smallest part size: tests need few bytes for several parts
 LARGE = ("--chunk-size-kb", "256", "--send-ahead", "8")
+TUS = {"Tus-Resumable": "1.0.0"}
 LEASE = 3  # seconds (--ws-timeout): how long a killed instance holds on to its uploads
 
 
@@ -122,18 +124,19 @@ async def test_a_websocket_upload_lands_and_remove_file_when_finished_deletes_it
     assert spool_holds(spool) == 0
 
 
+def stored_parts(ceph: Ceph, bucket: str, key: str) -> int:
+    """Parts in the store of the key's multipart uploads under way."""
+    return sum(
+        len(ceph.client().list_parts(Bucket=bucket, Key=key, UploadId=upload).get("Parts", []))
+        for found, upload in ceph.multipart_uploads(bucket)
+        if found == key
+    )
+
+
 async def parts_in_store(ceph: Ceph, bucket: str, key: str, count: int) -> None:
     """Wait until the store holds `count` parts of the key's upload (sent in the background)."""
-
-    def parts() -> int:
-        for found, upload in ceph.multipart_uploads(bucket):
-            if found == key:
-                listed = ceph.client().list_parts(Bucket=bucket, Key=key, UploadId=upload)
-                return len(listed.get("Parts", []))
-        return 0
-
     for _ in range(600):
-        if await threads.deferToThread(parts) >= count:
+        if await threads.deferToThread(stored_parts, ceph, bucket, key) >= count:
             return
         await deferLater(reactor, 0.05)
     raise AssertionError(f"{key}: fewer than {count} parts in the store")
@@ -331,16 +334,21 @@ async def test_a_256_mib_single_patch_keeps_the_server_within_a_few_parts_of_mem
             f.write(block)
     ticket = await server.new_upload(backend.url, removeFileWhenFinished="true")
     before = peak_rss(process.pid)
+    spooled: list[int] = []
+    watch = LoopingCall(lambda: spooled.append(spool_holds(spool)))
+    watch.start(0.05)
     client = tus_js(server, [{"file": tmp_path / "big.bin", "metadata": {"ticket": ticket}}],
                     chunkSize=None, timeout=300)  # fmt: skip
     post = await backend.posts.get()
+    watch.stop()
     events = await client.ended
     assert events[-1]["ok"], events
     assert [e["event"] for e in events].count("chunk") == 1  # one PATCH
     assert (post["size"], post["sha256"]) == (str(size), digest.hexdigest())
     grown = peak_rss(process.pid) - before
     assert grown < 3 * 16 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB"
-    print(f"peak RSS: {before / MiB:.0f} MiB before, grew by {grown / MiB:.0f} MiB")
+    # and the spool's disk within a few parts: they go while the body still arrives
+    assert len(spooled) > 10 and max(spooled) <= 7 * 16 * MiB, max(spooled) / MiB
 
 
 @pytest_twisted.ensureDeferred
@@ -380,3 +388,76 @@ async def test_the_store_away_mid_upload_stalls_then_tells_the_client_and_loses_
     post = await backend.posts.get()
     assert_object_handover(post, ceph, bucket, ticket, data)
     assert ceph.multipart_uploads(bucket) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_a_handover_whose_end_died_with_its_spool_takes_bytes_again(
+    ceph: Ceph, bucket: str, redis: Redis, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """Every byte is in A's spool and its handover began, but the store was away: A dies
+    before the object is made, its spool with it. B's janitor takes the handover up, finds
+    the file not whole in the store, and the upload takes bytes again from where the store's
+    parts end; the backend hears of it once, whole."""
+    (daemon_a, process_a, a), (daemon_b, _, b) = await s3_instances(
+        ceph, bucket, redis, tmp_path, stopper
+    )
+    data = os.urandom(3 * PART + 10)
+    ticket, client, conf = await acked_upload(a, backend.url, len(data))
+    chunk = conf["ChunkSizeKB"] * 1024
+    await send_all(client, data[: 2 * PART], chunk, conf["SendAhead"])
+    await parts_in_store(ceph, bucket, f"up/{ticket}", 2)
+    ceph.stop_rgw()
+    try:
+        await send_all(client, data[2 * PART :], chunk, conf["SendAhead"])  # durable in A's spool
+        began = daemon_a.logged(rb"upload %s complete" % ticket.encode())  # the handover
+        await began.addTimeout(30, reactor)
+        await daemon_a.kill(process_a)
+        shutil.rmtree(tmp_path / "spool-0")
+    finally:
+        ceph.start_rgw()
+    again = daemon_b.logged(rb"upload %s: only 10485760 of its" % ticket.encode())
+    await again.addTimeout(30, reactor)  # its janitor took the handover up
+    client, conf = await resumed_on(b, ticket, len(data))
+    assert conf["FilePos"] == 2 * PART
+    await complete_upload(client, data[2 * PART :], chunk, conf["SendAhead"])
+    post = await backend.posts.get()
+    assert_object_handover(post, ceph, bucket, ticket, data)
+    assert backend.posts.pending == []
+    assert ceph.multipart_uploads(bucket) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tus_body_that_fails_its_checksum_sends_nothing_to_the_store(
+    ceph: Ceph, bucket: str, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """Bytes whose checksum is still to come do not stand: none goes to the store, and the
+    voided ones never reach the object."""
+    _, _, server = await s3_daemon(ceph, bucket, tmp_path / "spool", tmp_path, stopper)
+    data = os.urandom(2 * PART + 1)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    url = f"{server.base}/tus/{ticket}"
+    created = await treq.post(f"{server.base}/tus/", headers=creation(ticket, len(data)))
+    assert created.code == 201
+    checksum = "sha1 " + base64.b64encode(hashlib.sha1(data).digest()).decode()
+    garbage = os.urandom(len(data))
+    refused = await patch(url, garbage, 0, {"Upload-Checksum": checksum})
+    assert refused.code == 460, await refused.text()
+    assert stored_parts(ceph, bucket, f"up/{ticket}") == 0
+    accepted = await patch(url, data, 0, {"Upload-Checksum": checksum})
+    assert accepted.code == 204, await accepted.text()
+    post = await backend.posts.get()
+    assert_object_handover(post, ceph, bucket, ticket, data)
+    assert ceph.read(bucket, f"up/{ticket}") == data
+
+
+def creation(ticket: str, length: int) -> dict[str, str]:
+    encoded = base64.b64encode(ticket.encode()).decode()
+    return {**TUS, "Upload-Length": str(length), "Upload-Metadata": f"ticket {encoded}"}
+
+
+async def patch(url: str, body: bytes, offset: int, headers: dict[str, str]) -> Any:
+    return await treq.request(
+        "PATCH", url, data=body,
+        headers={**TUS, "Content-Type": "application/offset+octet-stream",
+                 "Upload-Offset": str(offset), **headers},
+    )  # fmt: skip
