@@ -269,7 +269,9 @@ def measure(args: argparse.Namespace, server_script: Path) -> dict[str, Any]:
         if args.link_rtt_ms > 0:
             link = LinkProcess([("127.0.0.1", ceph.rgw_port)], args.link_rtt_ms, args.link_mbit)
             try:
-                linked = Store(ceph, f"http://127.0.0.1:{link.ports[0]}", backend_url, server_script)
+                linked = Store(
+                    ceph, f"http://127.0.0.1:{link.ports[0]}", backend_url, server_script
+                )
                 results["link"] = series(kinds[:2], linked, source, args.runs)
             finally:
                 link.stop()
@@ -284,7 +286,9 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     header = f"{'server':<40}{'MB/s':>18}{'CPU s/GiB':>20}{'peak RSS MB':>13}{'RGW CPU s/GiB':>15}"
     places = [("loopback", "the store on loopback")]
     if "link" in results:
-        places.append(("link", f"the store across {args.link_rtt_ms:g} ms, {args.link_mbit:g} Mbit/s"))
+        places.append(
+            ("link", f"the store across {args.link_rtt_ms:g} ms, {args.link_mbit:g} Mbit/s")
+        )
     for place, title in places:
         print(f"\n{title}\n{header}")
         for name, value in results[place].items():

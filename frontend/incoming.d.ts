@@ -80,15 +80,29 @@ export declare class Uploader {
   readonly state_msg: string;
   /** Why it was cancelled, once `cancelled`. */
   readonly cancel_msg: string;
-  /** The backend's verdict for the page, set before `onfinished` fires; "" if none. */
+  /**
+   * The backend's verdict for the page, set before `onfinished` fires ("" if none), or,
+   * after a `pending` finish, before `onhandedover` fires.
+   */
   readonly result: string;
   /** The error's code (README's table), 0 for none or an error without a code. */
   readonly error_code: number;
   /** The error's text; also of an error being retried (with `error_code` 13, 23 or 99). */
   readonly error_msg: string;
   readonly connected: boolean;
-  /** The backend has the file (`onfinished` fired). */
+  /**
+   * The backend has the file (`onfinished` fired), or, with `pending`, the server stored it
+   * and goes on handing it over. False again if that finally fails (`onerror`).
+   */
   readonly finished: boolean;
+  /**
+   * Finished while the backend had not answered the handover within the server's
+   * HandoverTimeoutS (it is away: a deploy, a restart). The file is stored and the server
+   * retries (for a day by default). While the page is open the uploader asks the server
+   * (HEAD, after 5 s doubling to 60 s) until `onhandedover` or `onerror`; `pending` is
+   * false again then.
+   */
+  readonly pending: boolean;
   readonly paused: boolean;
   readonly can_pause: boolean;
   /** A cancel waits for the server's answer. */
@@ -101,11 +115,23 @@ export declare class Uploader {
    * acknowledged (`bytes_acked`, `frac_complete`), `state_msg`, the flags.
    */
   onprogress: UploaderCallback | null;
-  /** The backend has the file; `result` holds its verdict. */
+  /**
+   * The backend has the file; `result` holds its verdict. With `pending` true: the file is
+   * stored and the backend has not answered yet (`result` is ""): `onhandedover` follows.
+   */
   onfinished: UploaderCallback | null;
+  /**
+   * After a `pending` finish, while the page is open: the backend has answered (`done`, or
+   * `finish_upload` after `wait`); `result` holds its verdict.
+   */
+  onhandedover: UploaderCallback | null;
   /** Cancelled (by `cancel()`, the backend, an idle timeout); `cancel_msg` says why. */
   oncancelled: UploaderCallback | null;
-  /** The upload ended with an error: `error_code`, `error_msg`. */
+  /**
+   * The upload ended with an error: `error_code`, `error_msg`. After a `pending` finish:
+   * 30 when the server gave up the handover (the file is deleted), 10 when the server no
+   * longer knows the upload (a page asleep past its idle expiry: ask the application).
+   */
   onerror: UploaderCallback | null;
 
   /** Starts (or continues, with a remembered ticket) the upload; once. */

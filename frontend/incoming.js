@@ -9,6 +9,12 @@
  *   up.onfinished = function (u) { show(u.result); }; // the backend's verdict ("" if none)
  *   up.start();
  *
+ * When the application's backend does not answer within the server's HandoverTimeoutS
+ * (it is being deployed, say), onfinished fires with `pending` true: the file is stored
+ * and the server keeps handing it over. While the page stays open the uploader asks the
+ * server now and then (HEAD, over either transport), and fires onhandedover with `result`
+ * once the backend has answered, or onerror (30) if the server finally gave up.
+ *
  * Two transports: HTTP (tus 1.0: one PATCH of a File.slice at a time, the
  * default) and the 2014 WebSocket protocol ({transport: "websocket"}, and the
  * fallback when the server has no tus endpoint).
@@ -44,6 +50,10 @@
   // What an HTTP refusal means, as the WebSocket's ErrorCode (README table).
   var CREATION_ERRORS = { 400: 1, 404: 10, 409: 14, 413: 22, 502: 30, 507: 21 };
   var PATCH_ERRORS = { 400: 1, 404: 10, 413: 15, 415: 1, 502: 30, 507: 24 };
+  // A pending handover: HEAD after about 5 s, doubling to 60 s (±25 % jitter), until over.
+  var POLL_FIRST_S = 5;
+  var HANDOVER_FAILED = 30;
+  var HANDOVER_FAILED_TEXT = "handover failed: the backend did not take the file";
   var REMEMBERED = "incoming.upload|"; // localStorage key prefix
   var REMEMBER_MS = 12 * 3600 * 1000; // the server's default idle expiry
   var MAX_REASON_CHARS = 500; // of a cancel reason sent over HTTP: what the server keeps
@@ -217,6 +227,11 @@
     }
   }
 
+  // Incoming-Handover: pending: the file is stored; the backend has not answered yet.
+  function handover_pending(xhr) {
+    return (header(xhr, "Incoming-Handover") || "").trim() === "pending";
+  }
+
   // The server's text for a refusal; a proxy's page or nothing becomes "HTTP 503 ...".
   function answer_text(xhr) {
     var text = "";
@@ -326,6 +341,7 @@
       state_msg: "Ready",
       cancel_msg: "",
       result: "", // the backend's verdict for the page, once finished
+      pending: false, // finished, and the backend has not answered its handover yet
       error_code: 0,
       error_msg: "",
       connected: false,
@@ -346,7 +362,7 @@
     this._queue = []; // chunks being read or read, in file order, not yet sent
     this._retries = 0; // since the server last answered as hoped
     this._retry_delays = options.retry_delays; // ms before each retry; null: the backoff, for ever
-    this._polls = 0; // HEADs while the handover runs
+    this._polls = 0; // HEADs while the handover runs, or while it is pending
     this._retry_timer = null;
     this._retry_why = ""; // what state_msg says while waiting to reconnect, when not "Connection lost"
     this._cancel_reason = "";
@@ -361,6 +377,7 @@
     this._gone = ""; // the server's text when a creation or PATCH found the upload ended
     this.onprogress = null;
     this.onfinished = null;
+    this.onhandedover = null;
     this.oncancelled = null;
     this.onerror = null;
   }
@@ -371,7 +388,7 @@
 
   ["filename", "bytes_total", "bytes_tx", "bytes_acked", "chunks_tx_now",
    "chunks_acked_now", "state_msg", "cancel_msg", "result", "error_code", "error_msg",
-   "connected", "finished", "paused", "cancelling", "cancelled"].forEach(function (name) {
+   "connected", "finished", "pending", "paused", "cancelling", "cancelled"].forEach(function (name) {
     readonly(name, function () { return this._s[name]; });
   });
   readonly("bytes_ahead", function () { return this._s.bytes_tx - this._s.bytes_acked; });
@@ -689,7 +706,8 @@
       this._notify("onprogress");
       this._pump();
     } else if (type === "MsgAllDone") {
-      this._finished(data.Result); // a server before the second version sends none
+      // a server before the second version sends no Result, before the third no Pending
+      this._finished(data.Result, data.Pending === true);
     } else if (type === "MsgCancelAck" || type === "MsgCancel") {
       s.cancelling = false;
       this._drop_socket();
@@ -741,10 +759,12 @@
     this._fail(code, message);
   };
 
-  // `result`: the backend's verdict for the page, where the server sent one.
-  P._finished = function (result) {
+  // `result`: the backend's verdict for the page, where the server sent one. `pending`:
+  // the file is stored, the backend has not answered yet: ask until it has.
+  P._finished = function (result, pending) {
     var s = this._s;
     s.finished = true;
+    s.pending = pending === true;
     s.result = typeof result === "string" ? result : "";
     s.cancelling = false;
     s.error_code = 0;
@@ -752,9 +772,57 @@
     s.bytes_acked = s.bytes_total;
     this._drop();
     this._clear_retry();
+    if (s.pending) {
+      remember(this._file, this._ticket); // a reloaded page can learn the outcome too
+      this._polls = 0;
+      this._set_state("Stored; waiting for the application");
+      this._notify("onfinished");
+      this._poll_handover();
+      return;
+    }
     forget(this._file, this._ticket);
     this._set_state("Finished");
     this._notify("onfinished");
+  };
+
+  // The handover is pending: HEAD now and then (the same on both transports) until it
+  // is over. Lost requests and other answers (a restarting server) are asked again.
+  P._poll_handover = function () {
+    var self = this;
+    var delay = Math.min(RETRY_MAX_S, POLL_FIRST_S * Math.pow(2, this._polls));
+    this._polls++;
+    this._retry_timer = root.setTimeout(function () {
+      self._retry_timer = null;
+      self._h_send("HEAD", self._url || self._h_upload_url(), {}, null, function (xhr) {
+        self._s.connected = false;
+        self._handover_polled(xhr);
+      });
+    }, delay * (0.75 + Math.random() * 0.5) * 1000);
+  };
+
+  P._handover_polled = function (xhr) {
+    var s = this._s;
+    var status = xhr ? xhr.status : 0;
+    var tus = xhr && header(xhr, "Tus-Resumable") !== null;
+    if (status === 200 && tus && !handover_pending(xhr) && header(xhr, "Upload-Expires") === null) {
+      s.pending = false; // finished: the backend has it, and its verdict comes along
+      s.result = result_header(xhr);
+      forget(this._file, this._ticket);
+      this._set_state("Finished");
+      this._notify("onhandedover");
+    } else if ((status === 410 || status === 404) && tus) {
+      // cancelled (the retries ran out), or forgotten (a page asleep past the server's
+      // idle expiry: it cannot tell any more)
+      s.finished = false;
+      s.pending = false;
+      if (status === 410) {
+        this._fail(HANDOVER_FAILED, HANDOVER_FAILED_TEXT);
+      } else {
+        this._fail(10, "the server no longer knows this upload; ask the application");
+      }
+    } else {
+      this._poll_handover();
+    }
   };
 
   P._fail = function (code, message) {
@@ -945,7 +1013,7 @@
       } else if (xhr.status === 201) {
         if (s.bytes_total === 0) {
           // a zero-byte creation is answered after the handover
-          self._finished(result_header(xhr));
+          self._finished(result_header(xhr), handover_pending(xhr));
           return;
         }
         location = header(xhr, "Location");
@@ -1041,6 +1109,8 @@
         this._set_state("Uploading");
       }
       this._h_step();
+    } else if (handover_pending(xhr)) {
+      this._finished("", true); // stored; the backend has yet to answer
     } else if (!live) {
       this._finished(result_header(xhr));
     } else {
@@ -1109,8 +1179,9 @@
         s.error_msg = "";
         self._retries = 0;
         if (s.bytes_acked === s.bytes_total) {
-          // the last PATCH is answered once the backend has the file, with its verdict
-          self._finished(result_header(xhr));
+          // the last PATCH is answered once the backend has the file, with its verdict,
+          // or after HandoverTimeoutS with Incoming-Handover: pending
+          self._finished(result_header(xhr), handover_pending(xhr));
           return;
         }
         remember(self._file, self._ticket);

@@ -21,10 +21,13 @@ export type IncomingMeta = {
 /**
  * What the plugin adds to the response body on `upload-success`: the backend's verdict
  * (the text after `done` in its handover answer, or finish_upload's `result`), decoded;
- * "" if none. Type Uppy with it: `new Uppy<Meta & IncomingMeta, TusBody & IncomingBody>()`.
+ * "" if none; and `pending`, true when the backend had not answered within the server's
+ * HandoverTimeoutS (the file is stored, the server keeps handing it over; `result` is "").
+ * Type Uppy with it: `new Uppy<Meta & IncomingMeta, TusBody & IncomingBody>()`.
  */
 export type IncomingBody = {
   result?: string;
+  pending?: boolean;
 };
 
 export default class IncomingTickets<M extends Meta, B extends Body> extends BasePlugin<

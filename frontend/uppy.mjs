@@ -11,6 +11,10 @@
  *     .use(IncomingTickets, { getTicket: async (file) => askMyBackend(file) });
  *   uppy.on("upload-success", (file, response) => show(response.body.result));
  *
+ * `response.body.pending` is true when the backend had not answered within the server's
+ * HandoverTimeoutS: the file is stored and the server keeps handing it over (its verdict
+ * then reaches the app, not this page: incoming.js's Uploader asks for it, Uppy does not).
+ *
  * Before an upload, getTicket(file) is asked for each file without a `ticket` in its meta;
  * the ticket goes there, and @uppy/tus sends it in Upload-Metadata, as our tus creation
  * requires. A getTicket that fails fails that file only (`upload-error`; a retry asks
@@ -115,6 +119,7 @@ export default class IncomingTickets extends BasePlugin {
     const xhr = response?.body?.xhr;
     if (xhr && typeof xhr.getResponseHeader === "function") {
       response.body.result = verdict(xhr);
+      response.body.pending = (xhr.getResponseHeader("Incoming-Handover") || "").trim() === "pending";
     }
   };
 

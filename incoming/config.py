@@ -19,8 +19,6 @@ from twisted.python import usage
 from .access import Network
 from .objectstore import MAX_PART_SIZE, MIN_PART_SIZE, Location
 
-SYNC_WINDOW = 8 * 1024 * 1024  # bytes a client may send ahead by default, with syncing on
-
 
 @dataclass(frozen=True)
 class Config:
@@ -29,13 +27,14 @@ class Config:
     listen: str = "tcp:4000:interface=0.0.0.0"
     storage_dir: Path = Path("incoming-storage")
     chunk_size_kb: int = 512
-    send_ahead: int | None = None  # chunks a client may send unacknowledged; see `window`
+    send_ahead: int = 4
     max_window: int = 64 * 1024 * 1024  # bytes a WebSocket client may send ahead at most
     window_rate_mbit: int = 1000  # the window covers a round trip at this rate
     max_idle: float = 43200.0
     ws_timeout: float = 58.0
     handover_timeout: float = 55.0
     handover_confirm_timeout: float = 600.0
+    handover_retry: float = 86400.0  # retrying a handover while the backend is away
     backend_listen: str | None = None  # serve the backend API here only, not on `listen`
     # who may call the backend API on `listen` besides this host (docs: access)
     backend_networks: frozenset[Network] = frozenset()
@@ -55,17 +54,6 @@ class Config:
     @property
     def chunk_size(self) -> int:
         return self.chunk_size_kb * 1024
-
-    @property
-    def window(self) -> int:
-        """Chunks a client may send ahead (`SendAhead`): as set, or by default 4 (the 2014
-        server's) and, with syncing on, enough for SYNC_WINDOW bytes: acknowledgements
-        wait for fdatasyncs, and a window that covers one keeps the client sending."""
-        if self.send_ahead is not None:
-            return self.send_ahead
-        if self.sync == "none":
-            return 4
-        return min(max(4, -(-SYNC_WINDOW // self.chunk_size)), 1024)
 
 
 def _int_in(low: int, high: int) -> Callable[[str, Any], int]:
@@ -213,6 +201,7 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
         "HandoverConfirmTimeoutS",
         _seconds,
     ),
+    "handover_retry": ("handover-retry", "HandoverRetryS", _seconds),
     "backend_listen": ("backend-listen", "BackendListen", _text),
     "backend_networks": ("backend-networks", "BackendNetworks", _networks),
     "handover_hosts": ("handover-hosts", "HandoverHosts", _names),
@@ -284,12 +273,24 @@ class Options(usage.Options):
         ],
         ["max-idle", None, None, "Seconds after which an idle upload expires [43200]"],
         ["ws-timeout", None, None, "Seconds before a silent WebSocket is dropped [58]"],
-        ["handover-timeout", None, None, "Seconds for the handover POST, retries included [55]"],
+        [
+            "handover-timeout",
+            None,
+            None,
+            "Seconds for each handover POST; then the browser is told the handover is pending [55]",
+        ],
         [
             "handover-confirm-timeout",
             None,
             None,
             "Seconds to wait for finish_upload after a 'wait' [600]",
+        ],
+        [
+            "handover-retry",
+            None,
+            None,
+            "Seconds to keep retrying a handover (or cancel notice) while the backend is "
+            "away: no answer, 429 or 5xx [86400]",
         ],
         [
             "backend-listen",

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from .cluster import Busy, Cluster, RequestFailed, Unavailable
 from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest
-from .handover import Handover, HandoverFailed
+from .handover import Answer, BackendAway, Handover, HandoverFailed, Retrier, Stopped
 from .metrics import Metrics
 from .objectstore import StoreUnavailable
 from .storage import Record, Storage, Vanished, no_space
@@ -63,6 +63,8 @@ class UploadManager:
         max_upload: int | None = None,
         cluster: Cluster | None = None,
         min_free: int = 0,
+        handover_timeout: float = 55.0,
+        handover_retry: float = 86400.0,
     ) -> None:
         self.storage = storage
         self.handover = handover
@@ -72,12 +74,18 @@ class UploadManager:
         self.confirm_timeout = confirm_timeout
         self.max_upload = max_upload
         self.min_free = min_free  # new tickets need this much free storage (a chunk)
+        self.handover_timeout = handover_timeout
+        self.retrier = Retrier(clock, handover_retry, metrics)  # for a backend that is away
         self._uploads: dict[str, Upload] = {}
         self._idle: dict[str, IDelayedCall] = {}
         self._confirm: dict[str, IDelayedCall] = {}
+        self._late: dict[str, IDelayedCall] = {}  # HandoverTimeoutS after a handover began
         self._unsaved: set[str] = set()  # uploads changed since their state was last saved
         self.running: set[Deferred[Any]] = set()  # background work, for shutdown and tests
         metrics.count_uploads(self.phases)
+        metrics.handovers_pending.set_function(
+            lambda: sum(upload.handover_pending for upload in self._uploads.values())
+        )
         self.cluster = cluster
         self._loading: dict[str, DeferredLock] = {}  # uploads being taken up from Redis
         self._answers: dict[str, list[Deferred[None]]] = {}  # waiting for a handover's answer
@@ -162,7 +170,7 @@ class UploadManager:
         while True:
             upload = await self.find(upload_id)
             left = deadline - self.clock.seconds()
-            if upload is None or not upload.handing_over or left <= 0:
+            if upload is None or not upload.awaiting_answer or left <= 0:
                 return upload
             if upload_id in self._uploads:  # the handover runs here: wait for its answer
                 answer: Deferred[None] = Deferred()
@@ -406,9 +414,11 @@ class UploadManager:
         Cluster: in Redis too (when it is away, again with the next renewal)."""
         if self._abandoned(upload):
             return succeed(None)
-        if not upload.handing_over:  # each phase is saved: those waiting for it hear
+        if not upload.awaiting_answer:  # each phase is saved: those waiting for it hear
             for answer in self._answers.pop(upload.id, []):
                 answer.callback(None)
+        if not upload.handing_over:
+            self._handover_over(upload.id)
         self._unsaved.discard(upload.id)
         if self.cluster is not None:
             self._spawn(self._send(upload))
@@ -448,12 +458,28 @@ class UploadManager:
             upload.life.storage_failed(f"cannot complete the file: {e}")
             return
         upload.sha256 = completed.sha256
-        began = self.clock.seconds()
-        try:
-            answer = await self.handover.hand_over(
+        if upload.handover_began is None:  # (an older version's record)
+            upload.handover_began = self.clock.seconds()
+        began = upload.handover_began
+        self._arm_late(upload, began)
+
+        def post() -> Coroutine[Any, Any, Answer]:
+            return self.handover.hand_over(
                 upload, completed.filename, completed.sha256, completed.fields
             )
-        except HandoverFailed as e:
+
+        def go_on() -> bool:
+            if self._abandoned(upload):
+                return False
+            upload.life.handover_retrying()
+            return upload.handing_over
+
+        try:
+            answer = await self.retrier.run(upload.id, "handover", post, began, go_on)
+        except Stopped:
+            return
+        except (HandoverFailed, BackendAway) as e:
+            self.metrics.handover_failures.inc()
             upload.life.handover_failed(str(e))
             return
         self.metrics.handover_seconds.observe(self.clock.seconds() - began)
@@ -461,6 +487,21 @@ class UploadManager:
             upload.life.answered_done(answer.result)
         else:
             upload.life.answered_wait()
+
+    def _arm_late(self, upload: Upload, began: float) -> None:
+        """`handover_late` HandoverTimeoutS after the handover's first attempt."""
+        earlier = self._late.pop(upload.id, None)
+        if earlier is not None and earlier.active():
+            earlier.cancel()
+        delay = max(began + self.handover_timeout - self.clock.seconds(), 0)
+        self._late[upload.id] = self.clock.callLater(delay, upload.life.handover_late)
+
+    def _handover_over(self, upload_id: str) -> None:
+        """The upload is no longer being handed over (here): no more attempts or timer."""
+        timer = self._late.pop(upload_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.retrier.stop(upload_id, "handover")
 
     def finalize(self, upload: Upload) -> None:
         if self._abandoned(upload):
@@ -474,16 +515,33 @@ class UploadManager:
         upload.life.finalized()
         self._let_go_soon(upload)
 
-    def discard_file(self, upload: Upload, notice: str | None) -> None:
+    def discard_file(self, upload: Upload) -> None:
         if self._abandoned(upload):
             return
-        self._spawn(self._discard_file(upload, notice))
+        self._spawn(self._discard_file(upload))
 
-    async def _discard_file(self, upload: Upload, notice: str | None) -> None:
+    async def _discard_file(self, upload: Upload) -> None:
         await self._remove_file(upload)
-        self._let_go_soon(upload)
+        notice = upload.notice
         if notice is not None:
-            await self.handover.notify_cancelled(upload, notice)
+
+            def post() -> Coroutine[Any, Any, None]:
+                return self.handover.notify_cancelled(upload, notice)
+
+            def go_on() -> bool:
+                return not self._abandoned(upload)
+
+            began = upload.notice_began or self.clock.seconds()
+            try:
+                await self.retrier.run(upload.id, "cancel notice", post, began, go_on)
+            except Stopped:
+                return
+            except BackendAway as e:
+                log.warn(
+                    "upload {id}: backend not told of the cancellation: {e}", id=upload.id, e=e
+                )
+            upload.life.notified()
+        self._let_go_soon(upload)
 
     async def _remove_file(self, upload: Upload) -> None:
         try:
@@ -537,8 +595,8 @@ class UploadManager:
     def happened(
         self, upload: Upload, event: Event, detail: str = "", cause: Cause | None = None
     ) -> None:
-        """A line in the log and the metrics for it; the start of an upload is noted in it
-        (a clock time, saved with it: its duration counts from there)."""
+        """A line in the log and the metrics for it; the start of an upload, and of its
+        handover, are noted in it (clock times, saved with it: durations count from there)."""
         if self._abandoned(upload):
             return
         now, via, metrics = self.clock.seconds(), upload.via or "none", self.metrics
@@ -562,6 +620,7 @@ class UploadManager:
                 over=f" over {via}" if event is Event.RESUMED else "",
             )
         elif event is Event.COMPLETE:
+            upload.handover_began = now  # saved with the phase: a restart keeps the budget
             took = None if upload.started_at is None else max(now - upload.started_at, 0.0)
             if took is not None:
                 metrics.upload_seconds.observe(took)
@@ -571,6 +630,13 @@ class UploadManager:
                 n=upload.stored,
                 took="" if took is None else f" in {took:.1f} s",
             )
+        elif event is Event.PENDING:
+            log.info(
+                "upload {id}: no answer from the backend within {t:g} s; the client is told "
+                "the file is stored and will be handed over",
+                id=upload.id,
+                t=self.handover_timeout,
+            )
         elif event is Event.HANDED_OVER:
             log.info("upload {id} handed over; the backend will call finish_upload", id=upload.id)
         elif event is Event.FINISHED:
@@ -579,6 +645,8 @@ class UploadManager:
             log.info("upload {id} {how}", id=upload.id, how=detail)
         else:
             assert event is Event.CANCELLED and cause is not None
+            if upload.notice is not None:
+                upload.notice_began = now  # saved with the phase: a restart keeps the budget
             metrics.uploads_cancelled.labels(cause.value, via).inc()
             say = {
                 Cause.STORAGE_FAILED: log.error,
@@ -689,6 +757,8 @@ class UploadManager:
             upload = self._uploads.pop(upload_id, None)
             if upload is not None:
                 log.error("upload {id}: another instance took it over", id=upload_id)
+                self._handover_over(upload_id)
+                self.retrier.stop(upload_id, "cancel notice")
                 for timers in (self._idle, self._confirm):
                     timer = timers.pop(upload_id, None)
                     if timer is not None and timer.active():
@@ -795,11 +865,13 @@ class UploadManager:
         for call in self._rounds:
             if call.running:
                 call.stop()
-        for timer in [*self._idle.values(), *self._confirm.values()]:
+        self.retrier.stop_all()  # handovers and notices are posted again at the next start
+        for timer in [*self._idle.values(), *self._confirm.values(), *self._late.values()]:
             if timer.active():
                 timer.cancel()
         self._idle.clear()
         self._confirm.clear()
+        self._late.clear()
         for upload in self:
             if upload.transport is not None:
                 upload.transport.going_away()
@@ -839,6 +911,8 @@ def _restored(upload: Upload) -> str:
         return "receiving" if upload.length is not None else "tickets not used yet"
     if upload.handing_over:
         return "being handed over again"
+    if upload.notice is not None:
+        return "cancelled, the backend to be told"
     if upload.with_backend:
         return "waiting for the backend's finish_upload"
     return str(upload.phase.value)

@@ -28,7 +28,11 @@ from .upload import Cause, Phase
 WRITE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 SIZE_BUCKETS = tuple(float(1024 * 4**n) for n in range(16))  # 1 KiB to 1 TiB
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0)
-HANDOVER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HANDOVER_BUCKETS = (
+    *(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(300.0, 3600.0, 6 * 3600.0, 86400.0),  # a backend that was away
+)
+RETRIED_POSTS = ("handover", "cancel_notice")
 ROUND_TRIP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 TRANSPORTS = ("websocket", "tus", "none")  # "none": an upload that never had a connection
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -50,6 +54,19 @@ class Metrics:
         )
         self.handover_failures = Counter(
             "incoming_handover_failures", "Handovers that failed for good.", registry=registry
+        )
+        self.handover_retries = Counter(
+            "incoming_handover_retries",
+            "POSTs to signalFinishURLs made again because the backend was away (no answer, "
+            "429 or 5xx), by what they carry: a handover or a cancel notice.",
+            ["post"],
+            registry=registry,
+        )
+        self.handovers_pending = Gauge(
+            "incoming_handovers_pending",
+            "Uploads whose client was told the file is stored, the backend not having "
+            "answered within HandoverTimeoutS, and that the backend has not finished yet.",
+            registry=registry,
         )
         self.websocket_connections = Gauge(
             "incoming_websocket_connections", "Open upload WebSockets.", registry=registry
@@ -111,6 +128,8 @@ class Metrics:
             buckets=HANDOVER_BUCKETS,
             registry=registry,
         )
+        for post in RETRIED_POSTS:
+            self.handover_retries.labels(post)
         for transport in TRANSPORTS:  # every series there is, from the start
             self.uploads_finished.labels(transport)
             for cause in Cause:

@@ -12,7 +12,7 @@ from twisted.internet import address
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -35,7 +35,7 @@ from .spool import SpoolStorage
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
-from .window import Window
+from .window import SYNC_COVER, Window
 
 log = Logger(namespace="incoming")
 
@@ -77,13 +77,17 @@ def build_manager(
     reactor: Any,
     pool: ThreadPool,
     storage: Storage | None = None,
+    clock: IReactorTime | None = None,
     sync_pool: ThreadPool | None = None,
     store_pool: ThreadPool | None = None,
 ) -> UploadManager:
     """The uploads, on `storage`: by default the disk under `config.storage_dir`, or with
     `config.storage` the object store, by way of a spool there (its calls in
-    `store_pool`, by default `pool`). Raises OSError if the directory cannot be used,
-    StoreError if the store cannot (StoreUnavailable, if it does not answer, is logged)."""
+    `store_pool`, by default `pool`). Their timers and the handover's on `clock` (by
+    default the reactor's); fsyncs in `sync_pool` (by default `pool`). Raises OSError if
+    the directory cannot be used, StoreError if the store cannot (StoreUnavailable, if it
+    does not answer, is logged)."""
+    clock = clock or reactor
     metrics = Metrics()
     max_upload = config.max_upload_bytes
     if storage is None:
@@ -116,20 +120,22 @@ def build_manager(
             max_upload = min(max_upload or MAX_OBJECT_SIZE, MAX_OBJECT_SIZE)
         disk.prepare()
         storage = disk
-    handover = HandoverClient(http_client(reactor), reactor, config.handover_timeout, metrics)
+    handover = HandoverClient(http_client(reactor), clock, config.handover_timeout, metrics)
     cluster = None
     if config.redis is not None:  # a crashed holder's lease runs out within the WebSocket timeout
         cluster = Cluster(config.redis, reactor, lease_seconds=config.ws_timeout)
     return UploadManager(
         storage,
         handover,
-        reactor,
+        clock,
         metrics,
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=max_upload,
         cluster=cluster,
         min_free=config.chunk_size,
+        handover_timeout=config.handover_timeout,
+        handover_retry=config.handover_retry,
     )
 
 
@@ -149,9 +155,10 @@ def build_site(
     if browser:
         window = Window(
             config.chunk_size,
-            config.window,
+            config.send_ahead,
             config.max_window,
             config.window_rate_mbit * 1e6 / 8,
+            SYNC_COVER if config.sync == "fsync" else 0,
         )
         upload_ws = WebSocketResource(
             lambda request: UploadProtocolSession(
@@ -172,7 +179,7 @@ def build_site(
             manager,
             reactor,
             block_size=config.chunk_size,
-            max_pending=config.chunk_size * config.window,
+            max_pending=config.chunk_size * config.send_ahead,
             allowed_origins=config.allowed_origins,
             max_upload=config.max_upload_bytes,
             patches=manager.metrics.tus_patches,

@@ -47,9 +47,11 @@ READ_SIZE = 256 * 1024  # socket reads while a body streams
 MAX_PIECES = 64  # reads kept apart before a write; more are joined
 MAX_REASON_CHARS = 500  # of a client's cancel reason (header Incoming-Cancel-Reason)
 DIGITS = re.compile(rb"[0-9]{1,19}")  # tus numbers are 1*DIGIT (and fit in 64 bits)
+PENDING_HEADER = "Incoming-Handover"  # `pending`: stored; the backend has yet to answer
 EXPOSED = (
     "Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Location, Tus-Version, "
-    "Tus-Resumable, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Incoming-Result"
+    "Tus-Resumable, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Incoming-Result, "
+    "Incoming-Handover"
 )
 ALLOWED = (
     "Content-Type, Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, "
@@ -196,7 +198,8 @@ class TusApi:
         try:
             self.check(request)
             # All stored while the handover runs: the answer waits for the backend's, so
-            # that a tus client seeing every byte stored knows the backend has the file.
+            # that a tus client seeing every byte stored knows the backend has the file
+            # (or, after HandoverTimeoutS, that its handover is pending).
             upload = await self.created(ticket, answered=True)
             await self.position(upload)  # writes still in flight land first
             answer = Answer(200, headers={"Cache-Control": "no-store"})
@@ -208,6 +211,8 @@ class TusApi:
                 answer.headers["Upload-Expires"] = self.expires(upload)
             else:  # finished: a returning client learns the backend's verdict too
                 answer.headers["Incoming-Result"] = quote(upload.result, safe="")
+            if upload.handover_pending:
+                answer.headers[PENDING_HEADER] = "pending"
         except TusError as e:
             answer = e.answer
         self._send(request, answer)
@@ -579,6 +584,15 @@ class PatchStream:
 
     def waiting(self) -> None:
         self.ended(Ending(None))  # the backend has the file: that answers the final PATCH
+
+    def pending(self) -> None:
+        """The final PATCH (or a repeat of it) hears the file is stored, and the handover
+        pending; HEAD tells the rest."""
+        upload = self.upload
+        assert upload is not None
+        answer = self._stored_answer(upload)
+        answer.headers[PENDING_HEADER] = "pending"
+        self._finish(answer)
 
     def ended(self, ending: Ending) -> None:
         upload = self.upload

@@ -58,6 +58,7 @@ class Event(enum.Enum):
     INTERRUPTED = "interrupted"  # while bytes were still to come
     RESUMED = "resumed"  # a connection after a pause or an interruption
     COMPLETE = "complete"  # every byte stored: the handover starts
+    PENDING = "pending"  # no answer within HandoverTimeoutS: the client hears it is stored
     HANDED_OVER = "handed over"  # the backend answered `wait`
     FINISHED = "finished"
     CANCELLED = "cancelled"
@@ -131,6 +132,10 @@ class Transport(Protocol):
     def waiting(self) -> None:
         """The backend has the file and answered `wait`: it finishes the upload later."""
 
+    def pending(self) -> None:
+        """The backend has not answered within HandoverTimeoutS: the file is stored and
+        the application will take it; the handover goes on without this connection."""
+
     def going_away(self) -> None:
         """The server is stopping; the client should resume later."""
 
@@ -157,14 +162,17 @@ class Effects(Protocol):
         """Nobody is sending: the upload's file need not stay open."""
 
     def hand_over(self, upload: Upload) -> None:
-        """Make the file final and POST it; then `answered_done`, `answered_wait`,
-        `handover_failed` or `storage_failed`."""
+        """Make the file final and POST it, again while the backend is away (each time
+        `handover_retrying`); `handover_late` once HandoverTimeoutS passed since its first
+        attempt; then `answered_done`, `answered_wait`, `handover_failed` (a refusal, or
+        HandoverRetryS spent) or `storage_failed`."""
 
     def finalize(self, upload: Upload) -> None:
         """Save the finished state durably, remove the file if asked; then `finalized`."""
 
-    def discard_file(self, upload: Upload, notice: str | None) -> None:
-        """Remove the file; then send the backend a `cancelled=yes` POST if `notice`."""
+    def discard_file(self, upload: Upload) -> None:
+        """Remove the file; then send the backend the `cancelled=yes` POST it is owed
+        (`upload.notice`), again while it is away; then `notified`."""
 
     def arm_confirm(self, upload: Upload) -> None:
         """`confirm_timeout` at the saved deadline, or the configured time from now."""
@@ -231,6 +239,16 @@ class UploadLife(Protocol):
     def handover_failed(self, why: str) -> None:
         """`why` goes to the log only: a page may aim a ticket at any URL."""
 
+    def handover_retrying(self) -> None:
+        """An attempt of the handover got no answer, or one that says to try later: it is
+        made again after a while."""
+
+    def handover_late(self) -> None:
+        """HandoverTimeoutS have passed since the handover's first attempt, unanswered."""
+
+    def notified(self) -> None:
+        """The backend heard of the cancellation (or the retries for it ran out)."""
+
     def finish_upload(self, result: str) -> None:
         """The backend's `finish_upload` (with its verdict for the page); raises
         UploadError if it is refused."""
@@ -271,6 +289,10 @@ _RECORDED = (
     "started_at",
     "interrupted",
     "via",
+    "handover_began",
+    "late",
+    "notice",
+    "notice_began",
 )
 
 
@@ -294,6 +316,14 @@ class Upload:
     started_at: float | None = None  # clock time of its first connection
     interrupted: bool = False  # its last connection paused or broke off before the end
     via: str = ""  # the protocol of its last connection
+    # When the backend is away: the retries of the handover count from its first attempt
+    # (a clock time), also across restarts; `late`: it was not answered within
+    # HandoverTimeoutS, and the client was told the file is stored and pending.
+    handover_began: float | None = None
+    late: bool = False
+    notice: str | None = None  # the cancelReason of a `cancelled=yes` POST owed to the backend
+    notice_began: float | None = None  # clock time of that notice's first attempt
+    retrying: bool = False  # an attempt of this handover failed (in this process)
     stored: int = 0  # bytes written, contiguous from the start
     durable: int = 0  # of those, bytes synced: what clients are told
     firm: int = 0  # of those, bytes no connection may void any more
@@ -336,8 +366,20 @@ class Upload:
 
     @property
     def with_backend(self) -> bool:
-        """Its next step is the backend's: a handover, or the finish_upload it awaits."""
-        return self.handing_over or self.phase is Phase.AWAITING_FINISH
+        """Its next step is the backend's: a handover, the finish_upload it awaits, or the
+        cancel notice it is owed."""
+        return self.handing_over or self.phase is Phase.AWAITING_FINISH or self.notice is not None
+
+    @property
+    def awaiting_answer(self) -> bool:
+        """The handover's answer is due: a client asking where the upload stands waits
+        for it (once `late`, it hears the handover is pending)."""
+        return self.handing_over and not self.late
+
+    @property
+    def handover_pending(self) -> bool:
+        """The client was told the file is stored, and the backend has not finished it."""
+        return self.late and not self.phase.final
 
     @property
     def offset(self) -> int:
@@ -609,8 +651,8 @@ def _rewind(life: UploadLife, core: _Core, offset: int) -> None:
 def _all_stored(life: UploadLife, core: _Core) -> None:
     upload = core.upload
     upload.phase = Phase.HANDOVER
+    core.effects.happened(upload, Event.COMPLETE)  # notes when: retries count from there
     core.effects.save(upload, durable=True)
-    core.effects.happened(upload, Event.COMPLETE)
     core.effects.hand_over(upload)
 
 
@@ -661,9 +703,43 @@ def _handover_failed(life: UploadLife, core: _Core, why: str) -> None:
 @handover.upon(On.finish_upload).to(finish_requested)
 def _finish_early(life: UploadLife, core: _Core, result: str) -> None:
     """The backend said `wait` and called `finish_upload` before we read the answer."""
-    core.upload.phase = Phase.FINISH_REQUESTED
-    core.upload.result = result
-    core.effects.save(core.upload, durable=True)
+    upload = core.upload
+    upload.phase = Phase.FINISH_REQUESTED
+    upload.result = result
+    core.effects.save(upload, durable=True)
+    if upload.retrying or upload.late:  # no answer is on its way: none is waited for
+        life.handover_retrying()
+
+
+# The backend is away: its handover is tried again, for HandoverRetryS; the client does
+# not wait that long.
+
+
+@handover.upon(On.handover_retrying).loop()
+def _retrying(life: UploadLife, core: _Core) -> None:
+    core.upload.retrying = True
+
+
+@handover.upon(On.handover_late).loop()
+def _late(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    if upload.late:
+        return
+    upload.late = True
+    saved = core.effects.save(upload, durable=True)
+    saved.addCallback(lambda _: core.effects.happened(upload, Event.PENDING))
+    if upload.transport is not None:
+        upload.transport.pending()
+
+
+for _state in (handover, awaiting_finish):
+
+    @_state.upon(On.ready).loop()
+    def _ready_late(life: UploadLife, core: _Core) -> None:
+        """A client that comes back while the handover is pending hears it again."""
+        upload = core.upload
+        if upload.late and upload.transport is not None:
+            upload.transport.pending()
 
 
 # The backend confirmed it has the file, whatever else its handover answer says.
@@ -685,6 +761,16 @@ def _confirmed(life: UploadLife, core: _Core) -> None:
 @finish_requested.upon(On.handover_failed).to(finished)
 def _confirmed_all_the_same(life: UploadLife, core: _Core, why: str) -> None:
     _finish(core, core.upload.result, f"{_FINISHED_EARLY} (its answer failed: {why})")
+
+
+@finish_requested.upon(On.handover_retrying).to(finished)
+def _confirmed_while_away(life: UploadLife, core: _Core) -> None:
+    _finish(core, core.upload.result, f"{_FINISHED_EARLY} (its handover was being retried)")
+
+
+@finish_requested.upon(On.handover_late).to(finished)
+def _confirmed_unanswered(life: UploadLife, core: _Core) -> None:
+    _finish(core, core.upload.result, f"{_FINISHED_EARLY} (its handover was not answered)")
 
 
 @finish_requested.upon(On.finish_upload).loop()
@@ -709,6 +795,7 @@ for _state in (handover, finish_requested):
     @_state.upon(On.restored).loop()
     def _restored_handover(life: UploadLife, core: _Core, file_present: bool) -> None:
         upload = core.upload
+        upload.retrying = False
         if upload.phase is Phase.HANDOVER and not upload.complete and file_present:
             life.bytes_missing()
         elif file_present:
@@ -734,6 +821,18 @@ def _bytes_missing(life: UploadLife, core: _Core) -> None:
 @awaiting_finish.upon(On.restored).loop()
 def _restored_awaiting(life: UploadLife, core: _Core, file_present: bool) -> None:
     core.effects.arm_confirm(core.upload)
+
+
+@cancelled.upon(On.restored).loop()
+def _restored_cancelled(life: UploadLife, core: _Core, file_present: bool) -> None:
+    if core.upload.notice is not None:  # the backend is still owed it
+        core.effects.discard_file(core.upload)
+
+
+@cancelled.upon(On.notified).loop()
+def _notified(life: UploadLife, core: _Core) -> None:
+    core.upload.notice = core.upload.notice_began = None
+    core.effects.save(core.upload)
 
 
 @receiving.upon(On.finish_upload).loop()
@@ -820,16 +919,17 @@ def _end(
     upload = core.upload
     upload.phase = Phase.CANCELLED
     upload.cancel_reason = ending.message
+    upload.notice = notice
     core.effects.disarm_confirm(upload)
     core.effects.touch(upload)
-    saved = core.effects.save(upload)
     core.effects.happened(
         upload, Event.CANCELLED, ending.message if detail is None else detail, cause
-    )
+    )  # notes when: the notice's retries count from there
+    saved = core.effects.save(upload)
     transport = upload.transport
     if transport is not None:
         saved.addCallback(lambda _: transport.ended(ending))
-    core.effects.discard_file(upload, notice)
+    core.effects.discard_file(upload)
 
 
 # Time passes.
@@ -845,14 +945,17 @@ for _state in _ENDED:
 
     @_state.upon(On.idle_timeout).loop()
     def _forget(life: UploadLife, core: _Core, idle_seconds: float) -> None:
-        core.effects.forget(core.upload)
+        if core.upload.notice is not None:  # kept until the backend has heard of its end
+            core.effects.touch(core.upload)
+        else:
+            core.effects.forget(core.upload)
 
 
 # Inputs that mean nothing in a state: bytes, acks and answers that come too late.
 
+_ignored((finish_requested, *_ENDED), On.ready)
 _ignored(
     (*_HANDING_OVER, *_ENDED),
-    On.ready,
     On.receive,
     On.past_end,
     On.written,
@@ -867,14 +970,15 @@ _ignored(
 _ignored((finish_requested, awaiting_finish, *_ENDED), On.storage_failed)
 _ignored((receiving, handover, finish_requested, *_ENDED), On.confirm_timeout)
 _ignored((*_LIVE, cancelled), On.finalized)
-_ignored((cancelled,), On.restored)
+_ignored((receiving, awaiting_finish, *_ENDED), On.handover_retrying, On.handover_late)
+_ignored((*_LIVE, finished), On.notified)
 _ignored((receiving, finish_requested, awaiting_finish, *_ENDED), On.bytes_missing)
 
 
 @finished.upon(On.restored).loop()
 def _restored_finished(life: UploadLife, core: _Core, file_present: bool) -> None:
     if file_present and core.upload.remove_file_when_finished:  # a crash came before
-        core.effects.discard_file(core.upload, None)
+        core.effects.discard_file(core.upload)
 
 
 _Machine = _builder.build()
@@ -882,7 +986,7 @@ _Machine = _builder.build()
 
 def _index(machine: Any) -> None:
     """automat finds a transition by comparing the (state, input) pair with each of the
-    120 declared ones (about 30 microseconds per chunk here); a dict finds it in 2."""
+    ~140 declared ones (about 30 microseconds per chunk here); a dict finds it in 2."""
     automaton = machine.__automat_automaton__
     index = {
         (id(state), symbol): (target, list(outputs))

@@ -139,11 +139,10 @@ class UploadProtocolSession:
     # upload.Transport
 
     def written(self, size: int) -> None:
-        pass  # the client's window moves with acknowledgements, once the bytes are durable
+        self._disk_caught_up()  # its bytes left memory (the client's window moves with acks)
 
     def stored(self, size: int) -> None:
-        self._disk_caught_up()
-        self._send("MsgChunkAck", ChunkSize=size)
+        self._send("MsgChunkAck", ChunkSize=size)  # durable
 
     def failed(self, error: UploadError) -> None:
         self.error(error.code, error.message)  # the client resumes later (incoming.js does)
@@ -164,6 +163,16 @@ class UploadProtocolSession:
 
     def waiting(self) -> None:
         pass  # the client hears MsgAllDone once the backend calls finish_upload
+
+    def pending(self) -> None:
+        """Stored, and the application will take it: a finished upload to the 2014 library.
+        The handover goes on without this connection; one that comes back meanwhile hears
+        the same (after MsgUploadConf)."""
+        self._send("MsgAllDone", Success=True, Pending=True)
+        self._close(rfc6455.NORMAL)
+        upload, self.upload = self.upload, None
+        if upload is not None:
+            upload.life.disconnect(self, Departure.DONE)
 
     def going_away(self) -> None:
         self._close(rfc6455.GOING_AWAY)
@@ -211,6 +220,10 @@ class UploadProtocolSession:
         try:
             upload = await self.manager.connect(ticket, self, length, name)
         except UploadError as e:
+            if e.code is ErrorCode.ALREADY_CONNECTED and await self._pending_elsewhere(
+                ticket, length
+            ):
+                return
             self.refused(e)
             return
         if self.stage is not Stage.CONNECTING:  # the connection went meanwhile
@@ -236,6 +249,26 @@ class UploadProtocolSession:
             SendAhead=self.send_ahead,
         )
         upload.life.ready()
+
+    async def _pending_elsewhere(self, ticket: str, length: int) -> bool:
+        """Cluster: another instance holds the upload, whose handover is pending: a client
+        that comes back hears what it would hear there (not ALREADY_CONNECTED for hours)."""
+        try:
+            upload = await self.manager.find(ticket)
+        except UploadError:
+            return False
+        if upload is None or not upload.handover_pending or upload.length != length:
+            return False
+        if self.stage is Stage.CONNECTING:
+            self.stage = Stage.AWAIT_ACK
+            self._send(
+                "MsgUploadConf",
+                ChunkSizeKB=self.chunk_size_kb,
+                FilePos=length,
+                SendAhead=self.send_ahead,
+            )
+            self.pending()
+        return True
 
     def _cancel(self, reason: str) -> None:
         """Acknowledged once the upload's life has ended it (at once)."""

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 
 from incoming.files import Chunk, Pieces
-from incoming.handover import Answer, HandoverFailed
+from incoming.handover import Answer, BackendAway, HandoverFailed
 from incoming.storage import Completed, Record, Saved
 from incoming.upload import Ending, Upload
 
@@ -140,7 +140,8 @@ class MemoryStorage:
 
 class RecordingHandover:
     """`incoming.handover.Handover` that answers as told: `done` (with `result`), `wait`,
-    or `fail`; with `hold`, each handover waits for `answer(...)`."""
+    `fail` (a refusal) or `away` (no answer: BackendAway); with `hold`, each handover
+    waits for `answer(...)`. Cancel notices meet `notices_away` BackendAways first."""
 
     def __init__(self, answer: str = "done", hold: bool = False, result: str = "") -> None:
         self.default = answer
@@ -148,7 +149,9 @@ class RecordingHandover:
         self.result = result
         self.handovers: list[tuple[str, str]] = []  # (id, filename)
         self.digests: list[str | None] = []
-        self.notices: list[tuple[str, str]] = []  # (id, reason)
+        self.notices: list[tuple[str, str]] = []  # (id, reason), delivered
+        self.notices_away = 0
+        self.notice_attempts = 0
         self.waiting: list[Deferred[str]] = []
 
     async def hand_over(
@@ -167,12 +170,18 @@ class RecordingHandover:
             answer = await waiting
         if answer == "fail":
             raise HandoverFailed("backend answered b'nope'")
+        if answer == "away":
+            raise BackendAway("backend answered HTTP 503")
         return Answer(answer, self.result if answer == "done" else "")
 
     def answer(self, answer: str) -> None:
         self.waiting.pop(0).callback(answer)
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
+        self.notice_attempts += 1
+        if self.notices_away:
+            self.notices_away -= 1
+            raise BackendAway("cannot reach backend: ConnectionRefusedError")
         self.notices.append((upload.id, reason))
 
 
@@ -200,6 +209,9 @@ class RecordingTransport:
 
     def waiting(self) -> None:
         self.events.append(("waiting",))
+
+    def pending(self) -> None:
+        self.events.append(("pending",))
 
     def going_away(self) -> None:
         self.events.append(("going away",))

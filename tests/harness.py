@@ -22,6 +22,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
@@ -54,6 +55,7 @@ class Backend:
     held: list[Deferred[bytes]] = field(default_factory=list)
     # run before answering a handover (a backend's worker calling finish_upload, say)
     before_answer: Callable[[dict[str, str]], Awaitable[object]] | None = None
+    notice: tuple[int, bytes] | None = None  # the answer to cancel notices (else as above)
 
     def __post_init__(self) -> None:
         @self.app.route("/handover", methods=["POST"])
@@ -64,6 +66,9 @@ class Backend:
             self.posts.put(fields)
             if self.before_answer is not None and fields["cancelled"] == "no":
                 await self.before_answer(fields)
+            if self.notice is not None and fields["cancelled"] == "yes":
+                request.setResponseCode(self.notice[0])
+                return self.notice[1]
             if self.hold:
                 held: Deferred[bytes] = Deferred()
                 self.held.append(held)
@@ -84,7 +89,9 @@ class Backend:
 
 
 async def start_backend(backend: Backend) -> Any:
-    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    """Its listening port; on the same port number as before, if it had one (a backend
+    that was stopped, `await port.stopListening()`, and comes back)."""
+    endpoint = TCP4ServerEndpoint(reactor, backend.port, interface="127.0.0.1")
     port = await endpoint.listen(Site(backend.app.resource()))
     backend.port = port.getHost().port
     return port
@@ -113,10 +120,14 @@ class Server:
         return body
 
     async def settled(self) -> None:
-        """Wait until background work (handovers, cancellations) has run its course."""
-        while self.manager.running:
+        """Wait until background work (handovers, cancellations) has run its course, and
+        the disk work it queued (the state it saved last) too."""
+        while True:
             for d in list(self.manager.running):
                 await d
+            await self.manager.storage.drain_all()
+            if not self.manager.running:
+                return
 
     def files(self) -> dict[str, bytes]:
         """Upload data in the storage directory (state records left out)."""
@@ -128,12 +139,12 @@ class Server:
 
 
 async def start_server(
-    config: Config, storage: Storage | None = None
+    config: Config, storage: Storage | None = None, clock: IReactorTime | None = None
 ) -> tuple[Server, Any, ThreadPool]:
     """The site on a loopback port; storage on disk unless another is given."""
     pool = ThreadPool(minthreads=1, maxthreads=4, name="test-storage")
     pool.start()
-    manager = build_manager(config, reactor, pool, storage)
+    manager = build_manager(config, reactor, pool, storage, clock)
     site = build_site(manager, config, reactor)
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(site)
@@ -141,13 +152,17 @@ async def start_server(
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Config, storage: Storage | None = None) -> AsyncIterator[Server]:
-    """A server on a loopback port for the block's length; then its work ends, it stops."""
-    server, port, pool = await start_server(config, storage)
+async def serving(
+    config: Config, storage: Storage | None = None, clock: IReactorTime | None = None
+) -> AsyncIterator[Server]:
+    """A server on a loopback port for the block's length; then its work ends, it stops.
+    `clock`: for its timers and its handovers' (a `task.Clock` where minutes pass)."""
+    server, port, pool = await start_server(config, storage, clock)
     try:
         yield server
     finally:
         await port.stopListening()
+        server.manager.retrier.stop_all()  # a backend still away: its POSTs end (as at stop)
         await server.settled()
         await ensureDeferred(server.manager.shutdown())
         pool.stop()

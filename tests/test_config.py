@@ -25,7 +25,7 @@ def test_defaults_are_the_2014_servers() -> None:
         listen="tcp:4000:interface=0.0.0.0",
         storage_dir=Path("incoming-storage"),
         chunk_size_kb=512,
-        send_ahead=None,
+        send_ahead=4,
         max_idle=43200,
         ws_timeout=58,
         handover_timeout=55,
@@ -247,6 +247,19 @@ def test_object_storage_options_from_command_line_and_yaml(tmp_path: Path) -> No
             parse(option, value)
 
 
+def test_handover_retry_is_a_day_unless_set() -> None:
+    assert parse().handover_retry == 86400
+    assert parse("--handover-retry", "600").handover_retry == 600
+
+
+def test_handover_retry_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "incoming.yaml"
+    path.write_text("HandoverRetryS: 3600\n")
+    assert parse("--config", str(path)).handover_retry == 3600
+    with pytest.raises(usage.UsageError, match="--handover-retry"):
+        parse("--handover-retry", "0")
+
+
 def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert (Config().sync, parse().sync) == ("fsync", "fsync")
     assert parse("--sync", "none").sync == "none"
@@ -256,11 +269,3 @@ def test_sync_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert parse("--config", str(path), "--sync", "fsync").sync == "fsync"
     with pytest.raises(usage.UsageError, match="--sync"):
         parse("--sync", "sometimes")
-
-
-def test_the_window_covers_a_sync_unless_set() -> None:
-    assert (parse().window, parse("--sync", "none").window) == (16, 4)  # 8 MiB, as in 2014
-    assert parse("--chunk-size-kb", "64").window == 128
-    assert parse("--chunk-size-kb", "4096").window == 4
-    assert parse("--chunk-size-kb", "1").window == 1024
-    assert parse("--send-ahead", "3").window == 3

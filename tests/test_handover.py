@@ -25,7 +25,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from incoming.errors import ErrorCode
-from incoming.handover import HandoverClient, HandoverFailed
+from incoming.handover import (
+    MAX_RETRY_DELAY,
+    BackendAway,
+    HandoverClient,
+    HandoverFailed,
+    Retrier,
+    retry_delay,
+)
 from incoming.metrics import Metrics
 from incoming.upload import HANDOVER_FAILED_TEXT, Upload
 
@@ -44,6 +51,7 @@ class BackendStub(Resource):
         super().__init__()
         self.answers = list(answers)
         self.posts: list[dict[str, str]] = []
+        self.headers: dict[str, str] = {}  # on every answer
 
     def render_POST(self, request: Any) -> bytes | int:
         self.posts.append({k: v for k, v in parse_qsl(request.content.read().decode(), True)})
@@ -56,6 +64,8 @@ class BackendStub(Resource):
             return NOT_DONE_YET
         status, body = answer
         request.setResponseCode(status)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
         return bytes(body)
 
 
@@ -86,12 +96,34 @@ def client(http: Any, clock: Clock, timeout: float = 55) -> HandoverClient:
 
 
 def hand_over(handover: HandoverClient, stub: StubTreq | None = None) -> Deferred[str]:
-    """The answer's kind (`done` or `wait`)."""
+    """One POST: the answer's kind (`done` or `wait`)."""
     d = ensureDeferred(handover.hand_over(an_upload(), "/store/file", None))
     d.addCallback(lambda answer: answer.kind)
     if stub is not None:
         stub.flush()
     return d
+
+
+def retried(
+    handover: HandoverClient, clock: Clock, retry_for: float = 86400, jitter: float = 0.0
+) -> Deferred[str]:
+    """POSTs until an answer (or the end of `retry_for`): the answer's kind."""
+    retrier = Retrier(clock, retry_for, Metrics(), jitter=lambda: jitter)
+    upload = an_upload()
+
+    async def post() -> Any:
+        return await handover.hand_over(upload, "/store/file", None)
+
+    d = ensureDeferred(retrier.run(upload.id, "handover", post, clock.seconds(), lambda: True))
+    d.addCallback(lambda answer: answer.kind)
+    return d
+
+
+def failure_of(d: Deferred[Any]) -> Failure:
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, "no failure yet"
+    return failures[0]
 
 
 def test_the_handover_posts_the_six_fields_and_the_size() -> None:
@@ -126,7 +158,7 @@ def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
     backend = BackendStub((503, b"busy"), (200, b"done\n"))
     stub = StubTreq(backend)
     http = Unreachable(stub, ConnectionRefusedError())
-    d = hand_over(client(http, clock), stub)
+    d = retried(client(http, clock), clock)
     assert len(http.failed) == 1 and not d.called
     clock.advance(0.25)
     stub.flush()
@@ -139,30 +171,116 @@ def test_connection_errors_and_5xx_are_retried_with_backoff() -> None:
     assert d.result == "done"
 
 
-def test_retries_stop_at_the_handover_timeout() -> None:
+def test_429_and_5xx_answers_and_connection_errors_are_the_backend_away() -> None:
+    for status in (429, 500, 502, 503, 504, 599):
+        stub = StubTreq(BackendStub((status, b"x")))
+        failure = failure_of(hand_over(client(stub, Clock()), stub))
+        assert failure.check(BackendAway) and f"HTTP {status}" in str(failure.value)
+    unreachable = Unreachable(None, ConnectionRefusedError())
+    failure = failure_of(hand_over(client(unreachable, Clock())))
+    assert failure.check(BackendAway) and "cannot reach backend" in str(failure.value)
+
+
+def test_delays_double_with_jitter_up_to_five_minutes() -> None:
+    assert [retry_delay(n, None, 0.0) for n in range(1, 13)] == [
+        0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300,
+    ]  # fmt: skip
+    assert retry_delay(1, None, 1.0) == 0.125  # up to half is left out, at random
+    assert retry_delay(10_000, None, 0.5) == 225
+    assert retry_delay(1, 120, 0.0) == 120  # the backend's Retry-After, within the cap
+    assert retry_delay(1, 3600, 0.0) == MAX_RETRY_DELAY == 300
+    assert retry_delay(12, 5, 0.0) == 300  # never less than the backoff
+
+
+@pytest.mark.parametrize(
+    "status, retry_after, expected",
+    [
+        (503, "120", 120.0),
+        (429, "7", 7.0),
+        (429, "Sun, 06 Nov 1994 08:51:40 GMT", 100.0),  # a date: the clock is at 08:50:00
+        (503, "soon", None),
+        (503, "", None),
+        (500, "120", None),  # only 429 and 503 carry one
+    ],
+)
+def test_retry_after_is_read_from_429_and_503(
+    status: int, retry_after: str, expected: float | None
+) -> None:
     clock = Clock()
-    http = Unreachable(None, *[ConnectionRefusedError()] * 100)
-    d = hand_over(client(http, clock, timeout=10))
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    for _ in range(100):
+    clock.advance(784111800.0)  # 1994-11-06 08:50:00 UTC
+    stub = StubTreq(RetryAfterStub(status, retry_after))
+    failure = failure_of(hand_over(client(stub, clock), stub))
+    assert failure.check(BackendAway)
+    assert failure.value.retry_after == expected
+
+
+class RetryAfterStub(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, retry_after: str) -> None:
+        super().__init__()
+        self.status, self.retry_after = status, retry_after
+
+    def render_POST(self, request: Any) -> bytes:
+        request.setResponseCode(self.status)
+        request.setHeader("retry-after", self.retry_after)
+        return b"later"
+
+
+def test_retry_after_is_honoured() -> None:
+    clock = Clock()
+    backend = BackendStub((503, b"busy"), (200, b"done"))
+    backend.headers = {"retry-after": "120"}
+    stub = StubTreq(backend)
+    d = retried(client(stub, clock), clock)
+    stub.flush()
+    clock.advance(119)
+    stub.flush()
+    assert len(backend.posts) == 1 and not d.called
+    clock.advance(1)
+    stub.flush()
+    assert d.result == "done"
+
+
+def test_retries_stop_once_the_retry_time_is_spent() -> None:
+    clock = Clock()
+    http = Unreachable(None, *[ConnectionRefusedError()] * 1000)
+    d = retried(client(http, clock), clock, retry_for=600)
+    for _ in range(599):
         clock.advance(1)
-    assert failures and failures[0].check(HandoverFailed)
-    assert "cannot reach backend" in str(failures[0].value)
-    assert 3 < len(http.failed) < 10
+    assert not d.called
+    clock.advance(1)  # the last attempt is made at the end of the 600 s
+    failure = failure_of(d)
+    assert failure.check(BackendAway)
+    assert "cannot reach backend" in str(failure.value)
+    assert "given up after 13 attempts in 10 min" in str(failure.value)
+    assert len(http.failed) == 13  # 0.25 s doubling to 300 s, then the end
 
 
-def test_a_backend_that_never_answers_fails_at_the_timeout() -> None:
+def test_an_attempt_without_answer_ends_at_the_handover_timeout_and_is_retried() -> None:
+    clock = Clock()
+    backend = BackendStub(HOLD, (200, b"done"))
+    stub = StubTreq(backend)
+    d = retried(client(stub, clock), clock)
+    stub.flush()
+    clock.advance(54.9)
+    assert not d.called and len(backend.posts) == 1
+    clock.advance(0.1)  # no answer within 55 s: a timeout, tried again after 0.25 s
+    clock.advance(0.25)
+    stub.flush()
+    assert d.result == "done" and len(backend.posts) == 2
+
+
+def test_a_backend_that_never_answers_is_away_at_the_timeout() -> None:
     clock = Clock()
     stub = StubTreq(BackendStub(HOLD))
     d = hand_over(client(stub, clock), stub)
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
     clock.advance(54)
-    assert not failures
+    assert not d.called
     clock.advance(1)
-    assert failures[0].check(HandoverFailed)
-    assert "no answer within 55 s" in str(failures[0].value)
+    failure = failure_of(d)
+    assert failure.check(BackendAway)
+    assert "no answer within 55 s" in str(failure.value)
 
 
 def test_the_answer_and_its_body_share_one_deadline() -> None:
@@ -170,14 +288,12 @@ def test_the_answer_and_its_body_share_one_deadline() -> None:
     backend = BackendStub(STALL)
     stub = StubTreq(backend)
     d = ensureDeferred(client(stub, clock).hand_over(an_upload(), "/store/file", None))
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
     clock.advance(50)
     stub.flush()  # the status line comes late; the body stalls after two bytes
     clock.advance(4.9)
-    assert not failures
+    assert not d.called
     clock.advance(0.1)  # 55 s after the POST started, not 55 s after the headers
-    assert failures and failures[0].check(HandoverFailed)
+    assert failure_of(d).check(BackendAway)
 
 
 @pytest.mark.parametrize(
@@ -187,16 +303,20 @@ def test_the_answer_and_its_body_share_one_deadline() -> None:
         ((200, b"don"), "not done or wait"),
         ((200, b"OK"), "not done or wait"),
         ((404, b"done"), "HTTP 404"),
+        ((400, b"done"), "HTTP 400"),
         ((302, b"done"), "HTTP 302"),
+        ((200, b"nope"), "not done or wait"),
     ],
 )
 def test_other_answers_fail_without_retry(answer: tuple[int, bytes], message: str) -> None:
     backend = BackendStub(answer)
     stub = StubTreq(backend)
-    d = hand_over(client(stub, Clock()), stub)
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    assert failures[0].check(HandoverFailed) and message in str(failures[0].value)
+    clock = Clock()
+    d = retried(client(stub, clock), clock)
+    stub.flush()
+    clock.advance(3600)
+    failure = failure_of(d)
+    assert failure.check(HandoverFailed) and message in str(failure.value)
     assert len(backend.posts) == 1
 
 
@@ -231,17 +351,28 @@ def test_a_first_line_past_4_kib_fails_the_handover() -> None:
     assert failures[0].check(HandoverFailed)
 
 
-def test_cancel_notice_is_one_post_and_swallows_errors() -> None:
-    backend = BackendStub((500, b"oops"))
+@pytest.mark.parametrize("answer", [(200, b"ok"), (200, b""), (400, b"who?"), (404, b"")])
+def test_a_cancel_notice_is_delivered_by_any_answer_but_429_and_5xx(
+    answer: tuple[int, bytes],
+) -> None:
+    backend = BackendStub(answer)
     stub = StubTreq(backend)
     d = ensureDeferred(client(stub, Clock()).notify_cancelled(an_upload(), "why"))
     stub.flush()
     assert d.called and d.result is None
     [notice] = backend.posts
     assert (notice["cancelled"], notice["cancelReason"], notice["filename"]) == ("yes", "why", "")
+
+
+def test_a_cancel_notice_meets_the_backend_away() -> None:
+    for answer in [(500, b"oops"), (429, b"slow down"), (503, b"")]:
+        stub = StubTreq(BackendStub(answer))
+        d = ensureDeferred(client(stub, Clock()).notify_cancelled(an_upload(), "why"))
+        stub.flush()
+        assert failure_of(d).check(BackendAway)
     unreachable = Unreachable(None, ConnectionRefusedError())
     d = ensureDeferred(client(unreachable, Clock()).notify_cancelled(an_upload(), "why"))
-    assert d.called and d.result is None
+    assert failure_of(d).check(BackendAway)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +387,7 @@ def test_posts_that_got_no_answer_are_retried(error: Exception) -> None:
     clock = Clock()
     stub = StubTreq(BackendStub((200, b"done")))
     http = Unreachable(stub, error)
-    d = hand_over(client(http, clock))
+    d = retried(client(http, clock), clock)
     clock.advance(0.25)
     stub.flush()
     assert d.result == "done"
@@ -266,10 +397,8 @@ def test_posts_that_got_no_answer_are_retried(error: Exception) -> None:
 def test_a_body_broken_midway_is_not_retried() -> None:
     clock = Clock()
     http = Unreachable(None, ResponseFailed([Failure(ConnectionLost())]))
-    d = hand_over(client(http, clock))
-    failures: list[Failure] = []
-    d.addErrback(failures.append)
-    assert failures[0].check(HandoverFailed)
+    d = retried(client(http, clock), clock)
+    assert failure_of(d).check(HandoverFailed)
     assert len(http.failed) == 1
 
 

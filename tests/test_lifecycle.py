@@ -291,7 +291,8 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "declare connect disconnect ready receive past_end rewind written synced all_stored "
         "storage_unavailable storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
-        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored bytes_missing"
+        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored bytes_missing "
+        "handover_retrying handover_late notified"
     )
     for name in inputs.split():
         manager, clock, storage, handover = make_manager()

@@ -79,6 +79,13 @@ def opened() -> tuple[rfc6455.WebSocketConnection, StringTransport, Clock]:
     return connection, transport, clock
 
 
+def test_with_syncing_the_window_covers_a_sync_too() -> None:
+    syncing = Window(512 * 1024, 4, 64 * MiB, 125e6, least_bytes=8 * MiB)
+    assert [syncing.for_rtt(rtt) for rtt in (None, 0.0001, 0.040, 0.150)] == [16, 16, 16, 36]
+    assert Window(4096, 3, 64 * MiB, 125e6, least_bytes=8 * MiB).for_rtt(None) == 2048
+    assert Window(512 * 1024, 4, 0, 125e6, least_bytes=8 * MiB).for_rtt(0.150) == 4  # pinned
+
+
 def test_the_round_trip_runs_from_the_101_to_the_first_answer() -> None:
     connection, transport, clock = opened()
     assert transport.value() == rfc6455.frame(rfc6455.PING, rfc6455.RTT_PROBE)
@@ -170,6 +177,7 @@ async def test_the_window_grows_with_the_round_trip_and_memory_stays_bounded(
         send_ahead=floor,
         max_window=ceiling,  # 100 ms x the default 1000 Mbit/s, 12.5 MB, would pass it
         handover_timeout=5,
+        sync="none",  # no floor covering a sync: the round trip alone sizes the window
     )
     window_chunks = ceiling // chunk
     disk = GatedDisk(config.storage_dir, pool, flood_at=(window_chunks - 1) * chunk)

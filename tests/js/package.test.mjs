@@ -15,10 +15,9 @@ const PACKAGE = join(ROOT, "frontend");
 const TSC = join(ROOT, "node_modules", ".bin", "tsc");
 const manifest = JSON.parse(readFileSync(join(PACKAGE, "package.json"), "utf8"));
 
-test("the package's version is the server's (pyproject.toml)", () => {
-  const pyproject = readFileSync(join(ROOT, "pyproject.toml"), "utf8");
-  const project = pyproject.split(/^\[/m).find((section) => section.startsWith("project]"));
-  const [, version] = project.match(/^version = "([^"]+)"$/m);
+test("the package's version is the server's (incoming.__version__, which pyproject reads)", () => {
+  const module = readFileSync(join(ROOT, "incoming", "__init__.py"), "utf8");
+  const [, version] = module.match(/^__version__ = "([^"]+)"$/m);
   assert.equal(manifest.version, version);
   assert.equal(manifest.name, "incoming-client");
 });

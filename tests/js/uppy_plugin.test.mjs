@@ -15,9 +15,12 @@ function fakeTus(uppy, answer) {
   uppy.addUploader(async (fileIDs) => {
     for (const file of uppy.getFilesByIds(fileIDs).filter((f) => !f.error)) {
       sent.push({ name: file.name, ticket: file.meta.ticket, tus: file.tus });
-      const [status, result] = answer(file);
+      const [status, result, pending] = answer(file);
       if (status === 204) {
         const headers = result === undefined ? {} : { "incoming-result": result };
+        if (pending) {
+          headers["incoming-handover"] = "pending";
+        }
         const xhr = { getResponseHeader: (name) => headers[name.toLowerCase()] ?? null };
         uppy.emit("upload-success", uppy.getFile(file.id), { status: 200, body: { xhr }, uploadURL: "u" });
       } else {
@@ -82,6 +85,16 @@ test("the verdict, decoded, is response.body.result on upload-success and in the
   assert.deepEqual(seen, expected);
   assert.deepEqual(Object.fromEntries(result.successful.map((f) => [f.name, f.response.body.result])), expected);
   assert.equal(byName(uppy, "a.bin").response.body.result, expected["a.bin"]);
+  assert.equal(byName(uppy, "a.bin").response.body.pending, false);
+});
+
+test("a handover the backend has not answered in time is response.body.pending", async () => {
+  const { uppy } = uppyWith([["a.bin"], ["b.bin"]], async (f) => "t-" + f.name,
+                            (file) => (file.name === "a.bin" ? [204, "", true] : [204, "v"]));
+  const result = await uppy.upload();
+  const body = (name) => result.successful.find((f) => f.name === name).response.body;
+  assert.deepEqual([body("a.bin").pending, body("a.bin").result], [true, ""]);
+  assert.deepEqual([body("b.bin").pending, body("b.bin").result], [false, "v"]);
 });
 
 test("a getTicket that fails fails its file only; a retry asks again", async () => {

@@ -30,6 +30,10 @@ up.onprogress = (u) => {
 };
 up.onfinished = (u) => {
   const verdict: string = u.result;
+  console.log(u.pending ? "stored; the application will take it" : verdict);
+};
+up.onhandedover = (u) => {
+  const verdict: string = u.result;
   console.log(verdict);
 };
 up.onerror = (u) => console.log(u.error_code, u.error_msg);
@@ -51,6 +55,8 @@ console.log(flags, counts, texts);
 
 // @ts-expect-error read-only
 up.bytes_acked = 3;
+// @ts-expect-error read-only: the server says when a handover is over
+up.pending = false;
 // @ts-expect-error no such transport
 new Uploader("ticket", file, { transport: "ftp" });
 // @ts-expect-error header values are strings
