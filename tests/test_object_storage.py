@@ -142,6 +142,16 @@ async def parts_in_store(ceph: Ceph, bucket: str, key: str, count: int) -> None:
     raise AssertionError(f"{key}: fewer than {count} parts in the store")
 
 
+async def no_multipart_upload(ceph: Ceph, bucket: str) -> None:
+    """Wait until the bucket has no multipart upload under way (aborts run in the
+    background once the client has been told)."""
+    for _ in range(600):
+        if not await threads.deferToThread(ceph.multipart_uploads, bucket):
+            return
+        await deferLater(reactor, 0.05)
+    raise AssertionError(f"{bucket}: multipart uploads left: {ceph.multipart_uploads(bucket)}")
+
+
 async def sent(server: Server, backend: Backend, data: bytes) -> tuple[str, Client, int]:
     """A WebSocket upload of `data` (the bytes acknowledged), the connection left open."""
     ticket, client, conf = await acked_upload(server, backend.url, len(data) + PART)
@@ -172,7 +182,7 @@ async def test_a_cancel_or_an_expiry_mid_upload_leaves_no_part_in_the_store(
     else:
         await client.expect("MsgCancel")
         await client.closed
-        await deferLater(reactor, 0.5)  # the abort runs after the client hears
+        await no_multipart_upload(ceph, bucket)  # the abort runs after the client hears
     assert ceph.multipart_uploads(bucket) == []
     assert ceph.objects(bucket) == {}
     assert spool_holds(spool) == 0
@@ -232,6 +242,12 @@ async def test_cluster_sigkill_the_writer_lose_its_spool_and_resume_from_the_sto
     held is sent again; one handover, of the whole object."""
     (daemon, process, a), (_, _, b) = await s3_instances(ceph, bucket, redis, tmp_path, stopper)
     data = os.urandom(4 * PART + 5)
+    found: list[bytes] = []
+
+    async def look(fields: dict[str, str]) -> None:  # the object, when the backend is told
+        found.append(await threads.deferToThread(ceph.read, bucket, fields["s3Key"]))
+
+    backend.before_answer = look
     ticket, client, conf = await acked_upload(a, backend.url, len(data))
     chunk = conf["ChunkSizeKB"] * 1024
     await send_all(client, data[: 2 * PART + 3 * MiB], chunk, conf["SendAhead"])
@@ -243,8 +259,8 @@ async def test_cluster_sigkill_the_writer_lose_its_spool_and_resume_from_the_sto
     await complete_upload(client, data[2 * PART :], chunk, conf["SendAhead"])
     post = await backend.posts.get()
     assert_object_handover(post, ceph, bucket, ticket, data)
-    await deferLater(reactor, 0.5)
-    assert backend.posts.pending == []  # one handover
+    assert found == [data]  # one handover, of the whole object
+    assert backend.posts.pending == []
     assert ceph.multipart_uploads(bucket) == []
     assert ceph.objects(bucket) == {}  # removeFileWhenFinished
 
