@@ -157,11 +157,12 @@ class UploadManager:
         record = await self._record(upload_id)
         if record is None:
             return None
-        stored = 0  # an upload past receiving shows its length
-        if record.get("phase") == Phase.RECEIVING.value:
+        upload = Upload.from_record(record, 0)  # an upload past receiving shows its length
+        if upload.receiving:
             stored, _ = await self.storage.stored(upload_id)
             self.storage.forget(upload_id)
-        return Upload.from_record(record, stored)
+            upload = Upload.from_record(record, stored)
+        return upload
 
     async def answered(self, upload_id: str, within: float) -> Upload | None:
         """The upload once the backend answered its handover (if one runs), or as it stands
