@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint docs bench bench-tus bench-wan bench-cluster load system-packages
+.PHONY: run test lint docs bench bench-tus bench-s3 bench-wan bench-cluster load system-packages
 
 run: $(VENV)/.installed
 	$(PY) examples/demo/run.py $(ARGS)
@@ -28,8 +28,8 @@ system-packages:
 	contrib/install-test-deps
 
 # Test and benchmark tools from npm, at the exact versions of package-lock.json:
-# tus-js-client, Uppy (bundled for the browser by esbuild during the tests) and
-# @tus/server (bench-tus's reference). No install scripts run.
+# tus-js-client, Uppy (bundled for the browser by esbuild during the tests),
+# @tus/server (bench-tus's reference) and @tus/s3-store (bench-s3's). No install scripts run.
 node_modules/.installed: package.json package-lock.json | system-packages
 	npm ci --no-audit --no-fund --ignore-scripts
 	touch $@
@@ -49,6 +49,12 @@ bench: $(VENV)/.installed
 # tus-js-client against @tus/server and against ours (bench/tus_bench.py).
 bench-tus: $(VENV)/.installed node_modules/.installed
 	$(PY) bench/tus_bench.py $(ARGS)
+
+# Ours against @tus/server + @tus/s3-store (package-lock.json), both into one throwaway
+# Ceph RGW (tests/ceph.py), 256 MiB by tus-js-client in 8 MiB PATCHes, on loopback and
+# across an emulated link; ours to local disk beside (bench/s3_bench.py).
+bench-s3: $(VENV)/.installed node_modules/.installed
+	$(PY) bench/s3_bench.py $(ARGS)
 
 # Every client, ours and @tus/server, across an emulated long fat link (bench/linkem.py):
 # 40 and 150 ms round trip at 400 Mbit/s, 256 MiB each (bench/wan_bench.py). The 2014

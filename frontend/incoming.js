@@ -33,8 +33,9 @@
   var RETRY_MAX_S = 60;
   // ErrorCodes after which trying again may help: another connection still
   // held the ticket, the server had an internal error, (several instances)
-  // their Redis was away, or its storage was full (nothing acknowledged is lost).
-  var RETRYABLE_ERRORS = { 13: true, 23: true, 24: true, 99: true };
+  // their Redis was away, or its storage was full or its object store away
+  // (nothing acknowledged is lost).
+  var RETRYABLE_ERRORS = { 13: true, 23: true, 24: true, 25: true, 99: true };
   var TUS_VERSION = "1.0.0";
   // Bytes per PATCH. Headless Chromium to a local server (bench/browser_bench.py
   // --runs 5 --slices 8,16,32,64, medians of 256 MiB uploads, two sessions): 183/179,

@@ -86,7 +86,7 @@ class Held:
 
     via = CONCAT
     digests: tuple[Digest, ...] = ()
-    holding = False
+    holding = may_void = False
 
     def written(self, size: int) -> None: ...
 

@@ -17,6 +17,7 @@ import yaml
 from twisted.python import usage
 
 from .access import Network
+from .objectstore import MAX_PART_SIZE, MIN_PART_SIZE, Location
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Config:
     checksum: str = "sha256"  # of every stored file, sent in the handover; or "none"
     sync: str = "fsync"  # make acknowledged bytes and state durable; "none": storage needing none
     redis: str | None = None  # cluster mode: redis://host[:port][/db], shared by all instances
+    storage: Location | None = None  # finished files in this S3 bucket; None: in storage_dir
+    s3_endpoint: str | None = None  # the S3 store's URL, when not AWS (Ceph RGW, MinIO)
+    s3_part_size: int = 16 * 1024 * 1024
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -103,6 +107,41 @@ def _redis_url(name: str, value: Any) -> str:
     if parts.scheme != "redis" or not parts.hostname:
         raise usage.UsageError(f"{name}: {url!r} is not a redis://host[:port][/db] URL")
     return url
+
+
+def _s3_url(name: str, value: Any) -> Location:
+    try:
+        return Location.parse(_text(name, value))
+    except ValueError as e:
+        raise usage.UsageError(f"{name}: {e}") from None
+
+
+def _http_url(name: str, value: Any) -> str:
+    url = _text(name, value).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage.UsageError(f"{name}: {url!r} is not an http:// or https:// URL")
+    return url
+
+
+_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def _size_in(low: int, high: int) -> Callable[[str, Any], int]:
+    """Bytes, as a number with an optional unit: 16MiB, 16M, 16777216."""
+
+    def parse(name: str, value: Any) -> int:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("kmgib")
+        unit = _UNITS.get(text[len(digits) :])
+        if not digits.isdigit() or unit is None:
+            raise usage.UsageError(f"{name}: {value!r} is not a size such as 16MiB")
+        size = int(digits) * unit
+        if not low <= size <= high:
+            raise usage.UsageError(f"{name}: {size} bytes is not between {low} and {high}")
+        return size
+
+    return parse
 
 
 def _names(name: str, value: Any) -> frozenset[str]:
@@ -173,6 +212,9 @@ _SETTINGS: dict[str, tuple[str, str | None, Callable[[str, Any], Any]]] = {
     "checksum": ("checksum", "Checksum", _choice("sha256", "none")),
     "sync": ("sync", "Sync", _choice("fsync", "none")),
     "redis": ("redis", "Redis", _redis_url),
+    "storage": ("storage", "Storage", _s3_url),
+    "s3_endpoint": ("s3-endpoint", "S3Endpoint", _http_url),
+    "s3_part_size": ("s3-part-size", "S3PartSize", _size_in(MIN_PART_SIZE, MAX_PART_SIZE)),
 }
 
 
@@ -293,6 +335,21 @@ class Options(usage.Options):
             "Cluster mode: redis://host[:port][/db] shared by all instances, which also share "
             "--storage-dir [none: one process]",
         ],
+        [
+            "storage",
+            None,
+            None,
+            "s3://BUCKET/PREFIX: finished files go to this S3-compatible store (credentials: "
+            "AWS_ACCESS_KEY_ID and co., the AWS config files); --storage-dir is then the "
+            "spool [none: files stay in --storage-dir]",
+        ],
+        [
+            "s3-endpoint",
+            None,
+            None,
+            "URL of the S3 store when it is not AWS (Ceph RGW, MinIO): path-style requests",
+        ],
+        ["s3-part-size", None, None, "Parts sent to the S3 store, 5MiB to 5GiB [16MiB]"],
         [
             "group",
             None,

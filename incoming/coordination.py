@@ -17,7 +17,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, Protocol
 from uuid import UUID
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -29,6 +29,7 @@ from .upload import Upload
 
 log = Logger()
 REGISTRY_CHECK_SECONDS = 1.0  # how often Redis is pinged (its answer or its silence)
+SHUTDOWN_HAND_ON_SECONDS = 10.0  # for an upload's bytes to reach the store at a stop
 
 
 class Holder(Protocol):
@@ -90,9 +91,12 @@ class Coordinator:
         record = await self._record(upload_id)
         if record is None:
             return None
-        stored, _ = await self.manager.storage.stored(upload_id)
-        self.manager.storage.forget(upload_id)
-        return Upload.from_record(record, stored)
+        upload = Upload.from_record(record, 0)  # an upload past receiving shows its length
+        if upload.receiving:
+            stored, _ = await self.manager.storage.stored(upload_id)
+            self.manager.storage.forget(upload_id)
+            upload = Upload.from_record(record, stored)
+        return upload
 
     async def hold(self, upload_id: str) -> Upload:
         """The upload taken up from Redis under its lease, or UploadError (unknown; held
@@ -120,20 +124,21 @@ class Coordinator:
         if record is None:
             await _registry(self.cluster.release(upload_id))
             raise UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket")
-        stored, _ = await self.manager.storage.stored(upload_id)
+        stored, _ = await self.manager.storage.take_up(upload_id)
         upload = Upload.from_record(record, stored)
         self.manager.adopt(upload, upload.idle_deadline - self.manager.clock.seconds())
         return upload
 
     async def _record(self, upload_id: str) -> Record | None:
         """The record in Redis, or else in the shared directory (Redis lost it: it is
-        put back)."""
+        put back). Instances with directories of their own (object storage) have none to
+        look in: theirs may hold an older record."""
         try:
             UUID(upload_id)
         except ValueError:
             return None
         record: Record | None = await _registry(self.cluster.read(upload_id))
-        if record is None:
+        if record is None and self.manager.storage.shared:
             record = await self.manager.storage.read_state(upload_id)
             if record is not None:
                 upload = Upload.from_record(record, 0)
@@ -189,11 +194,17 @@ class Coordinator:
             return
         await manager.save_if_changed(upload)
         await self.send(upload)  # Redis has the latest before the lease goes
+        try:  # and its bytes are where other instances find them (object storage)
+            if upload.receiving:
+                await manager.storage.let_go(upload.id, upload.stored)
+        except OSError as e:
+            log.error("upload {id}: cannot hand its bytes on: {e}", id=upload.id, e=e)
+            return  # it stays here
         still = manager.get(upload.id) is upload and idle(upload)
         if upload.id in self._unsent or not still:
             return  # Redis is away (the next renewal tries again), or it is in use again
         manager.drop(upload.id)
-        manager.storage.forget(upload.id)
+        manager.storage.leave(upload.id)
         with contextlib.suppress(Unavailable):  # it lapses by itself
             await self.cluster.release(upload.id)
 
@@ -221,10 +232,22 @@ class Coordinator:
         """At shutdown: Redis gets the latest of every upload held here, whose leases are
         released, for other instances to carry on at once."""
         for upload in self.manager:
+            await self._hand_on(upload)
             with contextlib.suppress(Unavailable):
                 await self.send(upload)
                 await self.cluster.release(upload.id)
         await self.cluster.stop()
+
+    async def _hand_on(self, upload: Upload) -> None:
+        """At a stop: the upload's bytes where other instances find them, if that can be
+        done soon (object storage); else they wait in this spool for its restart."""
+        if not upload.receiving:
+            return
+        try:
+            let_go = self.manager.storage.let_go(upload.id, upload.stored)
+            await let_go.addTimeout(SHUTDOWN_HAND_ON_SECONDS, self.manager.clock)
+        except (OSError, TimeoutError) as e:
+            log.warn("upload {id}: its bytes stay in this spool: {e}", id=upload.id, e=e)
 
     async def _check_registry(self) -> None:
         """Whether Redis answers, whatever this instance holds (for /incoming/health)."""
@@ -291,6 +314,11 @@ class Coordinator:
     async def _repopulate(self) -> None:
         """Redis is new, or lost its data: put back the records of the shared directory
         (the tickets' state files), then say it holds them."""
+        if not self.manager.storage.shared:  # each instance's directory holds records of
+            await self.cluster.mark_populated()  # its own, older ones too: none is put back
+            log.error("Redis lost its records: uploads under way are lost (object storage "
+                      "keeps no shared directory to rebuild them from)")  # fmt: skip
+            return
         saved = await self.manager.storage.saved()
         for found in saved:
             upload = Upload.from_record(found.record, found.stored)

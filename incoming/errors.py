@@ -32,6 +32,7 @@ class ErrorCode(enum.IntEnum):
     TOO_LARGE = 22  # LengthBytes exceeds the configured MaxUploadBytes
     REGISTRY_UNAVAILABLE = 23  # cluster mode: Redis is unreachable; try again
     STORAGE_FULL = 24  # no space left: nothing acknowledged is lost; resume later
+    STORE_UNAVAILABLE = 25  # the object store does not take bytes: nothing acknowledged lost
     HANDOVER_FAILED = 30  # the backend did not take the file (upload cancelled)
     INTERNAL_ERROR = 99
 

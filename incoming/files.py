@@ -8,6 +8,7 @@ fsynced, its name once its directory is fsynced too.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -159,6 +160,32 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, size: int) -> None:
+    """Free the disk blocks of a file range (it reads as zeros after, the file keeps its
+    size): a spool gives back the bytes an object store has taken. Raises OSError
+    (EOPNOTSUPP where the file system cannot)."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def has_hole(fd: int, offset: int, size: int) -> bool:
+    """Whether the file range holds a hole (bytes given back, or never written), which
+    must never pass for data."""
+    if size == 0:
+        return False
+    try:
+        return os.lseek(fd, offset, os.SEEK_HOLE) < offset + size
+    except OSError:  # past the end: it is all hole
+        return True
 
 
 def make_dirs(path: Path, mode: int, sync: bool) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
@@ -86,9 +86,14 @@ class Answer:
 
 
 def form_fields(
-    upload: Upload, filename: str, cancel_reason: str | None, sha256: str | None = None
+    upload: Upload,
+    filename: str,
+    cancel_reason: str | None,
+    sha256: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The six fields of SPEC, plus the byte size and, when computed, the SHA-256."""
+    """The six fields of SPEC, plus the byte size, when computed the SHA-256, and `extra`
+    (an object's bucket, key and store)."""
     fields = {
         "id": upload.id,
         "filename": filename,
@@ -100,6 +105,7 @@ def form_fields(
     }
     if sha256 is not None:
         fields["sha256"] = sha256
+    fields.update(extra or {})
     return fields
 
 
@@ -127,9 +133,16 @@ def parse_answer(body: bytes) -> Answer:
 class Handover(Protocol):
     """Tells backends about their uploads: one POST per call."""
 
-    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+    async def hand_over(
+        self,
+        upload: Upload,
+        filename: str,
+        sha256: str | None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Answer:
         """The backend's answer, `done` or `wait`; HandoverFailed if it refused the file,
-        BackendAway if it did not answer (or said to try later)."""
+        BackendAway if it did not answer (or said to try later). `extra`: more fields
+        (an object's bucket, key and store)."""
 
     async def notify_cancelled(self, upload: Upload, reason: str) -> None:
         """Announce a cancellation (any answer will do but 429 and 5xx); BackendAway if
@@ -159,12 +172,18 @@ class HandoverClient:
         self.timeout = timeout
         self.metrics = metrics
 
-    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+    async def hand_over(
+        self,
+        upload: Upload,
+        filename: str,
+        sha256: str | None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Answer:
         """One POST: `done` or `wait`, HandoverFailed, or BackendAway."""
         self.metrics.handover_attempts.inc()
         deadline = self._clock.seconds() + self.timeout
         try:
-            fields = form_fields(upload, filename, None, sha256)
+            fields = form_fields(upload, filename, None, sha256, extra)
             response = await self._post(upload, fields, deadline)
             if response.code != 200:
                 raise HandoverFailed(f"backend answered HTTP {response.code}")

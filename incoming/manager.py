@@ -28,7 +28,8 @@ from .errors import ErrorCode, UploadError, clipped
 from .files import Chunk, Digest, Spliced
 from .handover import Answer, BackendAway, Handover, HandoverFailed, Retrier, Stopped
 from .metrics import Metrics
-from .storage import Storage, no_space
+from .objectstore import StoreUnavailable
+from .storage import Storage, Vanished, no_space
 from .upload import (
     Cause,
     Event,
@@ -284,9 +285,7 @@ class UploadManager:
             try:
                 await self.storage.synced(upload.id, upload.stored)
             except OSError as e:
-                if no_space(e):
-                    raise UploadError(ErrorCode.STORAGE_FULL, "the storage is full") from None
-                raise UploadError(ErrorCode.STORAGE_FAILED, "storage failed") from None
+                raise _waits(e) or UploadError(ErrorCode.STORAGE_FAILED, "storage failed") from None
         return upload.offset
 
     async def settled(self, upload: Upload) -> None:
@@ -317,12 +316,18 @@ class UploadManager:
         def failed(failure: Any) -> None:
             if upload.era != era:
                 return
-            if no_space(failure.value):
-                upload.life.storage_full()
+            waits = _waits(failure.value)
+            if waits is not None:
+                upload.life.storage_unavailable(waits)
             else:
                 upload.life.storage_failed(f"cannot write: {failure.value}")
 
         self.storage.write(upload.id, offset, data, digests).addCallbacks(written, failed)
+
+    def stands(self, upload: Upload) -> None:
+        if self._abandoned(upload):
+            return
+        self.storage.firm(upload.id, upload.firm, upload.length)
 
     def touch(self, upload: Upload) -> None:
         if self._abandoned(upload):
@@ -370,6 +375,9 @@ class UploadManager:
     async def _hand_over(self, upload: Upload) -> None:
         try:
             completed = await self.storage.complete(upload.id)
+        except Vanished:  # the backend took it: it answered; we died before saving that
+            upload.life.answered_done(upload.result)
+            return
         except OSError as e:
             upload.life.storage_failed(f"cannot complete the file: {e}")
             return
@@ -380,7 +388,9 @@ class UploadManager:
         self._arm_late(upload, began)
 
         def post() -> Coroutine[Any, Any, Answer]:
-            return self.handover.hand_over(upload, str(completed.path), completed.sha256)
+            return self.handover.hand_over(
+                upload, completed.filename, completed.sha256, completed.fields
+            )
 
         def go_on() -> bool:
             if self._abandoned(upload):
@@ -647,3 +657,15 @@ def _restored(upload: Upload) -> str:
     if upload.with_backend:
         return "waiting for the backend's finish_upload"
     return str(upload.phase.value)
+
+
+def _waits(error: BaseException) -> UploadError | None:
+    """A storage error that the upload waits out (nothing acknowledged is lost; the client
+    resumes later), as its client hears it; None for others."""
+    if no_space(error):
+        message = "the server's storage is full; resume later: nothing acknowledged is lost"
+        return UploadError(ErrorCode.STORAGE_FULL, message)
+    if isinstance(error, StoreUnavailable):
+        message = "the object store is unavailable; resume later: nothing acknowledged is lost"
+        return UploadError(ErrorCode.STORE_UNAVAILABLE, message)
+    return None

@@ -28,8 +28,10 @@ from .frontend import Script
 from .handover import HandoverClient, http_client
 from .manager import UploadManager
 from .metrics import Metrics
+from .objectstore import MAX_OBJECT_SIZE, ObjectStore, StoreError, StoreUnavailable, make_client
 from .rfc6455 import WebSocketResource
 from .site import IncomingSite, url_tree
+from .spool import SpoolStorage
 from .storage import DiskStorage, Storage
 from .tus import TusApi
 from .websocket_protocol import UploadProtocolSession
@@ -43,6 +45,7 @@ class StartupError(Exception):
 
 
 SYNC_THREADS = 16  # uploads' fdatasyncs under way at once (at most one per upload)
+STORE_THREADS = 16  # object store calls under way at once (a few parts per upload)
 
 
 class UploadService(Service):
@@ -76,23 +79,45 @@ def build_manager(
     storage: Storage | None = None,
     clock: IReactorTime | None = None,
     sync_pool: ThreadPool | None = None,
+    store_pool: ThreadPool | None = None,
 ) -> UploadManager:
-    """The uploads, on `storage` (by default the disk under `config.storage_dir`); their
-    timers and the handover's on `clock` (by default the reactor's); its fsyncs in
-    `sync_pool` (by default `pool`)."""
+    """The uploads, on `storage`: by default the disk under `config.storage_dir`, or with
+    `config.storage` the object store, by way of a spool there (its calls in
+    `store_pool`, by default `pool`). Their timers and the handover's on `clock` (by
+    default the reactor's); fsyncs in `sync_pool` (by default `pool`). Raises OSError if
+    the directory cannot be used, StoreError if the store cannot (StoreUnavailable, if it
+    does not answer, is logged)."""
     clock = clock or reactor
     metrics = Metrics()
+    max_upload = config.max_upload_bytes
     if storage is None:
         group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
-        disk = DiskStorage(
-            config.storage_dir,
-            reactor,
-            pool,
-            sha256=config.checksum == "sha256",
-            sync=config.sync == "fsync",
-            sync_pool=sync_pool,
-            group=group,
-        )
+        options: dict[str, Any] = {
+            "sha256": config.checksum == "sha256",
+            "sync": config.sync == "fsync",
+            "sync_pool": sync_pool,
+            "group": group,
+        }
+        disk: DiskStorage
+        if config.storage is None:
+            disk = DiskStorage(config.storage_dir, reactor, pool, **options)
+        else:
+            store = ObjectStore(
+                config.storage,
+                reactor,
+                store_pool or pool,
+                make_client(config.s3_endpoint, connections=STORE_THREADS),
+                config.s3_endpoint,
+            )
+            try:
+                store.check()
+            except StoreUnavailable as e:
+                log.warn("the object store does not answer yet: {e}", e=e)
+            disk = SpoolStorage(
+                config.storage_dir, reactor, pool, store, part_size=config.s3_part_size,
+                cluster=config.redis is not None, patience=config.ws_timeout, **options,
+            )  # fmt: skip
+            max_upload = min(max_upload or MAX_OBJECT_SIZE, MAX_OBJECT_SIZE)
         disk.prepare()
         storage = disk
     handover = HandoverClient(http_client(reactor), clock, config.handover_timeout, metrics)
@@ -106,7 +131,7 @@ def build_manager(
         metrics,
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
-        max_upload=config.max_upload_bytes,
+        max_upload=max_upload,
         cluster=cluster,
         min_free=config.chunk_size,
         handover_timeout=config.handover_timeout,
@@ -258,6 +283,9 @@ class StartupSummary(Service):
                 )
             places.append(place)
         storage = f"storage {config.storage_dir.absolute()}"
+        if config.storage is not None:
+            at = f" at {config.s3_endpoint}" if config.s3_endpoint else ""
+            storage = f"storage {config.storage}{at}, spool {config.storage_dir.absolute()}"
         if config.group is not None:
             storage += f" shared with group {config.group}"
         if config.redis is None:
@@ -273,14 +301,19 @@ def make_service(config: Config, reactor: Any = global_reactor) -> IService:
     Raises StartupError when the storage or an endpoint cannot be used."""
     pool = ThreadPool(minthreads=1, maxthreads=8, name="incoming-storage")
     syncs = ThreadPool(minthreads=0, maxthreads=SYNC_THREADS, name="incoming-sync")
+    pools = [pool, syncs]
+    if config.storage is not None:
+        pools.append(ThreadPool(minthreads=0, maxthreads=STORE_THREADS, name="incoming-s3"))
     try:
-        manager = build_manager(config, reactor, pool, sync_pool=syncs)
+        manager = build_manager(config, reactor, pool, sync_pool=syncs, store_pool=pools[-1])
+    except StoreError as e:
+        raise StartupError(f"cannot use the object store {config.storage}: {e}") from None
     except OSError as e:
         raise StartupError(
             f"cannot use the storage directory {config.storage_dir}: {e.strerror or e}"
         ) from None
     top = MultiService()
-    UploadService(manager, pool, syncs).setServiceParent(top)
+    UploadService(manager, *pools).setServiceParent(top)
     separate = config.backend_listen is not None
     roles = "browser" if separate else "browser and backend"
     plan = [(config.listen, roles, build_site(manager, config, reactor, backend=not separate))]

@@ -27,7 +27,7 @@ import json
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +55,7 @@ from .files import (
     Spliced,
     copy_range,
     fsync_dir,
+    has_hole,
     make_dirs,
     pwrite_all,
     replace_file,
@@ -79,10 +80,17 @@ def no_space(error: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class Completed:
-    """A file made final: where it is, and the SHA-256 of its bytes (None: not computed)."""
+    """A file made final: its name for the handover (a path, or `s3://BUCKET/KEY`), the
+    SHA-256 of its bytes (None: not computed), and fields the handover adds."""
 
-    path: Path
+    filename: str
     sha256: str | None
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+
+class Vanished(Exception):
+    """The complete file is not there any more: the backend took it (after answering a
+    handover whose answer a crash kept us from saving)."""
 
 
 @dataclass
@@ -194,6 +202,8 @@ class Storage(Protocol):
 
     def synced(self, upload_id: str, upto: int) -> Deferred[None]: ...
 
+    def firm(self, upload_id: str, upto: int, length: int | None) -> None: ...
+
     def truncate(self, upload_id: str, size: int) -> Deferred[None]: ...
 
     def release(self, upload_id: str) -> Deferred[None]: ...
@@ -210,9 +220,23 @@ class Storage(Protocol):
 
     def forget(self, upload_id: str) -> None: ...
 
+    # Cluster mode
+
+    shared: bool  # whether other instances see its files and state files (a shared disk)
+    splices: bool  # whether partial uploads can be copied into a ticket's file (tus concat)
+
+    def take_up(self, upload_id: str) -> Deferred[tuple[int, bool]]: ...
+
+    def let_go(self, upload_id: str, size: int) -> Deferred[None]: ...
+
+    def leave(self, upload_id: str) -> None: ...
+
 
 class DiskStorage:
     """Writes, completes and removes upload files under one directory."""
+
+    shared = True  # cluster mode: every instance's StorageDir is the same (network) disk
+    splices = True
 
     def __init__(
         self,
@@ -257,13 +281,13 @@ class DiskStorage:
         self._measure_free()
 
     def part_path(self, upload_id: str) -> Path:
-        return self.root / f"{_checked(upload_id)}.part"
+        return self.root / f"{checked_id(upload_id)}.part"
 
     def final_path(self, upload_id: str) -> Path:
-        return self.root / _checked(upload_id)
+        return self.root / checked_id(upload_id)
 
     def state_path(self, upload_id: str) -> Path:
-        return self.root / f"{_checked(upload_id)}.json"
+        return self.root / f"{checked_id(upload_id)}.json"
 
     def load(self, tidy: bool = True) -> list[Saved]:
         """Every saved upload with what its file says (at start-up, before the reactor:
@@ -290,7 +314,7 @@ class DiskStorage:
         found = []
         for upload_id, record in records.items():
             try:
-                _checked(upload_id)
+                checked_id(upload_id)
             except ValueError:
                 log.error("ignoring a record with a bad id {id!r}", id=upload_id)
                 continue
@@ -367,13 +391,18 @@ class DiskStorage:
         once written (not yet durable: see `synced`). After a write that found no space
         (`no_space`), the upload's later writes fail the same way until a `truncate`."""
         self._opening(upload_id)
-        d = self._run(upload_id, self._write, upload_id, offset, data, digests)
+        d = self._queue_write(upload_id, offset, data, digests)
         state = self._durable.setdefault(upload_id, _Durable())
 
         def landed(_: None) -> None:
             state.written = offset + len(data)  # in order: writes land one after the other
 
         return d.addCallbacks(landed, self._full_or_not)
+
+    def _queue_write(
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]
+    ) -> Deferred[None]:
+        return self._run(upload_id, self._write, upload_id, offset, data, digests)
 
     def _full_or_not(self, failure: Failure) -> Failure:
         """A write that found no space: no room for new uploads until a new measure
@@ -431,6 +460,23 @@ class DiskStorage:
         for _, waiter in later:  # asked meanwhile, for bytes this sync covered after all
             waiter.callback(None)
         self._sync_next(upload_id, state)
+
+    def firm(self, upload_id: str, upto: int, length: int | None) -> None:
+        """The upload's first `upto` bytes stand: nothing voids them any more (they are
+        where they stay, here)."""
+
+    def take_up(self, upload_id: str) -> Deferred[tuple[int, bool]]:
+        """Cluster mode: `stored`, for the instance that takes the upload up to act on it."""
+        return self.stored(upload_id)
+
+    def let_go(self, upload_id: str, size: int) -> Deferred[None]:
+        """Cluster mode: before the upload's lease goes, its `size` bytes are where another
+        instance finds them (here: in the shared directory already)."""
+        return succeed(None)
+
+    def leave(self, upload_id: str) -> None:
+        """Cluster mode: another instance may act on the upload from now on."""
+        self.forget(upload_id)
 
     def truncate(self, upload_id: str, size: int) -> Deferred[None]:
         """Cut the partial file to `size` bytes, after queued writes (durably: bytes cut
@@ -558,8 +604,8 @@ class DiskStorage:
         if short is not None:  # a hole must not open where an earlier write failed
             raise OSError(short, f"{os.strerror(short)} (an earlier write of this upload)")
         fd = self._fd(upload_id)
-        if self._sha256:
-            hashing = self._hashed_up_to(upload_id, fd, offset)
+        hashing = self._hashed_up_to(upload_id, fd, offset) if self._sha256 else None
+        if hashing is not None:
             hashing.mark()
             digests = (*digests, hashing.digest)
         try:
@@ -575,8 +621,8 @@ class DiskStorage:
             if e.errno in NO_SPACE:
                 self._short[upload_id] = e.errno
             raise
-        if self._sha256:
-            self._hashing[upload_id].upto += len(data)
+        if hashing is not None:
+            hashing.upto += len(data)
 
     def _splice(self, fd: int, offset: int, data: Spliced, digests: tuple[Digest, ...]) -> None:
         """Copy bytes of a tus partial upload's file into this one (concatenation)."""
@@ -607,11 +653,16 @@ class DiskStorage:
         finally:
             os.close(fd)
 
-    def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing:
+    def _hashed_up_to(self, upload_id: str, fd: int, offset: int) -> _Hashing | None:
         """The upload's hash covering exactly its first `offset` bytes: the one kept while
-        writing, or (after a restart or a rewind) made anew from the bytes on disk."""
+        writing, or (after a restart or a rewind) made anew from the bytes on disk; None
+        where the file no longer holds them all (a spool gave back what the object store
+        has: the hash is made from the object)."""
         hashing = self._hashing.get(upload_id)
         if hashing is None or hashing.upto != offset:
+            if has_hole(fd, 0, offset):
+                self._hashing.pop(upload_id, None)
+                return None
             hashing = self._hashing[upload_id] = _Hashing(hashlib.sha256())
             while hashing.upto < offset:
                 block = os.pread(fd, min(REHASH_BLOCK, offset - hashing.upto), hashing.upto)
@@ -647,7 +698,7 @@ class DiskStorage:
     def _complete(self, upload_id: str) -> Completed:
         final, part = self.final_path(upload_id), self.part_path(upload_id)
         if final.exists() and not part.exists():  # completed before a restart
-            return Completed(final, self._digest_of(upload_id, final))
+            return Completed(str(final), self._digest_of(upload_id, final))
         fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
         try:
             if self.sync:
@@ -656,10 +707,11 @@ class DiskStorage:
         finally:
             self._close(upload_id)
         os.replace(part, final)  # made durable by `_run_named`
-        return Completed(final, digest)
+        return Completed(str(final), digest)
 
     def _digest_of(self, upload_id: str, path: Path, fd: int | None = None) -> str | None:
-        """The SHA-256 of the whole file, continuing the one kept while writing."""
+        """The SHA-256 of the whole file, continuing the one kept while writing (None: not
+        computed, or the file no longer holds all its bytes)."""
         hashing = self._hashing.pop(upload_id, None)
         if not self._sha256:
             return None
@@ -668,7 +720,8 @@ class DiskStorage:
             return str(hashing.digest.hexdigest())
         opened = fd if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return str(self._hashed_up_to(upload_id, opened, size).digest.hexdigest())
+            hashed = self._hashed_up_to(upload_id, opened, size)
+            return None if hashed is None else str(hashed.digest.hexdigest())
         finally:
             self._hashing.pop(upload_id, None)
             if fd is None:
@@ -702,7 +755,7 @@ def _cut_off(upload_id: str, upto: int) -> OSError:
     return OSError(errno.EIO, f"upload {upload_id}: bytes up to {upto} were cut off unsynced")
 
 
-def _checked(upload_id: str) -> str:
+def checked_id(upload_id: str) -> str:
     """Refuse anything but a canonical UUID as a file name."""
     if str(uuid.UUID(upload_id)) != upload_id:
         raise ValueError(f"not a canonical ticket id: {upload_id!r}")

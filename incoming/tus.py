@@ -90,6 +90,7 @@ STATUS_FOR = {
     ErrorCode.TOO_LATE: 412,
     ErrorCode.STORAGE_FAILED: 500,
     ErrorCode.STORAGE_FULL: 507,
+    ErrorCode.STORE_UNAVAILABLE: 503,
     ErrorCode.INSUFFICIENT_STORAGE: 507,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.HANDOVER_FAILED: 502,
@@ -166,12 +167,20 @@ class TusApi:
 
     # Routes
 
+    def concatenation(self, request: IRequest) -> str | list[str] | None:
+        """The request's Upload-Concat; 501 where the storage cannot concatenate."""
+        if request.getHeader("upload-concat") is not None and not self.manager.storage.splices:
+            raise TusError(501, "concatenation is not available with object storage")
+        return _concat(request)
+
     @app.route("/tus/", methods=["OPTIONS"], strict_slashes=False)
     @app.route("/tus/<ticket>", methods=["OPTIONS"], endpoint="options_upload")
     def options(self, request: IRequest, ticket: str = "") -> bytes:
         headers = {
             "Tus-Version": TUS_VERSION,
-            "Tus-Extension": EXTENSIONS,
+            "Tus-Extension": EXTENSIONS
+            if self.manager.storage.splices
+            else EXTENSIONS.removesuffix(",concatenation"),
             "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
         }
         if self.max_upload is not None:
@@ -187,7 +196,7 @@ class TusApi:
             return self._send(request, await stream.answer)
         try:
             self.check(request)
-            concat = _concat(request)
+            concat = self.concatenation(request)
             if isinstance(concat, list):
                 return self._send(request, await self.concatenate(request, concat))
             upload = await self.declared(request)
@@ -308,7 +317,7 @@ class TusApi:
         if not ticket:
             raise TusError(400, "Upload-Metadata must carry the ticket")
         name = _text(metadata, "filename")[:4096]
-        if _concat(request) == PARTIAL:
+        if self.concatenation(request) == PARTIAL:
             ticket = await self.new_partial(ticket)
         try:
             await self.manager.command(ticket, "declare", length, name, given)
@@ -616,6 +625,13 @@ class PatchStream:
         """Until its body has all arrived (and passed its checksum), it may be voided."""
         return not self._released
 
+    @property
+    def may_void(self) -> bool:
+        """Only a checksum that fails, or a chunked body that passes Upload-Length, voids
+        its bytes: those of a body of declared length and no checksum stand once durable
+        (a spool sends them on during a long PATCH)."""
+        return not self._released and (bool(self.digests) or self.request.body_length is None)
+
     def written(self, size: int) -> None:
         upload = self.upload
         if self._paused and upload is not None and upload.pending_bytes < self.api.max_pending:
@@ -775,7 +791,7 @@ class Concatenation:
 
     via = "tus"
     digests: tuple[Digest, ...] = ()
-    holding = False  # its bytes stand once durable: the handover starts then
+    holding = may_void = False  # its bytes stand once durable: the handover starts then
 
     def __init__(self, api: TusApi, ticket: str, parts: list[Upload]) -> None:
         self.api = api

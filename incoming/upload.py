@@ -110,6 +110,11 @@ class Transport(Protocol):
         """While true its bytes may yet be voided (their checksum, or the rest of a request
         body, is still to come): no handover starts until it lets go and calls `ready`."""
 
+    @property
+    def may_void(self) -> bool:
+        """Whether bytes it sent may still be voided (a checksum to come, or a body that may
+        pass the upload's length and be refused whole): until then they do not stand."""
+
     def written(self, size: int) -> None:
         """`size` more of the bytes this connection sent left memory (written, not yet
         durable): room for more."""
@@ -141,7 +146,12 @@ class Effects(Protocol):
 
     def write(self, upload: Upload, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
         """Queue a write (feeding `digests` too); then `written` and, once its bytes are
-        durable, `synced`; or `storage_full` (no space), or `storage_failed`."""
+        durable, `synced`; or `storage_unavailable` (no space, the object store away), or
+        `storage_failed`."""
+
+    def stands(self, upload: Upload) -> None:
+        """The upload's first `upload.firm` bytes stand: nothing voids them any more (an
+        object store's spool may send them on)."""
 
     def touch(self, upload: Upload) -> None:
         """Restart the idle clock: it expires live uploads and forgets ended ones."""
@@ -217,8 +227,9 @@ class UploadLife(Protocol):
 
     def all_stored(self) -> None: ...
 
-    def storage_full(self) -> None:
-        """A write or a sync found no space: what is not durable is void, the upload waits."""
+    def storage_unavailable(self, error: UploadError) -> None:
+        """The storage cannot take bytes for now (its disk is full, its object store away):
+        what is not durable is void, the upload waits; its client hears `error`."""
 
     def storage_failed(self, why: str) -> None: ...
 
@@ -262,6 +273,10 @@ class UploadLife(Protocol):
 
     def restored(self, file_present: bool) -> None:
         """Taken up again after a restart."""
+
+    def bytes_missing(self) -> None:
+        """Taken up for its handover, its file is not whole: the end of it was only in the
+        spool of an instance that died before the object was made. Nobody was told."""
 
 
 _RECORDED = (
@@ -318,6 +333,7 @@ class Upload:
     retrying: bool = False  # an attempt of this handover failed (in this process)
     stored: int = 0  # bytes written, contiguous from the start
     durable: int = 0  # of those, bytes synced: what clients are told
+    firm: int = 0  # of those, bytes no connection may void any more
     transport: Transport | None = field(default=None, repr=False)
     # queued writes, oldest first: their sizes and the connections that sent them
     pending: deque[tuple[int, Transport | None]] = field(default_factory=deque, repr=False)
@@ -396,7 +412,8 @@ class Upload:
         values = {name: record[name] for name in _RECORDED if name in record}
         upload = cls(**values)  # a record of an older version has no `result`
         upload.phase, upload.stored = Phase(record["phase"]), stored
-        upload.durable = stored  # what a restart finds; synced before any client hears
+        upload.durable = upload.firm = stored  # what a restart finds (synced before any
+        # client hears)
         if upload.length is not None and stored > upload.length:
             raise ValueError(f"{stored} bytes stored for a {upload.length}-byte upload")
         return upload
@@ -557,8 +574,15 @@ for _state in _ENDED:
 
 @receiving.upon(On.ready).loop()
 def _ready(life: UploadLife, core: _Core) -> None:
+    _stand(core, core.upload.durable)
     if core.upload.whole:
         life.all_stored()
+
+
+def _stand(core: _Core, upto: int) -> None:
+    if upto > core.upload.firm:
+        core.upload.firm = upto
+        core.effects.stands(core.upload)
 
 
 @receiving.upon(On.receive).loop()
@@ -593,22 +617,26 @@ def _written(life: UploadLife, core: _Core) -> None:
 def _synced(life: UploadLife, core: _Core, upto: int) -> None:
     upload = core.upload
     upload.durable = max(upload.durable, min(upto, upload.stored))
-    holding = False
+    holding, stands = False, upload.firm
     while upload.unsynced and upload.unsynced[0][0] <= upload.durable:
-        _, size, sender = upload.unsynced.popleft()
+        end, size, sender = upload.unsynced.popleft()
         holding = sender is not None and sender.holding
+        if sender is None or not sender.may_void:
+            stands = end
         if sender is not None:
             sender.stored(size)
+    _stand(core, stands)
     if upload.whole and not holding:
         life.all_stored()
 
 
-@receiving.upon(On.storage_full).loop()
-def _storage_full(life: UploadLife, core: _Core) -> None:
+@receiving.upon(On.storage_unavailable).loop()
+def _storage_unavailable(life: UploadLife, core: _Core, error: UploadError) -> None:
     upload = core.upload
     log.warn(
-        "upload {id}: the storage is full; it waits at {n} bytes durable",
+        "upload {id}: {why}; it waits at {n} bytes durable",
         id=upload.id,
+        why=error.message.partition(";")[0],
         n=upload.durable,
     )
     upload.era += 1
@@ -618,14 +646,13 @@ def _storage_full(life: UploadLife, core: _Core) -> None:
     upload.stored = upload.durable
     core.effects.truncate(upload, upload.durable)
     if upload.transport is not None:
-        message = "the server's storage is full; resume later: nothing acknowledged is lost"
-        upload.transport.failed(UploadError(ErrorCode.STORAGE_FULL, message))
+        upload.transport.failed(error)
 
 
 @receiving.upon(On.rewind).loop()
 def _rewind(life: UploadLife, core: _Core, offset: int) -> None:
     upload = core.upload
-    assert not upload.pending and offset <= upload.stored
+    assert not upload.pending and upload.firm <= offset <= upload.stored
     log.info("upload {id}: bytes from {n} on failed their check", id=upload.id, n=offset)
     upload.era += 1
     upload.unsynced.clear()
@@ -790,11 +817,28 @@ for _state in (handover, finish_requested):
 
     @_state.upon(On.restored).loop()
     def _restored_handover(life: UploadLife, core: _Core, file_present: bool) -> None:
-        core.upload.retrying = False
-        if file_present:
+        upload = core.upload
+        upload.retrying = False
+        if upload.phase is Phase.HANDOVER and not upload.complete and file_present:
+            life.bytes_missing()
+        elif file_present:
             core.effects.hand_over(core.upload)  # again, with the whole file
         else:  # the backend took the file away: it answered; we died before saving that
             life.answered_done(core.upload.result)
+
+
+@handover.upon(On.bytes_missing).to(receiving)
+def _bytes_missing(life: UploadLife, core: _Core) -> None:
+    upload = core.upload
+    log.warn(
+        "upload {id}: only {n} of its {length} bytes are in the store (the instance that "
+        "held the rest died); it takes bytes again",
+        id=upload.id,
+        n=upload.durable,
+        length=upload.length,
+    )
+    upload.phase = Phase.RECEIVING
+    core.effects.save(upload)
 
 
 @awaiting_finish.upon(On.restored).loop()
@@ -957,7 +1001,7 @@ _ignored(
     On.past_end,
     On.written,
     On.synced,
-    On.storage_full,
+    On.storage_unavailable,
     On.all_stored,
     On.rewind,
 )
@@ -970,6 +1014,7 @@ _ignored((*_LIVE, cancelled), On.finalized)
 _ignored((receiving, awaiting_finish, *_ENDED), On.handover_retrying, On.handover_late)
 _ignored((*_LIVE, finished), On.notified)
 _ignored((*_HANDING_OVER, *_ENDED), On.consumed)
+_ignored((receiving, finish_requested, awaiting_finish, *_ENDED), On.bytes_missing)
 
 
 @finished.upon(On.restored).loop()

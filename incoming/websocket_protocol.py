@@ -51,7 +51,7 @@ class UploadProtocolSession:
     # upload.Transport: a chunk needs no check but its size, and stands once written
     via = "websocket"
     digests: tuple[Digest, ...] = ()
-    holding = False
+    holding = may_void = False
 
     def __init__(
         self,

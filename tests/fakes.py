@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -35,6 +35,7 @@ class MemoryStorage:
         self.saves: list[tuple[str, object]] = []  # (id, phase), in order
         self.unsaveable_phases: set[str] = set()  # states in these phases find no space
         self.open: set[str] = set()  # uploads whose file is open
+        self.firms: list[tuple[str, int]] = []  # (id, bytes that stand), as told
 
     def load(self) -> list[Saved]:
         records = {**self.journal, **self.states}
@@ -104,7 +105,7 @@ class MemoryStorage:
         final = self.finals[upload_id] = bytes(self.parts.pop(upload_id, b""))
         self.open.discard(upload_id)
         sha256 = hashlib.sha256(final).hexdigest()
-        return succeed(Completed(Path("/memory") / upload_id, sha256))
+        return succeed(Completed(f"/memory/{upload_id}", sha256))
 
     def remove(self, upload_id: str) -> Deferred[None]:
         self.parts.pop(upload_id, None)
@@ -125,6 +126,20 @@ class MemoryStorage:
     def forget(self, upload_id: str) -> None:
         pass
 
+    def firm(self, upload_id: str, upto: int, length: int | None) -> None:
+        self.firms.append((upload_id, upto))
+
+    shared = splices = True
+
+    def take_up(self, upload_id: str) -> Deferred[tuple[int, bool]]:
+        return self.stored(upload_id)
+
+    def let_go(self, upload_id: str, size: int) -> Deferred[None]:
+        return succeed(None)
+
+    def leave(self, upload_id: str) -> None:
+        pass
+
 
 class RecordingHandover:
     """`incoming.handover.Handover` that answers as told: `done` (with `result`), `wait`,
@@ -142,7 +157,13 @@ class RecordingHandover:
         self.notice_attempts = 0
         self.waiting: list[Deferred[str]] = []
 
-    async def hand_over(self, upload: Upload, filename: str, sha256: str | None) -> Answer:
+    async def hand_over(
+        self,
+        upload: Upload,
+        filename: str,
+        sha256: str | None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Answer:
         self.handovers.append((upload.id, filename))
         self.digests.append(sha256)
         answer = self.default
@@ -172,7 +193,7 @@ class RecordingTransport:
 
     via = "websocket"
     digests = ()
-    holding = False
+    holding = may_void = False
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []

@@ -245,13 +245,19 @@ async def run_daemon(
 
 
 async def start_daemon(
-    storage: Path, cwd: Path, stopper: list[Any], *extra: str, max_files: int | None = None
+    storage: Path,
+    cwd: Path,
+    stopper: list[Any],
+    *extra: str,
+    max_files: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[Daemon, Any, Server]:
     """`twistd -n incoming` on a free loopback port, with the tests' chunk settings."""
     daemon, process, port = await run_daemon(
         ["incoming", "--listen", "tcp:0:interface=127.0.0.1", "--storage-dir", str(storage),
          "--chunk-size-kb", str(CHUNK_KB), "--send-ahead", str(SEND_AHEAD), *extra],
         cwd,
+        env=env,
         max_files=max_files,
     )  # fmt: skip
     stopper.append(process)

@@ -11,6 +11,7 @@ import pytest
 from twisted.python import usage
 
 from incoming.config import Config, Options
+from incoming.objectstore import Location
 
 
 def parse(*argv: str) -> Config:
@@ -213,6 +214,37 @@ def test_group_names_a_group_of_this_host(tmp_path: Path) -> None:
     assert parse("--config", str(path)).group == name
     with pytest.raises(usage.UsageError, match="--group: no group 'no-such-group-here'"):
         parse("--group", "no-such-group-here")
+
+
+def test_object_storage_options_from_command_line_and_yaml(tmp_path: Path) -> None:
+    default = Config()
+    assert (default.storage, default.s3_endpoint, default.s3_part_size) == (None, None, 16 << 20)
+    config = parse(
+        "--storage", "s3://uploads/incoming/", "--s3-endpoint", "http://127.0.0.1:7480/",
+        "--s3-part-size", "8MiB",
+    )  # fmt: skip
+    assert config.storage == Location("uploads", "incoming/")
+    assert config.storage.key("T") == "incoming/T"
+    assert config.storage.url("incoming/T") == "s3://uploads/incoming/T"
+    assert (config.s3_endpoint, config.s3_part_size) == ("http://127.0.0.1:7480", 8 << 20)
+    path = tmp_path / "c.yaml"
+    path.write_text("Storage: s3://b-1\nS3Endpoint: https://s3.example\nS3PartSize: 5242880\n")
+    config = parse("--config", str(path))
+    assert (config.storage, config.s3_endpoint) == (Location("b-1", ""), "https://s3.example")
+    assert config.s3_part_size == 5 << 20
+    for option, value in [
+        ("--storage", "/srv/files"),
+        ("--storage", "s3://"),
+        ("--storage", "s3://Bad_Bucket/x"),
+        ("--storage", "s3://bucket/x?versionId=1"),
+        ("--s3-endpoint", "ftp://host"),
+        ("--s3-endpoint", "http://"),
+        ("--s3-part-size", "4MiB"),  # S3's smallest part but the last is 5 MiB
+        ("--s3-part-size", "6GiB"),
+        ("--s3-part-size", "lots"),
+    ]:
+        with pytest.raises(usage.UsageError, match=option):
+            parse(option, value)
 
 
 def test_handover_retry_is_a_day_unless_set() -> None:

@@ -61,7 +61,7 @@ async def test_the_digest_follows_writes_releases_rewinds_and_restarts(
     restarted = DiskStorage(tmp_path, reactor, pool)  # a new process: no digest in memory
     await restarted.write(upload_id, 200_000, data[200_000:])
     completed = await restarted.complete(upload_id)
-    assert completed.path == tmp_path / upload_id
+    assert completed.filename == str(tmp_path / upload_id)
     assert completed.sha256 == sha256(data)
     again = await DiskStorage(tmp_path, reactor, pool).complete(upload_id)  # handover redone
     assert again.sha256 == sha256(data)

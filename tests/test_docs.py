@@ -42,4 +42,4 @@ def test_the_configuration_reference_names_every_option_and_yaml_key() -> None:
     for key in keys:
         assert f"``{key}" in page, key
     # and no option that does not exist
-    assert set(re.findall(r"``--([a-z-]+)", page)) <= set(options)
+    assert set(re.findall(r"``--([a-z0-9-]+)", page)) <= set(options)

@@ -138,6 +138,23 @@ def test_the_backend_hears_when_its_finish_upload_could_not_be_saved() -> None:
     assert transport.events == [("stored", 3), ("waiting",)]
 
 
+def test_bytes_stand_once_durable_unless_their_sender_may_still_void_them() -> None:
+    """What an object store's spool may send on: durable bytes no connection can void."""
+    manager, clock, storage, handover, upload, transport = begin(length=10)
+    upload.life.receive(b"ab")
+    assert storage.firms == [(upload.id, 2)]
+    transport.may_void = True  # a tus body whose checksum is still to come, say
+    upload.life.receive(b"cde")
+    assert (upload.durable, upload.firm, storage.firms[-1]) == (5, 2, (upload.id, 2))
+    transport.may_void = False
+    upload.life.ready()  # it let go: its bytes stand
+    assert (upload.firm, storage.firms[-1]) == (5, (upload.id, 5))
+    transport.may_void = True
+    upload.life.receive(b"fg")
+    upload.life.rewind(5)  # its check failed: void
+    assert (upload.stored, upload.firm) == (5, 5)
+
+
 def test_idle_upload_expires_then_is_forgotten() -> None:
     manager, clock, storage, handover, upload, transport = begin(length=10)
     upload.life.receive(b"12345")
@@ -305,12 +322,13 @@ def test_every_input_has_a_rule_in_every_state(phase: Phase) -> None:
         "idle_timeout": (100.0,),
         "confirm_timeout": (30.0,),
         "restored": (True,),
+        "storage_unavailable": (UploadError(ErrorCode.STORAGE_FULL, "full"),),
     }
     inputs = (
         "declare connect disconnect ready receive past_end rewind written synced all_stored "
-        "storage_full storage_failed "
+        "storage_unavailable storage_failed "
         "answered_done answered_wait handover_failed finish_upload finalized "
-        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored "
+        "cancel_by_backend cancel_by_client idle_timeout confirm_timeout restored bytes_missing "
         "handover_retrying handover_late notified"
     )
     for name in inputs.split():
