@@ -110,7 +110,10 @@ async def test_parallel_uploads_resume_after_the_daemon_is_sigkilled(
                               "metadataForPartialUploads": {"ticket": ticket}}],
                     parallelUploads=4, retryDelays=RETRY)  # fmt: skip
     deadline = reactor.seconds() + 30
-    while sum(p.stat().st_size for p in parts_in(storage, ticket)) < 8 * MiB:
+    while (
+        len(parts_in(storage, ticket)) < 4
+        or sum(p.stat().st_size for p in parts_in(storage, ticket)) < 8 * MiB
+    ):  # every partial under way
         assert reactor.seconds() < deadline, client.events
         await deferLater(reactor, 0.002)
     await daemon.kill(process)
