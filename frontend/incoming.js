@@ -15,9 +15,9 @@
  * server now and then (HEAD, over either transport), and fires onhandedover with `result`
  * once the backend has answered, or onerror (30) if the server finally gave up.
  *
- * Two transports: HTTP (tus 1.0: the creation carries the file, a File.slice the browser
- * streams from disk, the default) and the 2014 WebSocket protocol ({transport: "websocket"}, and the
- * fallback when the server has no tus endpoint).
+ * Two transports: HTTP (tus 1.0, the default: the creation carries the file, a
+ * File.slice the browser streams from disk) and the 2014 WebSocket protocol
+ * ({transport: "websocket"}, and the fallback when the server has no tus endpoint).
  * incoming.find_upload(file) gives the ticket of an upload this browser
  * started for that file and has not seen end, so a reloaded page can continue it.
  *
@@ -39,10 +39,11 @@
   // Bytes per request by default: all the file has left. Each request ends with a
   // round trip in which the link idles (tus allows one PATCH at a time), so on a long
   // fat link every piece costs its round trip: 256 MiB at 150 ms and 400 Mbit/s
-  // reached 0.61 of the line in 32 MiB PATCHes (docs/operations/performance.rst,
-  // bench/wan_bench.py). A larger request costs the page nothing: the browser streams
-  // a File.slice from disk, and the server keeps what arrived of a request cut short,
-  // so a pause or a lost connection resends only from the server's offset (HEAD). What
+  // reached 0.63 of the line in 32 MiB PATCHes, 0.76 in one request, as tus-js-client
+  // in one PATCH (bench/wan_bench.py; docs/operations/performance.rst). A larger
+  // request costs the page nothing: the browser streams a File.slice from disk, and
+  // the server keeps what arrived of a request cut short, so a pause or a lost
+  // connection resends only from the server's offset (HEAD, or a plain creation). What
   // it costs: bytes_acked (durable) moves at each answer only, at the end of the file;
   // bytes_sent and frac_sent move meanwhile. options.chunkSize gives smaller pieces.
   var HTTP_CHUNK_SIZE = Infinity;
@@ -1238,6 +1239,7 @@
           s.bytes_tx = start + Math.min(event.loaded, end - start);
           if (event.loaded > 0) {
             self._tus_seen = true; // the request got through (a preflight, if any, passed)
+            s.connected = true; // the server takes bytes: connected before any answer
             if (s.state_msg === "Connecting") {
               self._set_state("Uploading"); // a creation's bytes flow
               return;

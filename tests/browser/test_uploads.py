@@ -101,8 +101,10 @@ def test_http_frac_sent_moves_within_one_patch(app_page: Page, demo: Demo, tmp_p
     patches: list[str] = []  # the requests that carry bytes
     app_page.on(
         "request",
-        lambda r: r.headers.get("content-type") == "application/offset+octet-stream"
-        and patches.append(f"{r.method} {r.url}"),
+        lambda r: (
+            r.headers.get("content-type") == "application/offset+octet-stream"
+            and patches.append(f"{r.method} {r.url}")
+        ),
     )
     throttle(app_page, 8 * MiB)
     upload(app_page, source)

@@ -50,9 +50,10 @@ test("a creation with the ticket, name and first piece, then one PATCH of a File
   });
   assert.deepEqual([creation.body.start, creation.body.end], [0, 4 * MiB], "creation-with-upload");
   assert.equal(creation.async, true);
-  assert.equal(up.state_msg, "Connecting");
+  assert.deepEqual([up.state_msg, up.connected], ["Connecting", false]);
   creation.progress(MiB);
-  assert.deepEqual([up.state_msg, up.bytes_tx, up.bytes_acked, up.chunks_ahead], ["Uploading", MiB, 0, 1]);
+  assert.deepEqual([up.state_msg, up.connected, up.bytes_tx, up.bytes_acked, up.chunks_ahead],
+                   ["Uploading", true, MiB, 0, 1], "bytes flow: connected before any answer");
   creation.respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 4 * MiB, ...live });
   assert.deepEqual([up.bytes_acked, up.chunks_acked_now], [4 * MiB, 1]);
   const patches = [creation];
