@@ -2,17 +2,18 @@
 """Browser upload throughput: incoming.js in headless Chromium against the real server.
 
 Times, inside the page, from `start()` to `onfinished`, for each transport of
-incoming.js: HTTP (tus, the default, `--slices` MiB per PATCH: each size given is
-measured) and the WebSocket (`{transport: "websocket"}`, the 2014 protocol). Every
-configuration uploads the same file to the same server, the runs interleaved
-(run 1 of each, then run 2 of each...). By default Chromium runs plain headless
+incoming.js: HTTP (tus, `--slices` MiB per request, each size given measured; `all`
+is the default, the whole file in one request) and the WebSocket
+(`{transport: "websocket"}`, the 2014 protocol). Every configuration uploads the
+same file to the same server, the runs interleaved (run 1 of each, then run 2 of
+each...). By default Chromium runs plain headless
 with no DevTools client: the page builds the file in memory (a 64 MiB random
 block, repeated) and reports its timings itself. `--devtools` drives it with
 Playwright instead (a file chosen in an input), which is much slower: DevTools is
 sent every WebSocket frame.
 
-    python bench/browser_bench.py [--size 256] [--runs 3] [--slices 32] [--devtools]
-    python bench/browser_bench.py --slices 8,16,32,64 --transports http
+    python bench/browser_bench.py [--size 256] [--runs 3] [--slices all] [--devtools]
+    python bench/browser_bench.py --slices 8,16,32,64,all --transports http
 """
 
 from __future__ import annotations
@@ -179,13 +180,17 @@ def devtools(daemon: Daemon, uploads: list[Upload], size: int) -> list[float]:
     return seconds
 
 
-def configurations(transports: list[str], slices: list[int]) -> dict[str, dict[str, Any]]:
+def configurations(transports: list[str], slices: list[str]) -> dict[str, dict[str, Any]]:
     """The Uploader options of each configuration measured, by name."""
     chosen: dict[str, dict[str, Any]] = {}
     for transport in transports:
         if transport == "http":
             for mib in slices:
-                chosen[f"HTTP, {mib} MiB slices"] = {"transport": "http", "chunkSize": mib * MiB}
+                if mib == "all":
+                    chosen["HTTP, the whole file (default)"] = {"transport": "http"}
+                else:
+                    options = {"transport": "http", "chunkSize": int(mib) * MiB}
+                    chosen[f"HTTP, {mib} MiB slices"] = options
         else:
             chosen["WebSocket"] = {"transport": "websocket"}
     return chosen
@@ -198,13 +203,18 @@ def main() -> None:
     parser.add_argument("--chunk-kb", type=int, default=512)
     parser.add_argument("--send-ahead", type=int, default=4)
     parser.add_argument("--transports", default="http,websocket", help="http, websocket or both")
-    parser.add_argument("--slices", default="32", help="MiB per PATCH over HTTP, e.g. 8,16,32,64")
+    parser.add_argument(
+        "--slices", default="all", help="MiB per request over HTTP, e.g. 8,16,32,64,all"
+    )
     parser.add_argument("--devtools", action="store_true", help="drive Chromium with Playwright")
     args = parser.parse_args()
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     if not set(transports) <= {"http", "websocket"}:
         parser.error("--transports: http and/or websocket")
-    chosen = configurations(transports, [int(m) for m in args.slices.split(",")])
+    slices = [m.strip() for m in args.slices.split(",") if m.strip()]
+    if not all(m == "all" or m.isdigit() for m in slices):
+        parser.error("--slices: MiB per request, or all")
+    chosen = configurations(transports, slices)
     backend, backend_url = start_backend()
     daemon = Daemon(["--chunk-size-kb", str(args.chunk_kb), "--send-ahead", str(args.send_ahead)])
     form = {"signalFinishURL": backend_url}  # the file is removed once handed over
@@ -231,7 +241,7 @@ def main() -> None:
             args.size * MiB / s / 1e6 for n, s in zip(names, seconds, strict=True) if n == name
         ]
         medians[name] = statistics.median(rates)
-        print(f"  {name:<24} median {medians[name]:4.0f} MB/s "
+        print(f"  {name:<32} median {medians[name]:4.0f} MB/s "
               f"(min {min(rates):.0f}, max {max(rates):.0f}; "
               f"runs {', '.join(f'{r:.0f}' for r in rates)})")  # fmt: skip
     if "WebSocket" in medians:

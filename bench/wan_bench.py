@@ -5,7 +5,8 @@ trip and 400 Mbit/s (a router buffer of 1.25 x the bandwidth-delay product, slow
 
 For each round trip, one emulated path (bench/linkem.py, in its own process) in front
 of both servers, and one upload of the same file (256 MiB) by each of:
-- incoming.js in headless Chromium, HTTP (its default) and WebSocket, to ours;
+- incoming.js in headless Chromium, HTTP (its default: the file in one request; and
+  with chunkSize 32 MiB, a request per piece) and WebSocket, to ours;
 - the 2014 library in Chromium, to ours: `--lib2014 PATH` names a copy of its
   incoming.js (uit-no-old/incoming on GitHub; not in this repository);
 - tus-js-client under Node (tests/tus_client.mjs) in 8 MiB PATCHes, in one PATCH, and
@@ -49,6 +50,7 @@ from upload_bench import MiB, sha256_file, start_backend  # noqa: E402
 BLOCK_SIZE = 64 * MiB  # the page's random block
 PIECE = 1 * MiB
 TUS_CHUNK = 8 * MiB
+HTTP_PIECE = 32 * MiB  # incoming.js's chunkSize in its row of pieces (its default before)
 
 # The goals, as the share of the line at (40 ms, 150 ms), for ours.
 TARGETS = {
@@ -258,6 +260,7 @@ class Bench:
 
 ROWS = [
     ("incoming.js, HTTP (default)", "browser"),
+    ("incoming.js, HTTP in 32 MiB pieces", "browser"),
     ("incoming.js, WebSocket", "browser"),
     ("the 2014 library", "browser"),
     ("tus-js-client, 8 MiB PATCHes", "tus"),
@@ -332,8 +335,9 @@ def run_row(bench: Bench, link: LinkProcess, row: str, server: str, cell: Cell) 
                 cell.skipped = "the 2014 library: skipped, no --lib2014 PATH (its incoming.js)"
                 return None
             return bench.browser(link, "2014", {})
-        transport = "websocket" if "WebSocket" in row else "http"
-        return bench.browser(link, "ours", {"transport": transport} if transport != "http" else {})
+        if "WebSocket" in row:
+            return bench.browser(link, "ours", {"transport": "websocket"})
+        return bench.browser(link, "ours", {"chunkSize": HTTP_PIECE} if "MiB pieces" in row else {})
     target = bench.ours if server == "ours" else bench.theirs
     if "8 MiB" in row:
         return bench.tus(link, target, TUS_CHUNK, 1)

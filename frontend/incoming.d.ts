@@ -12,7 +12,11 @@ export interface UploaderOptions {
    * has no tus endpoint, unless `headers` are given.
    */
   transport?: "http" | "websocket";
-  /** Bytes per PATCH over HTTP (default 32 MiB). The WebSocket uses the server's chunk size. */
+  /**
+   * Bytes per request over HTTP; the creation carries the first piece. Default: all the
+   * file has left, in one request (no round trip idles between pieces; `bytes_acked` moves
+   * when it is answered). The WebSocket uses the server's chunk size.
+   */
   chunkSize?: number | null;
   /**
    * Extra headers on every HTTP request (creation, PATCH, HEAD, DELETE), typically the
@@ -53,7 +57,7 @@ export declare class Uploader {
   /** The file's size in bytes. */
   readonly bytes_total: number;
   /**
-   * Bytes sent: over HTTP what the PATCH in flight has sent; over the WebSocket what was
+   * Bytes sent: over HTTP what the request in flight has sent; over the WebSocket what was
    * given to the socket (it may not have sent it yet: see `bytes_sent`).
    */
   readonly bytes_tx: number;
@@ -70,9 +74,9 @@ export declare class Uploader {
   readonly frac_sent: number;
   /** `bytes_acked / bytes_total`, 0..1 (the 2014 meaning). */
   readonly frac_complete: number;
-  /** Chunks (WebSocket) or PATCHes (HTTP) sent on this connection. */
+  /** Chunks (WebSocket) or requests carrying bytes (HTTP) sent on this connection. */
   readonly chunks_tx_now: number;
-  /** Chunks or PATCHes acknowledged on this connection. */
+  /** Chunks or requests carrying bytes acknowledged on this connection. */
   readonly chunks_acked_now: number;
   /** `chunks_tx_now - chunks_acked_now`. */
   readonly chunks_ahead: number;

@@ -15,9 +15,9 @@
  * server now and then (HEAD, over either transport), and fires onhandedover with `result`
  * once the backend has answered, or onerror (30) if the server finally gave up.
  *
- * Two transports: HTTP (tus 1.0: one PATCH of a File.slice at a time, the
- * default) and the 2014 WebSocket protocol ({transport: "websocket"}, and the
- * fallback when the server has no tus endpoint).
+ * Two transports: HTTP (tus 1.0, the default: the creation carries the file, a
+ * File.slice the browser streams from disk) and the 2014 WebSocket protocol
+ * ({transport: "websocket"}, and the fallback when the server has no tus endpoint).
  * incoming.find_upload(file) gives the ticket of an upload this browser
  * started for that file and has not seen end, so a reloaded page can continue it.
  *
@@ -37,12 +37,17 @@
   // (nothing acknowledged is lost).
   var RETRYABLE_ERRORS = { 13: true, 23: true, 24: true, 25: true, 99: true };
   var TUS_VERSION = "1.0.0";
-  // Bytes per PATCH. Headless Chromium to a local server (bench/browser_bench.py
-  // --runs 5 --slices 8,16,32,64, medians of 256 MiB uploads, two sessions): 183/179,
-  // 223/228, 230/275, 238/260 MB/s. 32 MiB is where larger slices stop paying; the
-  // server keeps what arrived of a PATCH cut short, so a pause or a lost connection
-  // costs nothing more with a large one.
-  var HTTP_CHUNK_SIZE = 32 * 1024 * 1024;
+  // Bytes per request by default: all the file has left. Each request ends with a
+  // round trip in which the link idles (tus allows one PATCH at a time), so on a long
+  // fat link every piece costs its round trip: 256 MiB at 150 ms and 400 Mbit/s
+  // reached 0.63 of the line in 32 MiB PATCHes, 0.76 in one request, as tus-js-client
+  // in one PATCH (bench/wan_bench.py; docs/operations/performance.rst). A larger
+  // request costs the page nothing: the browser streams a File.slice from disk, and
+  // the server keeps what arrived of a request cut short, so a pause or a lost
+  // connection resends only from the server's offset (HEAD, or a plain creation). What
+  // it costs: bytes_acked (durable) moves at each answer only, at the end of the file;
+  // bytes_sent and frac_sent move meanwhile. options.chunkSize gives smaller pieces.
+  var HTTP_CHUNK_SIZE = Infinity;
   // WebSocket chunks read from the file ahead of sending, at most: a server on a long
   // fat link announces a SendAhead of tens of chunks (its window covers the round
   // trip), and what is read but not sent is held in the page's memory.
@@ -372,8 +377,12 @@
     this._xhr = null; // the one request in flight
     this._probe = null; // a WebSocket that tells an unreachable server from one without tus
     this._url = null; // the upload's tus URL, once created
+    // The first creation carries the first piece (creation-with-upload): one round trip
+    // less. Not where this browser remembers starting this upload (a reloaded page: the
+    // server would discard a body sent again), nor after a creation that went unanswered.
+    this._create_with_body = false;
     this._offset_known = false; // bytes_acked is the server's offset (else ask with HEAD)
-    this._tus_seen = false; // the server has answered as a tus server
+    this._tus_seen = false; // the server has answered as a tus server, or taken a body
     this._gone = ""; // the server's text when a creation or PATCH found the upload ended
     this.onprogress = null;
     this.onfinished = null;
@@ -486,6 +495,7 @@
       return;
     }
     this._s.started = true;
+    this._create_with_body = find_upload(this._file) !== this._ticket;
     remember(this._file, this._ticket, true);
     if (this._transport === "http") {
       this._h_step();
@@ -999,14 +1009,14 @@
     var self = this;
     var s = this._s;
     var metadata = "ticket " + base64_utf8(this._ticket);
+    var headers = { "Upload-Length": String(s.bytes_total) };
+    var answered;
     if (this._file.name) {
       metadata += ",filename " + base64_utf8(this._file.name);
     }
+    headers["Upload-Metadata"] = metadata;
     this._h_connecting();
-    this._h_send("POST", tus_endpoint(), {
-      "Upload-Length": String(s.bytes_total),
-      "Upload-Metadata": metadata
-    }, null, function (xhr) {
+    answered = function (xhr) {
       var location, offset;
       if (!xhr) {
         self._h_unreachable();
@@ -1022,6 +1032,9 @@
         if (offset === null) {
           self._h_step(); // HEAD tells
         } else {
+          if (s.chunks_tx_now > s.chunks_acked_now) {
+            s.chunks_acked_now++; // it carried a piece: answered, as a PATCH's
+          }
           self._h_at(offset, xhr);
         }
       } else if (xhr.status === 404 && !header(xhr, "Tus-Resumable")) {
@@ -1033,7 +1046,13 @@
       } else {
         self._h_refused(xhr, CREATION_ERRORS);
       }
-    });
+    };
+    if (this._create_with_body && s.bytes_total > 0) {
+      this._create_with_body = false; // once: a creation sent again asks where things stand
+      this._h_send_piece("POST", tus_endpoint(), headers, 0, answered);
+    } else {
+      this._h_send("POST", tus_endpoint(), headers, null, answered);
+    }
   };
 
   P._h_upload_url = function () {
@@ -1163,17 +1182,14 @@
     var self = this;
     var s = this._s;
     var start = s.bytes_acked;
-    var end = Math.min(start + this._http_chunk, s.bytes_total);
-    this._h_send("PATCH", this._url, {
-      "Content-Type": "application/offset+octet-stream",
-      "Upload-Offset": String(start)
-    }, this._file.slice(start, end), function (xhr) {
+    this._h_send_piece("PATCH", this._url, {}, start, function (xhr) {
       var offset;
       if (!xhr) {
         self._h_retry("Connection lost");
       } else if (xhr.status === 204) {
         offset = int_header(xhr, "Upload-Offset");
-        s.bytes_acked = s.bytes_tx = Math.min(offset === null ? end : offset, s.bytes_total);
+        s.bytes_acked = s.bytes_tx = Math.min(offset === null ? self._h_end(start) : offset,
+                                              s.bytes_total);
         s.chunks_acked_now++;
         s.error_code = 0;
         s.error_msg = "";
@@ -1197,13 +1213,39 @@
       } else {
         self._h_refused(xhr, PATCH_ERRORS);
       }
-    }, function (xhr) {
+    });
+  };
+
+  P._h_end = function (start) {
+    return Math.min(start + this._http_chunk, this._s.bytes_total);
+  };
+
+  // A PATCH, or the creation that carries the first piece: the bytes from `start` to
+  // the piece's end, a File.slice that the browser streams from disk; bytes_tx follows
+  // its upload events.
+  P._h_send_piece = function (method, url, headers, start, answered) {
+    var self = this;
+    var s = this._s;
+    var end = this._h_end(start);
+    headers["Content-Type"] = "application/offset+octet-stream";
+    if (method === "PATCH") {
+      headers["Upload-Offset"] = String(start);
+    }
+    this._h_send(method, url, headers, this._file.slice(start, end), answered, function (xhr) {
       if (!xhr.upload) {
         return;
       }
       xhr.upload.onprogress = function (event) {
         if (self._xhr === xhr) {
           s.bytes_tx = start + Math.min(event.loaded, end - start);
+          if (event.loaded > 0) {
+            self._tus_seen = true; // the request got through (a preflight, if any, passed)
+            s.connected = true; // the server takes bytes: connected before any answer
+            if (s.state_msg === "Connecting") {
+              self._set_state("Uploading"); // a creation's bytes flow
+              return;
+            }
+          }
           self._notify("onprogress");
         }
       };
@@ -1218,7 +1260,7 @@
       return; // could not send
     }
     s.chunks_tx_now++;
-    if (s.state_msg !== "Uploading") {
+    if (method === "PATCH" && s.state_msg !== "Uploading") {
       this._set_state("Uploading");
     }
   };
@@ -1269,8 +1311,9 @@
     s.paused = false;
     this._clear_retry();
     this._retries = 0;
-    if ((this._xhr && !this._url) || this._probe) {
-      // the creation, or the probe after it, is under way: the cancel follows it
+    if ((this._xhr && !this._url && s.chunks_tx_now === 0) || this._probe) {
+      // the creation, or the probe after it, is under way: the cancel follows it (one
+      // that carries bytes is stopped: a plain creation then tells the upload's URL)
       this._set_state("Cancelling");
       return;
     }

@@ -33,7 +33,7 @@ const live = { "Upload-Expires": "Sun, 29 Nov 2026 10:39:01 GMT" };
 const request = (x) => [x.method, x.url];
 const unanswered = (env) => env.xhrs.filter((x) => !x.answered && !x.aborted);
 
-test("creation with the ticket and name, then one PATCH of a File.slice at a time", () => {
+test("a creation with the ticket, name and first piece, then one PATCH of a File.slice at a time", () => {
   const env = load();
   const up = new env.incoming.Uploader("t", file(10 * MiB, "été.mp4"), { chunkSize: 4 * MiB });
   const events = recorder(up);
@@ -46,11 +46,18 @@ test("creation with the ticket and name, then one PATCH of a File.slice at a tim
     "Tus-Resumable": "1.0.0",
     "Upload-Length": "10485760",
     "Upload-Metadata": `ticket ${b64("t")},filename ${b64("été.mp4")}`,
+    "Content-Type": "application/offset+octet-stream",
   });
+  assert.deepEqual([creation.body.start, creation.body.end], [0, 4 * MiB], "creation-with-upload");
   assert.equal(creation.async, true);
-  creation.respond(201, { Location: "/incoming/tus/t", "Upload-Offset": "0", ...live });
-  const patches = [];
-  for (const [start, end] of [[0, 4 * MiB], [4 * MiB, 8 * MiB], [8 * MiB, 10 * MiB]]) {
+  assert.deepEqual([up.state_msg, up.connected], ["Connecting", false]);
+  creation.progress(MiB);
+  assert.deepEqual([up.state_msg, up.connected, up.bytes_tx, up.bytes_acked, up.chunks_ahead],
+                   ["Uploading", true, MiB, 0, 1], "bytes flow: connected before any answer");
+  creation.respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 4 * MiB, ...live });
+  assert.deepEqual([up.bytes_acked, up.chunks_acked_now], [4 * MiB, 1]);
+  const patches = [creation];
+  for (const [start, end] of [[4 * MiB, 8 * MiB], [8 * MiB, 10 * MiB]]) {
     const patch = env.xhr();
     patches.push(patch);
     assert.deepEqual(request(patch), ["PATCH", URL]);
@@ -83,19 +90,73 @@ test("creation with the ticket and name, then one PATCH of a File.slice at a tim
     [up.finished, up.frac_complete, up.bytes_acked, up.chunks_ahead, up.connected, up.can_pause, up.can_cancel],
     [true, 1, 10 * MiB, 0, false, false, false],
   );
-  assert.equal(env.xhrs.length, 4);
+  assert.equal(env.xhrs.length, 3);
   assert.equal(env.pending().length, 0);
 });
 
-test("slices are 32 MiB unless chunkSize says otherwise; Location may be absolute", () => {
+test("by default the creation carries the whole file: one request, answered once handed over", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(300 * MiB));
+  const events = recorder(up);
+  up.start();
+  const creation = env.xhr();
+  assert.deepEqual([request(creation), creation.requestHeaders["Content-Type"], creation.body.start, creation.body.end],
+                   [["POST", "https://app.example/incoming/tus/"], "application/offset+octet-stream", 0, 300 * MiB]);
+  creation.progress(200 * MiB);
+  assert.deepEqual([up.bytes_sent, up.bytes_acked, up.frac_complete], [200 * MiB, 0, 0],
+                   "sent moves; acknowledged (durable) waits for the answer");
+  creation.progress(300 * MiB);
+  creation.bodySent();
+  assert.equal(up.state_msg, "Handing over");
+  creation.respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 300 * MiB, "Incoming-Result": "ok%20!" });
+  assert.deepEqual(events, ["finished"]);
+  assert.deepEqual([up.result, up.bytes_acked, up.chunks_ahead], ["ok !", 300 * MiB, 0]);
+  assert.equal(env.xhrs.length, 1, "no other request: no preflight-worthy second URL, no idle round trip");
+  assert.equal(env.pending().length, 0);
+});
+
+test("a whole-file request dropped mid-way resumes from the server's offset with the bytes from there", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(64 * MiB));
+  const events = recorder(up);
+  up.start();
+  env.xhr().progress(20 * MiB);
+  env.xhr().fail(); // its bytes got through: a lost connection, not a server without tus
+  assert.equal(env.sockets.length, 0, "no WebSocket probe");
+  assert.match(up.state_msg, /^Connection lost; retrying in \d+ s$/);
+  env.fire();
+  const again = env.xhr();
+  assert.deepEqual([request(again), again.body, again.requestHeaders["Content-Type"]],
+                   [["POST", "https://app.example/incoming/tus/"], null, undefined], "a plain creation asks");
+  again.respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 16 * MiB, ...live });
+  const patch = env.xhr();
+  assert.deepEqual([request(patch), patch.requestHeaders["Upload-Offset"], patch.body.start, patch.body.end],
+                   [["PATCH", URL], String(16 * MiB), 16 * MiB, 64 * MiB]);
+  assert.deepEqual([up.bytes_acked, up.bytes_sent], [16 * MiB, 16 * MiB]);
+  patch.progress(30 * MiB);
+  assert.equal(up.bytes_sent, 46 * MiB);
+  patch.fail();
+  env.fire();
+  assert.deepEqual(request(env.xhr()), ["HEAD", URL]);
+  env.xhr().respond(200, { "Upload-Offset": 40 * MiB, "Upload-Length": 64 * MiB, ...live });
+  const rest = env.xhr();
+  assert.deepEqual([rest.method, rest.requestHeaders["Upload-Offset"], rest.body.start, rest.body.end],
+                   ["PATCH", String(40 * MiB), 40 * MiB, 64 * MiB]);
+  rest.respond(204, { "Upload-Offset": 64 * MiB });
+  assert.deepEqual(events, ["finished"]);
+  assert.deepEqual(env.xhrs.map((x) => x.method), ["POST", "POST", "PATCH", "HEAD", "PATCH"]);
+});
+
+test("one request carries all the file has left unless chunkSize says otherwise; Location may be absolute", () => {
   const env = load();
   env.incoming.set_server_hostname("up.example:4000");
   const up = new env.incoming.Uploader("t", file(100 * MiB));
   up.start();
-  assert.equal(env.xhr().url, "https://up.example:4000/incoming/tus/");
-  env.xhr().respond(201, { Location: "https://other.example/incoming/0.1/tus/t", "Upload-Offset": 0, ...live });
   assert.deepEqual([env.xhr().url, env.xhr().body.start, env.xhr().body.end],
-                   ["https://other.example/incoming/0.1/tus/t", 0, 32 * MiB]);
+                   ["https://up.example:4000/incoming/tus/", 0, 100 * MiB]);
+  env.xhr().respond(201, { Location: "https://other.example/incoming/0.1/tus/t", "Upload-Offset": 3 * MiB, ...live });
+  assert.deepEqual([env.xhr().url, env.xhr().body.start, env.xhr().body.end],
+                   ["https://other.example/incoming/0.1/tus/t", 3 * MiB, 100 * MiB]);
   assert.throws(() => new env.incoming.Uploader("t", file(1), { transport: "ws" }), /transport/);
 });
 
@@ -208,11 +269,14 @@ test("a cancel answered 412 (the handover runs) waits for the handover's result"
   assert.deepEqual(events, ["finished"]);
 });
 
-test("a cancel while the creation is under way follows it: creation, then DELETE", () => {
+test("a cancel while a plain creation is under way follows it: creation, then DELETE", () => {
   const env = load();
+  env.storage.setItem("incoming.upload|app.example|8388608|1600000000000|a.bin",
+                      JSON.stringify({ ticket: "t", at: env.clock.now })); // a reloaded page
   const up = new env.incoming.Uploader("t", file(8 * MiB));
   const events = recorder(up);
   up.start();
+  assert.equal(env.xhr().body, null, "no body: the server may have bytes of this upload");
   up.cancel("oops");
   assert.equal(env.xhrs.length, 1);
   assert.equal(env.xhr().aborted, false);
@@ -222,6 +286,24 @@ test("a cancel while the creation is under way follows it: creation, then DELETE
   env.xhr().respond(204);
   assert.deepEqual(events, ["cancelled: oops"]);
   assert.deepEqual(env.xhrs.map((x) => x.method), ["POST", "DELETE"]);
+});
+
+test("a cancel stops a creation that carries the file: a plain creation, then DELETE", () => {
+  const env = load();
+  const up = new env.incoming.Uploader("t", file(8 * MiB));
+  const events = recorder(up);
+  up.start();
+  const creation = env.xhr();
+  creation.progress(3 * MiB);
+  up.cancel("oops");
+  assert.equal(creation.aborted, true, "not sent to its end");
+  assert.deepEqual([request(env.xhr()), env.xhr().body], [["POST", "https://app.example/incoming/tus/"], null]);
+  assert.equal(up.state_msg, "Cancelling");
+  env.xhr().respond(201, { Location: "/incoming/tus/t", "Upload-Offset": 3 * MiB, ...live });
+  assert.deepEqual(request(env.xhr()), ["DELETE", URL]);
+  env.xhr().respond(204);
+  assert.deepEqual(events, ["cancelled: oops"]);
+  assert.deepEqual(env.xhrs.map((x) => x.method), ["POST", "POST", "DELETE"]);
 });
 
 test("a cancel before start() ends at once without a request", () => {
