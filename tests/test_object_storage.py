@@ -432,7 +432,7 @@ async def test_cluster_a_handover_whose_end_died_with_its_spool_takes_bytes_agai
     finally:
         ceph.start_rgw()
     again = daemon_b.logged(rb"upload %s: only 10485760 of its" % ticket.encode())
-    await again.addTimeout(30, reactor)  # its janitor took the handover up
+    await again.addTimeout(90, reactor)  # its janitor took the handover up (RGW restarts)
     client, conf = await resumed_on(b, ticket, len(data))
     assert conf["FilePos"] == 2 * PART
     await complete_upload(client, data[2 * PART :], chunk, conf["SendAhead"])
