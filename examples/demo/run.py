@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -78,6 +79,7 @@ def main() -> None:
         rf"demo listening on 127\.0\.0\.1:{args.port}$",
     )  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signalled = False  # Ctrl-C in the terminal reached the children too
     try:
         incoming.wait_until_listening()
         demo.wait_until_listening()
@@ -87,9 +89,12 @@ def main() -> None:
         while incoming.process.poll() is None and demo.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        signalled = True
     finally:
         for child in (demo, incoming):
+            if signalled:  # it stops by itself; another signal would stop it twice
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.process.wait(timeout=10)
             if child.process.poll() is None:
                 child.process.terminate()
                 child.process.wait(timeout=20)
