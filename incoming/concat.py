@@ -7,8 +7,9 @@ upload's, but are never handed over. The final request lists partial uploads of 
 ticket; `tus.Concatenation` connects to the ticket's upload as its transport and
 has their bytes copied into its file in that order, by the kernel (`files.Spliced`),
 where the file system may share the blocks instead. The handover and its SHA-256
-are the whole file's. The partials are held meanwhile (no PATCH, no DELETE), and go
-once their bytes are durable in the ticket's file; a final request cut short (a
+are the whole file's (only its file is hashed: a partial's bytes are not). The
+partials are held meanwhile (no PATCH, no DELETE), and go once their bytes are durable
+in the ticket's file, after the answer; a final request cut short (a
 restart, a full disk) is sent again and carries on from the bytes already durable.
 """
 

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -83,8 +84,20 @@ def copy_range(
 ) -> None:
     """Copy `size` bytes of file `source` from `offset` to file `destination` at `at`,
     feeding `digests` with them. `copy_file_range` shares the blocks where the file system
-    can (a reflink on XFS or Btrfs) and copies them in the kernel elsewhere; the digests
-    read them back from the page cache. A source shorter than `size` is an error."""
+    can (a reflink on XFS or Btrfs) and copies them in the kernel elsewhere; meanwhile the
+    digests read the source (from the page cache) in this thread, so the two take as long
+    as the longer, not the sum (both leave the GIL). A source shorter than `size` is an
+    error."""
+    if not digests:
+        _copy(source, destination, offset, size, at)
+        return
+    with ThreadPoolExecutor(1, "copy_range") as copier:
+        copying = copier.submit(_copy, source, destination, offset, size, at)
+        _feed(source, offset, size, digests)  # on an error, the `with` waits for the copy
+    copying.result()
+
+
+def _copy(source: int, destination: int, offset: int, size: int, at: int) -> None:
     done = 0
     while done < size:
         try:
@@ -96,13 +109,16 @@ def copy_range(
         if copied == 0:
             raise OSError(errno.EIO, f"the source ends {size - done} bytes short")
         done += copied
-    while digests and done > 0:
-        block = os.pread(source, min(COPY_BLOCK, done), offset)
+
+
+def _feed(source: int, offset: int, size: int, digests: Sequence[Digest]) -> None:
+    while size > 0:
+        block = os.pread(source, min(COPY_BLOCK, size), offset)
         if not block:
             raise OSError(errno.EIO, "the source ends short")
         for digest in digests:
             digest.update(block)
-        offset, done = offset + len(block), done - len(block)
+        offset, size = offset + len(block), size - len(block)
 
 
 def _copy_block(source: int, destination: int, size: int, offset: int, at: int) -> int:

@@ -322,7 +322,8 @@ class UploadManager:
             else:
                 upload.life.storage_failed(f"cannot write: {failure.value}")
 
-        self.storage.write(upload.id, offset, data, digests).addCallbacks(written, failed)
+        hashed = not upload.partial_of  # only a ticket's file is handed over with its SHA-256
+        self.storage.write(upload.id, offset, data, digests, hashed).addCallbacks(written, failed)
 
     def stands(self, upload: Upload) -> None:
         if self._abandoned(upload):

@@ -701,14 +701,14 @@ class SpoolStorage(DiskStorage):
         return found
 
     def _queue_write(
-        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...], hashed: bool
     ) -> Deferred[None]:
         """Writes wait (in their order) while the upload's bytes wait for the store."""
         lock = self._locks.setdefault(upload_id, DeferredLock())
 
         def write(_: None) -> Deferred[None]:
             return deferToThreadPool(
-                self._reactor, self._pool, self._write, upload_id, offset, data, digests
+                self._reactor, self._pool, self._write, upload_id, offset, data, digests, hashed
             )
 
         return lock.run(lambda: self.shipper.room(upload_id).addCallback(write))

@@ -197,7 +197,12 @@ class Storage(Protocol):
     def save_state(self, upload_id: str, record: Record) -> Deferred[None]: ...
 
     def write(
-        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
+        self,
+        upload_id: str,
+        offset: int,
+        data: Chunk,
+        digests: tuple[Digest, ...] = (),
+        hashed: bool = True,
     ) -> Deferred[None]: ...
 
     def synced(self, upload_id: str, upto: int) -> Deferred[None]: ...
@@ -385,13 +390,20 @@ class DiskStorage:
         return d.addCallback(durably)
 
     def write(
-        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
+        self,
+        upload_id: str,
+        offset: int,
+        data: Chunk,
+        digests: tuple[Digest, ...] = (),
+        hashed: bool = True,
     ) -> Deferred[None]:
         """Write `data` at `offset`, feeding `digests` with it in the same thread. Fires
         once written (not yet durable: see `synced`). After a write that found no space
-        (`no_space`), the upload's later writes fail the same way until a `truncate`."""
+        (`no_space`), the upload's later writes fail the same way until a `truncate`.
+        `hashed=False`: the upload's own SHA-256 is not kept (a tus partial upload's, which
+        nobody asks for: its ticket's file is hashed as the partials are copied in)."""
         self._opening(upload_id)
-        d = self._queue_write(upload_id, offset, data, digests)
+        d = self._queue_write(upload_id, offset, data, digests, hashed)
         state = self._durable.setdefault(upload_id, _Durable())
 
         def landed(_: None) -> None:
@@ -400,9 +412,9 @@ class DiskStorage:
         return d.addCallbacks(landed, self._full_or_not)
 
     def _queue_write(
-        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]
+        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...], hashed: bool
     ) -> Deferred[None]:
-        return self._run(upload_id, self._write, upload_id, offset, data, digests)
+        return self._run(upload_id, self._write, upload_id, offset, data, digests, hashed)
 
     def _full_or_not(self, failure: Failure) -> Failure:
         """A write that found no space: no room for new uploads until a new measure
@@ -599,12 +611,19 @@ class DiskStorage:
         if fd is not None:
             os.close(fd)
 
-    def _write(self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...]) -> None:
+    def _write(
+        self,
+        upload_id: str,
+        offset: int,
+        data: Chunk,
+        digests: tuple[Digest, ...],
+        hashed: bool = True,
+    ) -> None:
         short = self._short.get(upload_id)
         if short is not None:  # a hole must not open where an earlier write failed
             raise OSError(short, f"{os.strerror(short)} (an earlier write of this upload)")
         fd = self._fd(upload_id)
-        hashing = self._hashed_up_to(upload_id, fd, offset) if self._sha256 else None
+        hashing = self._hashed_up_to(upload_id, fd, offset) if self._sha256 and hashed else None
         if hashing is not None:
             hashing.mark()
             digests = (*digests, hashing.digest)

@@ -71,7 +71,12 @@ class MemoryStorage:
         return succeed(None)
 
     def write(
-        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Any, ...] = ()
+        self,
+        upload_id: str,
+        offset: int,
+        data: Chunk,
+        digests: tuple[Any, ...] = (),
+        hashed: bool = True,
     ) -> Deferred[None]:
         data = b"".join(data.parts) if isinstance(data, Pieces) else data
         for digest in digests:

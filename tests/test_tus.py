@@ -415,7 +415,9 @@ class SlowDisk(MemoryStorage):
         super().__init__()
         self.held: list[tuple[Deferred[None], Any]] = []
 
-    def write(self, upload_id: str, offset: int, data: Any, digests: Any = ()) -> Deferred[None]:
+    def write(
+        self, upload_id: str, offset: int, data: Any, digests: Any = (), hashed: bool = True
+    ) -> Deferred[None]:
         landed: Deferred[None] = Deferred()
         self.held.append((landed, lambda: super(SlowDisk, self).write(upload_id, offset, data)))
         return landed

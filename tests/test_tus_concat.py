@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+
+from incoming import storage as storage_module
 
 from .harness import Backend, Server, start_daemon, stop_daemon
 from .test_tus_clients import (
@@ -63,6 +69,15 @@ def parts_in(storage: Path, ticket: str) -> list[Path]:
     return [p for p in storage.glob("*.part") if p.name != f"{ticket}.part"]
 
 
+async def parts_gone(storage: Path, ticket: str) -> None:
+    """The partial uploads' files go once the final request is answered (not before it:
+    its client need not wait for the removals)."""
+    deadline = reactor.seconds() + 10
+    while parts_in(storage, ticket):
+        assert reactor.seconds() < deadline, parts_in(storage, ticket)
+        await deferLater(reactor, 0.01)
+
+
 @pytest_twisted.ensureDeferred
 async def test_tus_js_client_parallel_uploads_are_concatenated_into_the_ticket(
     tmp_path: Path, backend: Backend, stopper: list[Any]
@@ -90,7 +105,7 @@ async def test_tus_js_client_parallel_uploads_are_concatenated_into_the_ticket(
     assert success["url"] == f"{server.base}/tus/{ticket}"
     assert (success["status"], success["offset"]) == (201, str(len(data)))
     assert client.named("retry") == []
-    assert parts_in(storage, ticket) == []  # the partial uploads went with the copy
+    await parts_gone(storage, ticket)  # the partial uploads went with the copy
     assert await offset_of(success["url"]) == len(data)
     await stop_daemon(daemon, process)
     assert len(backend.posts.pending) == 0
@@ -128,7 +143,7 @@ async def test_parallel_uploads_resume_after_the_daemon_is_sigkilled(
     post = await backend.posts.get()
     assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
     assert (storage / ticket).read_bytes() == data
-    assert parts_in(storage, ticket) == []
+    await parts_gone(storage, ticket)
     await stop_daemon(daemon, process)
     assert len(backend.posts.pending) == 0
 
@@ -205,7 +220,7 @@ async def test_delete_of_a_partial_upload_removes_it_and_a_final_then_refuses_it
     post = await backend.posts.get()
     assert (post["id"], post["size"], post["cancelled"]) == (ticket, "5000", "no")
     assert Path(post["filename"]).read_bytes() == b"z" * 3000 + b"y" * 2000
-    assert parts_in(storage, ticket) == []
+    await parts_gone(storage, ticket)
     await stop_daemon(daemon, process)
 
 
@@ -226,3 +241,44 @@ async def test_a_partial_upload_of_a_cancelled_ticket_takes_no_more_bytes(
     assert status == 410 and "cancelled" in text
     assert (await partial(server, ticket, 10)).code == 410
     await stop_daemon(daemon, process)
+
+
+class CountingSha256:
+    """hashlib.sha256 for the storage, counting the bytes it hashes."""
+
+    fed = 0
+
+    def __init__(self, digest: Any = None) -> None:
+        self.digest = digest or hashlib.sha256()
+
+    def update(self, data: Any) -> None:
+        CountingSha256.fed += len(memoryview(data).cast("B"))
+        self.digest.update(data)
+
+    def copy(self) -> CountingSha256:
+        return CountingSha256(self.digest.copy())
+
+    def hexdigest(self) -> str:
+        return str(self.digest.hexdigest())
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_uploads_are_not_hashed_and_the_ticket_gets_its_whole_files_sha256(
+    server: Server, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the ticket's file is hashed (as the partials are copied into it): a partial
+    upload's own SHA-256 is of no use. Partials written last-first, joined first-last."""
+    monkeypatch.setattr(storage_module, "hashlib", SimpleNamespace(sha256=CountingSha256))
+    CountingSha256.fed = 0
+    first, second = os.urandom(3 * MiB + 5), os.urandom(2 * MiB + 7)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    second_url = await stored_partial(server, ticket, second)
+    first_url = await stored_partial(server, ticket, first)
+    assert CountingSha256.fed == 0  # the partials' bytes were not hashed as they came
+    done = await final(server, [first_url, second_url])
+    assert done.code == 201, done.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, str(len(first + second)))
+    assert post["sha256"] == hashlib.sha256(first + second).hexdigest()
+    assert Path(post["filename"]).read_bytes() == first + second
+    assert CountingSha256.fed == len(first + second)  # each byte hashed once

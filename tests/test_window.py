@@ -137,14 +137,21 @@ class GatedDisk(DiskStorage):
         self.shut = True
 
     def write(
-        self, upload_id: str, offset: int, data: Chunk, digests: tuple[Digest, ...] = ()
+        self,
+        upload_id: str,
+        offset: int,
+        data: Chunk,
+        digests: tuple[Digest, ...] = (),
+        hashed: bool = True,
     ) -> Deferred[None]:
         self.seen.append(self.queued(upload_id))
         if not self.shut:
-            return super().write(upload_id, offset, data, digests)
+            return super().write(upload_id, offset, data, digests, hashed)
         landed: Deferred[None] = Deferred()
         write = super().write
-        self.held.append(lambda: write(upload_id, offset, data, digests).chainDeferred(landed))
+        self.held.append(
+            lambda: write(upload_id, offset, data, digests, hashed).chainDeferred(landed)
+        )
         self.held_bytes += len(data)
         if self.held_bytes >= self.flood_at and not self.flooded.called:
             self.flooded.callback(None)
