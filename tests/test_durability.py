@@ -14,7 +14,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 
 from incoming.files import fsync_dir, replace_file
@@ -31,17 +30,18 @@ class CountedSync:
         self.calls = 0
         self._open = threading.Event()
         self._open.set()
-        self.entered = threading.Event()
+        self.entered: Deferred[None] = Deferred()  # fires when a sync begins after `hold`
 
     def __call__(self, fd: int) -> None:
         self.calls += 1
-        self.entered.set()
+        entered = self.entered
+        reactor.callFromThread(lambda: entered.called or entered.callback(None))
         self._open.wait(10)
         os.fdatasync(fd)
 
     def hold(self) -> None:
         self._open.clear()
-        self.entered.clear()
+        self.entered = Deferred()
 
     def let_go(self) -> None:
         self._open.set()
@@ -75,8 +75,7 @@ async def test_writes_that_land_while_a_sync_runs_share_the_next_one(
         write_and_sync(storage, upload_id, o, data[o : o + BLOCK])
         for o in range(0, len(data), BLOCK)
     ]
-    while not sync.entered.is_set():
-        await deferLater(reactor, 0.01, lambda: None)
+    await sync.entered
     await storage.drain(upload_id)  # the 49 others land meanwhile, and ask for a sync
     sync.let_go()
     await gatherResults(durable)
@@ -107,8 +106,7 @@ async def test_writes_go_on_while_a_sync_runs_and_the_next_sync_covers_them(
     upload_id = str(uuid.uuid4())
     sync.hold()
     first = write_and_sync(storage, upload_id, 0, b"a" * BLOCK)
-    while not sync.entered.is_set():  # the first sync has begun, and waits
-        await deferLater(reactor, 0.01, lambda: None)
+    await sync.entered  # the first sync has begun, and waits
     later = [storage.write(upload_id, n * BLOCK, b"b" * BLOCK) for n in range(1, 4)]
     await gatherResults(later)  # landed while the sync waits: not queued behind it
     durable: list[object] = []
