@@ -50,7 +50,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from linkem import LinkProcess  # noqa: E402
-from tus_bench import CLIENT, NODE, cpu_seconds, peak_rss_mb, random_file  # noqa: E402
+from tus_bench import (  # noqa: E402
+    CLIENT,
+    NODE,
+    cpu_seconds,
+    peak_rss_mb,
+    random_file,
+    start_tus_node,
+)
 from upload_bench import Daemon, http_post, start_backend, summary  # noqa: E402
 
 from tests.ceph import Ceph  # noqa: E402
@@ -116,19 +123,10 @@ class TusS3:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.process = subprocess.Popen(
-            [NODE, str(store.server_script), "0", store.endpoint, store.bucket, str(PART)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # the AWS SDK's notice about Node 20's support
-            cwd=ROOT,
+        self.process, self.endpoint = start_tus_node(
+            [NODE, str(store.server_script), "0", store.endpoint, store.bucket, str(PART)]
         )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode()
-        if not line.startswith("listening on "):
-            self.process.kill()
-            raise RuntimeError(f"@tus/server did not start: {line!r}")
         self.pid = self.process.pid
-        self.endpoint = f"http://127.0.0.1:{int(line.split()[-1])}/files"
 
     def metadata(self, name: str) -> dict[str, str]:
         return {"filename": name}

@@ -105,6 +105,22 @@ class OursWithoutDigest(Ours):
     options = ["--checksum", "none"]
 
 
+def start_tus_node(command: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A Node tus server (bench/tus_*server.mjs) and its endpoint, once it listens."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the AWS SDK's notice about Node 20's support
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise RuntimeError(f"@tus/server did not start: {line!r}")
+    return process, f"http://127.0.0.1:{int(line.split()[-1])}/files"
+
+
 class TusNode:
     """`node bench/tus_server.mjs`: @tus/server with a FileStore in a temporary directory."""
 
@@ -113,16 +129,8 @@ class TusNode:
     def __init__(self, backend_url: str) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="tus-node-bench-")
         self.storage = Path(self.dir.name)
-        self.process = subprocess.Popen(
-            [NODE, str(TUS_SERVER), "0", self.dir.name], stdout=subprocess.PIPE, cwd=ROOT
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode()
-        if not line.startswith("listening on "):
-            self.process.kill()
-            raise RuntimeError(f"@tus/server did not start: {line!r}")
+        self.process, self.endpoint = start_tus_node([NODE, str(TUS_SERVER), "0", self.dir.name])
         self.pid = self.process.pid
-        self.endpoint = f"http://127.0.0.1:{int(line.split()[-1])}/files"
 
     def metadata(self, name: str) -> dict[str, str]:
         return {"filename": name}
