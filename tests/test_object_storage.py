@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +407,21 @@ async def test_the_store_away_mid_upload_stalls_then_tells_the_client_and_loses_
     assert ceph.multipart_uploads(bucket) == []
 
 
+async def in_redis_handovers(redis: Redis, ticket: str) -> None:
+    """Until Redis lists the upload among the handovers an instance may leave behind."""
+    for _attempt in range(300):
+        found = await threads.deferToThread(
+            subprocess.run,
+            ["redis-cli", "-p", str(redis.port), "SISMEMBER", "incoming:handovers", ticket],
+            capture_output=True,
+            text=True,
+        )
+        if found.stdout.strip() == "1":
+            return
+        await deferLater(reactor, 0.1, lambda: None)
+    pytest.fail("the handover never reached Redis")
+
+
 @pytest_twisted.ensureDeferred
 async def test_cluster_a_handover_whose_end_died_with_its_spool_takes_bytes_again(
     ceph: Ceph, bucket: str, redis: Redis, tmp_path: Path, backend: Backend, stopper: list[Any]
@@ -427,12 +443,13 @@ async def test_cluster_a_handover_whose_end_died_with_its_spool_takes_bytes_agai
         await send_all(client, data[2 * PART :], chunk, conf["SendAhead"])  # durable in A's spool
         began = daemon_a.logged(rb"upload %s complete" % ticket.encode())  # the handover
         await began.addTimeout(30, reactor)
+        await in_redis_handovers(redis, ticket)  # A's record says so: its janitor's work
         await daemon_a.kill(process_a)
         shutil.rmtree(tmp_path / "spool-0")
     finally:
         ceph.start_rgw()
     again = daemon_b.logged(rb"upload %s: only 10485760 of its" % ticket.encode())
-    await again.addTimeout(90, reactor)  # its janitor took the handover up (RGW restarts)
+    await again.addTimeout(30, reactor)  # its janitor took the handover up
     client, conf = await resumed_on(b, ticket, len(data))
     assert conf["FilePos"] == 2 * PART
     await complete_upload(client, data[2 * PART :], chunk, conf["SendAhead"])
