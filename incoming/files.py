@@ -48,7 +48,7 @@ Chunk = Buffer | Pieces | Spliced  # what an upload's transport hands on to be w
 STATE_MODE, DATA_MODE, DIRECTORY_MODE = 0o600, 0o640, 0o750
 SHARED_DIRECTORY_MODE = 0o770  # with --group: its members move and delete handed-over files
 IOV_MAX = 1024  # buffers one pwritev takes (Linux)
-COPY_BLOCK = 4 * 1024 * 1024  # read at once to hash copied bytes (or to copy them by hand)
+READ_BLOCK = 4 * 1024 * 1024  # read at once to hash a file's bytes (or to copy them by hand)
 
 
 class Digest(Protocol):
@@ -93,7 +93,7 @@ def copy_range(
         return
     with ThreadPoolExecutor(1, "copy_range") as copier:
         copying = copier.submit(_copy, source, destination, offset, size, at)
-        _feed(source, offset, size, digests)  # on an error, the `with` waits for the copy
+        hash_range(source, offset, size, digests)  # on an error, the `with` waits for the copy
     copying.result()
 
 
@@ -111,11 +111,13 @@ def _copy(source: int, destination: int, offset: int, size: int, at: int) -> Non
         done += copied
 
 
-def _feed(source: int, offset: int, size: int, digests: Sequence[Digest]) -> None:
+def hash_range(source: int, offset: int, size: int, digests: Sequence[Digest]) -> None:
+    """Feed `digests` with `size` bytes of file `source` from `offset`, a block at a time;
+    OSError if the file ends before."""
     while size > 0:
-        block = os.pread(source, min(COPY_BLOCK, size), offset)
+        block = os.pread(source, min(READ_BLOCK, size), offset)
         if not block:
-            raise OSError(errno.EIO, "the source ends short")
+            raise OSError(errno.EIO, f"the file ends {size} bytes short")
         for digest in digests:
             digest.update(block)
         offset, size = offset + len(block), size - len(block)
@@ -123,7 +125,7 @@ def _feed(source: int, offset: int, size: int, digests: Sequence[Digest]) -> Non
 
 def _copy_block(source: int, destination: int, size: int, offset: int, at: int) -> int:
     """Where the kernel cannot copy between these files: one block through memory."""
-    block = os.pread(source, min(COPY_BLOCK, size), offset)
+    block = os.pread(source, min(READ_BLOCK, size), offset)
     pwrite_all(destination, block, at)
     return len(block)
 

@@ -56,6 +56,7 @@ from .files import (
     copy_range,
     fsync_dir,
     has_hole,
+    hash_range,
     make_dirs,
     pwrite_all,
     replace_file,
@@ -67,7 +68,6 @@ T = TypeVar("T")
 Record = dict[str, object]
 log = Logger()
 MAX_OPEN_FILES = 256
-REHASH_BLOCK = 4 * 1024 * 1024  # read to hash again what a restart or a rewind lost
 HASH_MARKS = 8  # copies of an upload's SHA-256 kept where its last writes began
 FREE_SPACE_AGE = 5.0  # seconds a measure of the free space is used
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or quota: the upload waits
@@ -682,13 +682,10 @@ class DiskStorage:
             if has_hole(fd, 0, offset):
                 self._hashing.pop(upload_id, None)
                 return None
-            hashing = self._hashing[upload_id] = _Hashing(hashlib.sha256())
-            while hashing.upto < offset:
-                block = os.pread(fd, min(REHASH_BLOCK, offset - hashing.upto), hashing.upto)
-                if not block:
-                    raise OSError(f"upload {upload_id}: file shorter than {offset} bytes")
-                hashing.digest.update(block)
-                hashing.upto += len(block)
+            hashing = _Hashing(hashlib.sha256())
+            hash_range(fd, 0, offset, (hashing.digest,))
+            hashing.upto = offset
+            self._hashing[upload_id] = hashing
         return hashing
 
     def _stored(self, upload_id: str) -> tuple[int, bool]:
