@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from .files import has_hole
+from .files import DATA_MODE, has_hole, pwrite_all
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -367,11 +367,11 @@ class ObjectStore:
             if _gone(e):
                 return None
             raise
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, DATA_MODE)
         written = 0
         try:
             while block := body.read(READ_BLOCK):
-                os.pwrite(fd, block, offset + written)
+                pwrite_all(fd, block, offset + written)
                 written += len(block)
         finally:
             os.close(fd)

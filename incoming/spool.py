@@ -85,14 +85,15 @@ class _Shipment:
     stalled: bool = False  # a write waited `patience` for room: the next fail at once
     failed: StoreError | None = None  # the store lost the upload's parts: it cannot go on
     ended: bool = False  # completed or aborted: nothing more is sent
+    run: int = 0  # parts 1 to `run` are in the store (parts are added, never removed)
 
     @property
     def shipped(self) -> int:
-        """Bytes from the start that the store holds, part after part."""
-        n = 1
-        while n in self.parts:
-            n += 1
-        return (n - 1) * self.part_size
+        """Bytes from the start that the store holds, part after part (asked at every
+        write: the run found so far is kept)."""
+        while self.run + 1 in self.parts:
+            self.run += 1
+        return self.run * self.part_size
 
     def room(self) -> bool:
         return self.firm - self.shipped < SPOOL_PARTS * self.part_size
@@ -123,6 +124,11 @@ class Shipper:
 
     def key(self, upload_id: str) -> str:
         return self.store.location.key(upload_id)
+
+    async def _give_back_parts(self, s: _Shipment) -> None:
+        """The spool's blocks of every part the store holds go back to the disk."""
+        for part in list(s.parts.values()):
+            await self._give_back(s.path, (part.number - 1) * s.part_size, part.size)
 
     def _give_back(self, path: Path, offset: int, size: int) -> Deferred[None]:
         return self._on_disk(give_back, path, offset, size)
@@ -211,8 +217,7 @@ class Shipper:
         need not stay in the spool."""
         async with s.lock:
             await self._learn(s)
-            for part in list(s.parts.values()):
-                await self._give_back(s.path, (part.number - 1) * s.part_size, part.size)
+            await self._give_back_parts(s)
             self._ship(s)  # (before the lock goes: `settled` sees the parts on their way)
 
     def _trouble_learning(self, failure: Any, s: _Shipment) -> None:
@@ -388,8 +393,7 @@ class Shipper:
         s = self._shipment(upload_id)
         async with s.lock:
             await self._learn(s)
-            for part in list(s.parts.values()):
-                await self._give_back(s.path, (part.number - 1) * s.part_size, part.size)
+            await self._give_back_parts(s)
         extent = s.shipped
         tail = await self.store.head(_tail(s.key)) if self.tails else None
         while True:
@@ -765,14 +769,14 @@ class SpoolStorage(DiskStorage):
     def _spooled(self, upload_id: str) -> tuple[int, str | None, bool]:
         """The upload's size, its SHA-256 if the spool can say, and whether the object
         was made before (in a pool thread)."""
-        final, part = self.final_path(upload_id), self.part_path(upload_id)
-        if final.exists() and not part.exists():
+        size, made = self._made(upload_id)
+        if made:
             self._hashing.pop(upload_id, None)
-            return final.stat().st_size, None, True
+            return size, None, True
         fd = self._fd(upload_id)  # a zero-byte upload had no write that opened it
         try:
             size = os.fstat(fd).st_size
-            return size, self._digest_of(upload_id, part, fd), False
+            return size, self._digest_of(upload_id, self.part_path(upload_id), fd), False
         finally:
             self._close(upload_id)
 
