@@ -118,6 +118,11 @@ def _refusal(e: UploadError) -> TusError:
     return refusal
 
 
+def _cancelled(upload: Upload) -> TusError:
+    reason = f"this upload was cancelled: {upload.cancel_reason}"
+    return _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
+
+
 class TusApi:
     """`PREFIX/tus/` (or `PREFIX/tus`): the tus endpoint, and `PREFIX/tus/<ticket>` the
     upload of a ticket."""
@@ -301,8 +306,7 @@ class TusApi:
         except UploadError as e:
             raise _refusal(e) from None
         if upload is not None and upload.cancelled:
-            reason = f"this upload was cancelled: {upload.cancel_reason}"
-            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
+            raise _cancelled(upload)
         if upload is None or upload.length is None:
             missing = "no such upload; create it with the ticket first"
             raise _refusal(UploadError(ErrorCode.UNKNOWN_TICKET, missing))
@@ -347,11 +351,29 @@ class TusApi:
         if upload is None:
             raise _refusal(UploadError(ErrorCode.UNKNOWN_TICKET, "unknown upload ticket"))
         if upload.cancelled:
-            reason = f"this upload was cancelled: {upload.cancel_reason}"
-            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
+            raise _cancelled(upload)
         if not upload.receiving or (upload.length is not None and upload.offset == upload.length):
             raise _refusal(UploadError(ErrorCode.TICKET_FINISHED, "this upload has every byte"))
         return upload
+
+    async def _joined(
+        self, request: IRequest, parts: list[Upload | None], ticket: str, refusal: ConcatError
+    ) -> Answer | None:
+        """A final request sent again after its partial uploads were joined (its answer
+        was lost, or the server restarted as it was sent): the ticket's answer, as the
+        first final request had it, if the ticket has every byte; else None."""
+        ticket = ticket or next((part.partial_of for part in parts if part is not None), "")
+        if refusal.status != 410 or not ticket:
+            return None
+        upload = await self.created(ticket, answered=True)  # (cancelled: its 410)
+        if upload.offset != upload.length:
+            return None
+        headers = {"Location": _location(request, ticket), "Upload-Offset": str(upload.offset)}
+        if upload.phase.final:
+            headers["Incoming-Result"] = quote(upload.result, safe="")
+        if upload.handover_pending:
+            headers[PENDING_HEADER] = "pending"
+        return Answer(201, headers=headers)
 
     async def concatenate(self, request: IRequest, ids: list[str]) -> Answer:
         """A final upload: the listed partial uploads' bytes, in that order, become the
@@ -363,7 +385,10 @@ class TusApi:
             parts = [await self.manager.find(upload_id) for upload_id in ids]
             ticket = check_parts(parts, ids, _text(metadata, "ticket"))
         except ConcatError as e:
-            raise TusError(e.status, str(e)) from None
+            joined = await self._joined(request, parts, _text(metadata, "ticket"), e)
+            if joined is None:
+                raise TusError(e.status, str(e)) from None
+            return joined
         except UploadError as e:
             raise _refusal(e) from None
         found = [part for part in parts if part is not None]
@@ -539,8 +564,7 @@ class PatchStream:
         """Where the body goes, and whether it is to be dropped (the upload has it all)."""
         assert upload.length is not None
         if upload.cancelled:  # meanwhile (its ending reaches this stream once saved)
-            reason = f"this upload was cancelled: {upload.cancel_reason}"
-            raise _refusal(UploadError(ErrorCode.TICKET_CANCELLED, reason))
+            raise _cancelled(upload)
         discard = not upload.receiving  # every byte is stored: it is (being) handed over
         if discard:
             position = upload.offset

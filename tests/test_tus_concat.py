@@ -282,3 +282,26 @@ async def test_partial_uploads_are_not_hashed_and_the_ticket_gets_its_whole_file
     assert post["sha256"] == hashlib.sha256(first + second).hexdigest()
     assert Path(post["filename"]).read_bytes() == first + second
     assert CountingSha256.fed == len(first + second)  # each byte hashed once
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_final_request_sent_again_after_its_answer_was_lost_gets_it_again(
+    server: Server, backend: Backend
+) -> None:
+    """Its partial uploads were joined and are gone: the ticket's answer, not a 410 that
+    would tell the client the file was lost."""
+    backend.answers.append((200, b"done\nverdict: kept"))
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    first = await stored_partial(server, ticket, b"a" * 9)
+    second = await stored_partial(server, ticket, b"b" * 7)
+    done = await final(server, [first, second])
+    assert done.code == 201, done.text_
+    await backend.posts.get()
+    await parts_gone(server.storage_dir, ticket)
+    again = await final(server, [first, second])
+    assert again.code == 201, again.text_
+    assert again.headers.getRawHeaders("upload-offset") == ["16"]
+    assert again.headers.getRawHeaders("location") == done.headers.getRawHeaders("location")
+    assert again.headers.getRawHeaders("incoming-result") == ["verdict%3A%20kept"]
+    assert backend.posts.pending == []  # handed over once
+    assert (server.storage_dir / ticket).read_bytes() == b"a" * 9 + b"b" * 7
