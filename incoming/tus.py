@@ -365,7 +365,10 @@ class TusApi:
         ticket = ticket or next((part.partial_of for part in parts if part is not None), "")
         if refusal.status != 410 or not ticket:
             return None
-        upload = await self.created(ticket, answered=True)  # (cancelled: its 410)
+        try:
+            upload = await self.created(ticket, answered=True)
+        except TusError:  # unknown, not given a length, cancelled: the refusal stands
+            return None
         if upload.offset != upload.length:
             return None
         headers = {"Location": _location(request, ticket), "Upload-Offset": str(upload.offset)}
