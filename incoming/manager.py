@@ -331,10 +331,15 @@ class UploadManager:
         self.storage.firm(upload.id, upload.firm, upload.length)
 
     def touch(self, upload: Upload) -> None:
+        """Activity: the idle clock starts again, the ticket's too for a partial upload
+        (whose ticket takes no bytes itself until its final request)."""
         if self._abandoned(upload):
             return
         self._arm_idle(upload, self.max_idle)
         self._unsaved.add(upload.id)
+        ticket = self._uploads.get(upload.partial_of) if upload.partial_of else None
+        if ticket is not None and ticket.receiving:
+            self.touch(ticket)
 
     def save(self, upload: Upload) -> Deferred[bool]:
         """Save durably; True once saved, False (logged) if it could not be. Later disk

@@ -155,6 +155,19 @@ def test_bytes_stand_once_durable_unless_their_sender_may_still_void_them() -> N
     assert (upload.stored, upload.firm) == (5, 5)
 
 
+def test_a_ticket_stays_alive_while_its_partial_uploads_take_bytes() -> None:
+    manager, clock, storage, handover = make_manager()
+    ticket = new_ticket(manager, False)
+    partial = now(manager.create("http://b/h", "", False, partial_of=ticket.id))
+    now(manager.connect(partial.id, RecordingTransport(), 10, "n"))
+    for _ in range(5):
+        clock.advance(60)  # of max_idle 100
+        partial.life.receive(b"x")
+    assert ticket.phase is Phase.RECEIVING
+    clock.advance(100)  # once they stop, both expire
+    assert (ticket.phase, partial.phase) == (Phase.CANCELLED, Phase.CANCELLED)
+
+
 def test_idle_upload_expires_then_is_forgotten() -> None:
     manager, clock, storage, handover, upload, transport = begin(length=10)
     upload.life.receive(b"12345")
