@@ -121,6 +121,8 @@ def _http_url(name: str, value: Any) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise usage.UsageError(f"{name}: {url!r} is not an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:  # logged, sent to backends
+        raise usage.UsageError(f"{name}: no credentials in the URL (AWS_ACCESS_KEY_ID ...)")
     return url
 
 

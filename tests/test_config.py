@@ -239,6 +239,7 @@ def test_object_storage_options_from_command_line_and_yaml(tmp_path: Path) -> No
         ("--storage", "s3://bucket/x?versionId=1"),
         ("--s3-endpoint", "ftp://host"),
         ("--s3-endpoint", "http://"),
+        ("--s3-endpoint", "https://key:secret@s3.example"),  # it would be logged
         ("--s3-part-size", "4MiB"),  # S3's smallest part but the last is 5 MiB
         ("--s3-part-size", "6GiB"),
         ("--s3-part-size", "lots"),
