@@ -58,7 +58,7 @@ from tus_bench import (  # noqa: E402
     random_file,
     start_tus_node,
 )
-from upload_bench import Daemon, http_post, start_backend, summary  # noqa: E402
+from upload_bench import Daemon, http_post, sha256_file, start_backend, summary  # noqa: E402
 
 from tests.ceph import Ceph  # noqa: E402
 
@@ -167,14 +167,6 @@ class Store:
 
     def rgw_cpu(self) -> float:
         return sum(process_cpu(pid) for pid in self.ceph.pids().values())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def object_sha256(ceph: Ceph, bucket: str, key: str) -> str:

@@ -87,8 +87,10 @@
     return http_base() + "/incoming/tus/";
   }
 
-  function retry_delay(retries) {
-    var delay = Math.min(RETRY_MAX_S, RETRY_FIRST_S * Math.pow(2, retries));
+  // Seconds before attempt `retries` + 1: `first` (RETRY_FIRST_S), doubling to
+  // RETRY_MAX_S, ±25 % jitter.
+  function retry_delay(retries, first) {
+    var delay = Math.min(RETRY_MAX_S, (first || RETRY_FIRST_S) * Math.pow(2, retries));
     return delay * (0.75 + Math.random() * 0.5);
   }
 
@@ -799,7 +801,7 @@
   // is over. Lost requests and other answers (a restarting server) are asked again.
   P._poll_handover = function () {
     var self = this;
-    var delay = Math.min(RETRY_MAX_S, POLL_FIRST_S * Math.pow(2, this._polls));
+    var delay = retry_delay(this._polls, POLL_FIRST_S);
     this._polls++;
     this._retry_timer = root.setTimeout(function () {
       self._retry_timer = null;
@@ -807,7 +809,7 @@
         self._s.connected = false;
         self._handover_polled(xhr);
       });
-    }, delay * (0.75 + Math.random() * 0.5) * 1000);
+    }, delay * 1000);
   };
 
   P._handover_polled = function (xhr) {

@@ -205,11 +205,9 @@ class UploadManager:
         """Hold the upload here no more (cluster: another instance may take it up): its
         timers and retries stop."""
         upload = self._uploads.pop(upload_id, None)
-        for timers in (self._idle, self._confirm, self._late):
-            timer = timers.pop(upload_id, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.retrier.stop(upload_id, "handover")
+        for timers in (self._idle, self._confirm):
+            _cancel(timers, upload_id)
+        self._handover_over(upload_id)
         self.retrier.stop(upload_id, "cancel notice")
         self._unsaved.discard(upload_id)
         self._unsaveable.discard(upload_id)
@@ -420,17 +418,13 @@ class UploadManager:
 
     def _arm_late(self, upload: Upload, began: float) -> None:
         """`handover_late` HandoverTimeoutS after the handover's first attempt."""
-        earlier = self._late.pop(upload.id, None)
-        if earlier is not None and earlier.active():
-            earlier.cancel()
+        _cancel(self._late, upload.id)
         delay = max(began + self.handover_timeout - self.clock.seconds(), 0)
         self._late[upload.id] = self.clock.callLater(delay, upload.life.handover_late)
 
     def _handover_over(self, upload_id: str) -> None:
         """The upload is no longer being handed over (here): no more attempts or timer."""
-        timer = self._late.pop(upload_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        _cancel(self._late, upload_id)
         self.retrier.stop(upload_id, "handover")
 
     def finalize(self, upload: Upload) -> None:
@@ -495,9 +489,7 @@ class UploadManager:
         if self._abandoned(upload):
             return
         upload.confirm_deadline = None
-        timer = self._confirm.pop(upload.id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        _cancel(self._confirm, upload.id)
 
     def truncate(self, upload: Upload, size: int) -> None:
         if self._abandoned(upload):
@@ -675,3 +667,10 @@ def _waits(error: BaseException) -> UploadError | None:
         message = "the object store is unavailable; resume later: nothing acknowledged is lost"
         return UploadError(ErrorCode.STORE_UNAVAILABLE, message)
     return None
+
+
+def _cancel(timers: dict[str, IDelayedCall], upload_id: str) -> None:
+    """The upload's timer in `timers`, if any, stopped and forgotten."""
+    timer = timers.pop(upload_id, None)
+    if timer is not None and timer.active():
+        timer.cancel()

@@ -639,12 +639,9 @@ def _storage_unavailable(life: UploadLife, core: _Core, error: UploadError) -> N
         why=error.message.partition(";")[0],
         n=upload.durable,
     )
-    upload.era += 1
     upload.pending.clear()
     upload.pending_bytes = 0
-    upload.unsynced.clear()
-    upload.stored = upload.durable
-    core.effects.truncate(upload, upload.durable)
+    _cut(core, upload.durable)
     if upload.transport is not None:
         upload.transport.failed(error)
 
@@ -654,6 +651,12 @@ def _rewind(life: UploadLife, core: _Core, offset: int) -> None:
     upload = core.upload
     assert not upload.pending and upload.firm <= offset <= upload.stored
     log.info("upload {id}: bytes from {n} on failed their check", id=upload.id, n=offset)
+    _cut(core, offset)
+
+
+def _cut(core: _Core, offset: int) -> None:
+    """The file ends at `offset` again; results of writes queued before are dropped."""
+    upload = core.upload
     upload.era += 1
     upload.unsynced.clear()
     upload.stored, upload.durable = offset, min(upload.durable, offset)
