@@ -22,7 +22,7 @@ from .errors import UploadError, clipped
 from .files import Digest
 from .upload import CONCAT, Ending, Upload
 
-MAX_PARTS = 1000  # partial uploads one final request may list
+MAX_PARTS = 1000  # partial uploads of a ticket under way, and one final request may list
 PARTIAL_ID = re.compile(r"/tus/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/?$")
 PARTIAL = "partial"
 

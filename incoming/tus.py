@@ -31,7 +31,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
-from .concat import PARTIAL, ConcatError, Held, check_parts, requested
+from .concat import MAX_PARTS, PARTIAL, ConcatError, Held, check_parts, requested
 from .errors import ErrorCode, UploadError, clipped
 from .files import Digest, Pieces, Spliced
 from .manager import UploadManager
@@ -322,7 +322,7 @@ class TusApi:
             raise TusError(400, "Upload-Metadata must carry the ticket")
         name = _text(metadata, "filename")[:4096]
         if self.concatenation(request) == PARTIAL:
-            ticket = await self.new_partial(ticket)
+            ticket = await self.new_partial(ticket, length)
         try:
             await self.manager.command(ticket, "declare", length, name, given)
             upload = await self.manager.find(ticket)
@@ -331,11 +331,21 @@ class TusApi:
         assert upload is not None
         return upload
 
-    async def new_partial(self, ticket: str) -> str:
-        """A new partial upload of a ticket whose upload is still to receive its bytes."""
+    async def new_partial(self, ticket: str, length: int) -> str:
+        """A new partial upload of `length` bytes of a ticket whose upload is still to
+        receive its bytes: at most MAX_PARTS under way, within the upload size limit
+        together (counted among the uploads this instance holds)."""
         owner = await self.live_ticket(ticket)
         if owner.partial_of:
             raise TusError(400, "the ticket of a partial upload must be a ticket")
+        siblings = [u for u in self.manager if u.partial_of == owner.id and u.receiving]
+        if len(siblings) >= MAX_PARTS:
+            raise TusError(400, f"a ticket has at most {MAX_PARTS} partial uploads under way")
+        together = length + sum(sibling.length or 0 for sibling in siblings)
+        if self.max_upload is not None and together > self.max_upload:
+            raise TusError(
+                413, f"the ticket's partial uploads would pass {self.max_upload} bytes together"
+            )
         try:
             partial = await self.manager.create("", "", True, partial_of=owner.id)
         except UploadError as e:

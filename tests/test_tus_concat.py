@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -16,8 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from incoming import storage as storage_module
+from incoming import tus
+from incoming.config import Config
 
-from .harness import Backend, Server, start_daemon, stop_daemon
+from .harness import Backend, Server, serving, start_daemon, stop_daemon
 from .test_tus_clients import (
     LARGE,
     RETRY,
@@ -305,3 +308,27 @@ async def test_a_final_request_sent_again_after_its_answer_was_lost_gets_it_agai
     assert again.headers.getRawHeaders("incoming-result") == ["verdict%3A%20kept"]
     assert backend.posts.pending == []  # handed over once
     assert (server.storage_dir / ticket).read_bytes() == b"a" * 9 + b"b" * 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tickets_partial_uploads_are_bounded_in_number_and_size_together(
+    config: Config, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each partial upload fits the limits alone: together they may not pass the upload
+    size limit, nor be more than MAX_PARTS."""
+    monkeypatch.setattr(tus, "MAX_PARTS", 3)
+    async with serving(dataclasses.replace(config, max_upload_bytes=100)) as server:
+        ticket = await server.new_upload(backend.url)
+        assert (await partial(server, ticket, 60)).code == 201
+        over = await partial(server, ticket, 41)
+        assert (over.code, over.text_) == (
+            413,
+            "the ticket's partial uploads would pass 100 bytes together",
+        )
+        assert (await partial(server, ticket, 40)).code == 201
+        assert (await partial(server, ticket, 0)).code == 201
+        fourth = await partial(server, ticket, 0)
+        assert (fourth.code, fourth.text_) == (
+            400,
+            "a ticket has at most 3 partial uploads under way",
+        )
