@@ -9,6 +9,10 @@ of both servers, and one upload of the same file (256 MiB) by each of:
   with chunkSize 32 MiB, a request per piece) and WebSocket, to ours;
 - the 2014 library in Chromium, to ours: `--lib2014 PATH` names a copy of its
   incoming.js (uit-no-old/incoming on GitHub; not in this repository);
+- a page in Chromium that sends the file as tus partial uploads over 4 connections
+  and joins them with a final request (PARTIALS_PAGE), to ours: what one file over
+  several connections would reach; each run also prints the partials' share of the
+  line (until the last is answered) and the final request's seconds;
 - tus-js-client under Node (tests/tus_client.mjs) in 8 MiB PATCHes, in one PATCH, and
   with parallelUploads: 4 (tus concatenation; "refused" where the server lacks it), to
   ours and to @tus/server with @tus/file-store (bench/tus_server.mjs).
@@ -79,6 +83,60 @@ const ticket = %(ticket)s, options = %(options)s, pieces = %(pieces)s;
 </script>"""
 
 
+# One file as tus partial uploads over several connections from a page, then one final
+# request (what incoming.js would do to use them; issue 18, item 3): each connection takes
+# the next piece from a shared queue (work stealing, so that they end together), pieces of
+# at most 32 MiB, fewer bytes as the file runs out (the rest over twice the connections,
+# 4 MiB at least), each a creation that carries its bytes (creation-with-upload).
+PARTIALS_PAGE = """<!doctype html><script>
+const endpoint = "http://%(host)s/incoming/tus/", ticket = %(ticket)s, pieces = %(pieces)s,
+  connections = %(connections)d, MiB = 1024 * 1024;
+const b64 = (text) => btoa(unescape(encodeURIComponent(text)));
+function send(method, headers, body) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open(method, endpoint);
+    headers["Tus-Resumable"] = "1.0.0";
+    for (const name in headers) xhr.setRequestHeader(name, headers[name]);
+    xhr.onload = () => resolve(xhr);
+    xhr.onerror = () => reject(new Error(`${method}: no answer`));
+    xhr.send(body);
+  });
+}
+(async () => {
+  const block = new Blob([await (await fetch("/block.bin")).arrayBuffer()]);
+  const file = new File(pieces.map(([at, size]) => block.slice(at, at + size)), "wan.bin");
+  const began = performance.now(), urls = [];
+  let next = 0;
+  async function connection() {
+    while (next < file.size) {
+      const left = file.size - next, index = urls.length;
+      const size = Math.min(left, Math.max(4 * MiB, Math.min(32 * MiB,
+        Math.ceil(left / (2 * connections)))));
+      const start = next;
+      next += size;
+      urls.push(null);
+      const xhr = await send("POST", {"Upload-Length": String(size), "Upload-Concat": "partial",
+        "Upload-Metadata": "ticket " + b64(ticket),
+        "Content-Type": "application/offset+octet-stream"}, file.slice(start, start + size));
+      if (xhr.status !== 201 || xhr.getResponseHeader("Upload-Offset") !== String(size)) {
+        throw new Error(`partial: HTTP ${xhr.status} ${xhr.responseText}`);
+      }
+      urls[index] = new URL(xhr.getResponseHeader("Location"), endpoint).href;
+    }
+  }
+  await Promise.all(Array.from({length: connections}, connection));
+  const transfer = (performance.now() - began) / 1000;
+  const xhr = await send("POST", {"Upload-Concat": "final;" + urls.join(" "),
+    "Upload-Metadata": "ticket " + b64(ticket) + ",filename " + b64(file.name)}, null);
+  if (xhr.status !== 201) throw new Error(`final: HTTP ${xhr.status} ${xhr.responseText}`);
+  const seconds = (performance.now() - began) / 1000;
+  await fetch("/result", {method: "POST", body: JSON.stringify({seconds, transfer})});
+})().catch((e) => fetch("/result", {method: "POST", body: JSON.stringify({error: String(e)})}));
+</script>"""
+PARTIAL_CONNECTIONS = 4
+
+
 @dataclass
 class Outcome:
     """One upload: its seconds, or why there are none."""
@@ -87,6 +145,7 @@ class Outcome:
     refused: str = ""  # the server refused what the client asked (a feature it lacks)
     failed: str = ""  # anything else, a wrong file included
     link_cpu: float = 0.0  # the link emulator's CPU seconds a second meanwhile
+    transfer: float | None = None  # seconds until every partial upload was answered
 
 
 @dataclass
@@ -162,13 +221,29 @@ class Bench:
             "options": json.dumps(options),
             "pieces": json.dumps(self.pieces),
         }
+        return self.page(link, page, files, ticket)
+
+    def partials(self, link: LinkProcess, connections: int) -> Outcome:
+        """One upload as partial uploads over `connections` from a fresh headless Chromium
+        (PARTIALS_PAGE), to ours through the link."""
+        ticket = self.ours.metadata("wan.bin")["ticket"]
+        page = PARTIALS_PAGE % {
+            "host": f"127.0.0.1:{link.ports[0]}",
+            "ticket": json.dumps(ticket),
+            "pieces": json.dumps(self.pieces),
+            "connections": connections,
+        }
+        return self.page(link, page, {"/block.bin": self.block}, ticket)
+
+    def page(self, link: LinkProcess, page: str, files: dict[str, bytes], ticket: str) -> Outcome:
+        """The page's upload in a fresh headless Chromium; the stored file checked."""
         os.sync()  # no upload pays for the dirty pages of another
         cpu = link.cpu_seconds()
         try:
             result = run_headless(PageServer(page.encode(), files), timeout=self.timeout)
         except RuntimeError as e:
             return Outcome(failed=f"Chromium: {e}")
-        outcome = Outcome(seconds=float(result["seconds"]))
+        outcome = Outcome(seconds=float(result["seconds"]), transfer=result.get("transfer"))
         outcome.link_cpu = (link.cpu_seconds() - cpu) / outcome.seconds  # type: ignore[operator]
         outcome.failed = self.check(self.handed_over(ticket))
         return outcome
@@ -263,6 +338,7 @@ ROWS = [
     ("incoming.js, HTTP in 32 MiB pieces", "browser"),
     ("incoming.js, WebSocket", "browser"),
     ("the 2014 library", "browser"),
+    (f"a page, tus partials over {PARTIAL_CONNECTIONS} connections", "browser"),
     ("tus-js-client, 8 MiB PATCHes", "tus"),
     ("tus-js-client, one PATCH", "tus"),
     ("tus-js-client, parallelUploads: 4", "tus"),
@@ -327,9 +403,11 @@ def selected(args: argparse.Namespace, rows: list[tuple[str, str]]) -> list[tupl
 
 def run_row(bench: Bench, link: LinkProcess, row: str, server: str, cell: Cell) -> Outcome | None:
     """One upload of `row` to `server`; None where the row has no such server."""
-    if row.startswith("incoming.js") or row.startswith("the 2014"):
+    if row.startswith(("incoming.js", "the 2014", "a page")):
         if server != "ours":
             return None
+        if row.startswith("a page"):
+            return bench.partials(link, PARTIAL_CONNECTIONS)
         if row.startswith("the 2014"):
             if bench.lib2014 is None:
                 cell.skipped = "the 2014 library: skipped, no --lib2014 PATH (its incoming.js)"
@@ -350,9 +428,15 @@ def describe(outcome: Outcome, bench: Bench) -> str:
     if outcome.seconds is None or outcome.failed:
         return outcome.failed or outcome.refused
     rate = bench.size / outcome.seconds
+    phases = ""
+    if outcome.transfer is not None:
+        phases = (
+            f"; the partials {bench.size / outcome.transfer / bench.rate:.2f} of the line, "
+            f"then the final request {outcome.seconds - outcome.transfer:.2f} s"
+        )
     return (
-        f"{outcome.seconds:.2f} s, {rate / 1e6:.1f} MB/s, {rate / bench.rate:.2f} of the line "
-        f"(link emulator: {outcome.link_cpu:.0%} of a core)"
+        f"{outcome.seconds:.2f} s, {rate / 1e6:.1f} MB/s, {rate / bench.rate:.2f} of the line"
+        f"{phases} (link emulator: {outcome.link_cpu:.0%} of a core)"
     )
 
 
@@ -429,6 +513,7 @@ def as_json(args: argparse.Namespace, bench: Bench, results: dict[float, Any]) -
             rows.setdefault(row, {})[server] = {
                 "share_of_line": cell.share(bench.size, bench.rate),
                 "seconds": [o.seconds for o in cell.outcomes],
+                "partials_seconds": [o.transfer for o in cell.outcomes if o.transfer],
                 "refused": [o.refused for o in cell.outcomes if o.refused],
                 "failed": [o.failed for o in cell.outcomes if o.failed],
                 "skipped": cell.skipped,
