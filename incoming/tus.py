@@ -528,6 +528,9 @@ class PatchStream:
             if self.stage is not Stage.CONNECTING:
                 return  # answered meanwhile (the upload ended, the server is stopping)
             self._start, discard = self._starting_offset(upload, position, offset)
+            await self._length_given(upload)
+            if self.stage is not Stage.CONNECTING:
+                return
             if not discard:
                 self._end = self._room(upload)
         except TusError as e:
@@ -547,18 +550,16 @@ class PatchStream:
     async def _connect(self) -> Upload:
         if self.creating:
             upload = await self.api.declared(self.request)
-            self.ticket, length = upload.id, upload.length
+            self.ticket = upload.id
         else:
             upload = await self.api.created(self.ticket)
             if upload.partial_of:
                 await self.api.live_ticket(upload.partial_of)
-            # creation-defer-length: a PATCH gives the length once it is known
-            length = _given_number(self.request, "Upload-Length")
         algorithm_and_digest = self.request.getHeader("upload-checksum")
         if algorithm_and_digest is not None:
             self._expect_checksum(algorithm_and_digest)
-        try:
-            upload = await self.api.manager.connect(upload.id, self, length, upload.browser_name)
+        try:  # (its length, or that it has none yet, is the creation's)
+            upload = await self.api.manager.connect(upload.id, self, None, upload.browser_name)
         except UploadError as e:
             raise _refusal(e) from None
         self.upload = upload
@@ -594,6 +595,17 @@ class PatchStream:
             raise TusError(409, f"Upload-Offset {offset} is not the upload's offset {position}",
                            **{"Upload-Offset": str(position)})  # fmt: skip
         return offset, discard
+
+    async def _length_given(self, upload: Upload) -> None:
+        """creation-defer-length: a PATCH's `Upload-Length` gives the upload's length (once;
+        the same again is fine), durably before anything is answered."""
+        length = None if self.creating else _given_number(self.request, "Upload-Length")
+        if length is None or length == upload.length:
+            return
+        try:
+            await self.api.manager.command(upload.id, "declare", length, upload.browser_name)
+        except UploadError as e:
+            raise _refusal(e) from None
 
     def _room(self, upload: Upload) -> int | None:
         """Where the body must end: at the upload's length, or (not known yet) within the

@@ -237,6 +237,8 @@ async def test_creation_patches_and_the_length_given_once(
         ):
             code, _, text = await patch(url, 300, b"e" * 10, **{"Upload-Length": given})
             assert (code, why in text) == (status, True), (given, code, text)
+        code, _, _ = await patch(url, 0, b"e" * 10, **{"Upload-Length": "500"})
+        assert code == 409  # the wrong offset: refused before the length is taken
         assert await bare(url, ticket) == {"status": "200", "Upload-Offset": "300",
                                            "Upload-Defer-Length": "1"}  # fmt: skip
 
