@@ -517,7 +517,8 @@ def _describe(upload: Upload, length: int | None, name: str, room: Room) -> bool
             ErrorCode.LENGTH_MISMATCH,
             f"LengthBytes {length} is less than the {upload.received} bytes received already",
         )
-    room.check(length, length - upload.received)
+    # (one whose length was deferred keeps within what the storage took it could grow to)
+    room.check(length, length - upload.received, sized=not upload.length_deferred)
     upload.length = length
     if not upload.length_deferred:  # else its creation named it
         upload.browser_name = name

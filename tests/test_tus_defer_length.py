@@ -498,6 +498,8 @@ async def test_object_storage_parts_go_while_the_length_is_unknown(
         claimed_body, server.port, f"/incoming/tus/{ticket}", 0, 10_000 * PART + 1
     )
     assert (code, f"exceed the limit of {10_000 * PART} bytes" in text) == (413, True), text
+    code, _, text = await patch(url, 0, b"", **{"Upload-Length": str(10_000 * PART + 1)})
+    assert (code, f"exceed the limit of {10_000 * PART} bytes" in text) == (413, True), text
     data = os.urandom(3 * PART + 4321)
     assert (await patch(url, 0, data[: 2 * PART + 100]))[0] == 204
     await parts_in_store(ceph, bucket, f"up/{ticket}", 2)  # sent before the length is known
