@@ -61,6 +61,7 @@ class UploadManager:
         max_idle: float,
         confirm_timeout: float,
         max_upload: int | None = None,
+        max_unsized: int | None = None,
         cluster: Cluster | None = None,
         min_free: int = 0,
         handover_timeout: float = 55.0,
@@ -73,6 +74,7 @@ class UploadManager:
         self.max_idle = max_idle
         self.confirm_timeout = confirm_timeout
         self.max_upload = max_upload
+        self.max_unsized = max_unsized  # the storage's bound for an upload of unknown length
         self.min_free = min_free  # new tickets need this much free storage (a chunk)
         self.handover_timeout = handover_timeout
         self.retrier = Retrier(clock, handover_retry, metrics)  # for a backend that is away
@@ -186,7 +188,8 @@ class UploadManager:
         try:
             if op == "declare":
                 metadata = str(args[2]) if len(args) > 2 else ""  # older instances send none
-                upload.life.declare(int(args[0]), str(args[1]), self.room(), metadata)
+                length = None if args[0] is None else int(args[0])  # None: deferred (tus)
+                upload.life.declare(length, str(args[1]), self.room(), metadata)
             else:
                 getattr(upload.life, op)(*args)
         finally:
@@ -242,12 +245,12 @@ class UploadManager:
                 upload.idle_deadline = max(upload.idle_deadline, saved.modified + self.max_idle)
             self.adopt(upload, upload.idle_deadline - now)
             found[_restored(upload)] += 1
-            if upload.receiving and upload.length is not None:
+            if upload.receiving and upload.created:
                 log.info(
-                    "upload {id} restored: {n} of {length} bytes stored",
+                    "upload {id} restored: {n} of {length} stored",
                     id=upload.id,
                     n=upload.stored,
-                    length=upload.length,
+                    length=_length(upload),
                 )
             elif upload.with_backend:
                 log.info("upload {id} restored: {what}", id=upload.id, what=_restored(upload))
@@ -260,8 +263,11 @@ class UploadManager:
 
     # Connections (for transports)
 
-    async def connect(self, upload_id: str, transport: Transport, length: int, name: str) -> Upload:
-        """Attach a connection to its upload, or raise UploadError."""
+    async def connect(
+        self, upload_id: str, transport: Transport, length: int | None, name: str
+    ) -> Upload:
+        """Attach a connection to its upload (of `length` bytes; None: not known yet, a
+        tus upload that deferred it), or raise UploadError."""
         upload = await self.hold(upload_id)
         try:
             upload.life.connect(transport, length, name, self.room())
@@ -272,7 +278,7 @@ class UploadManager:
 
     def room(self) -> Room:
         """How large a new upload may be, now."""
-        return Room(self.storage.free_bytes(), self.max_upload)
+        return Room(self.storage.free_bytes(), self.max_upload, self.max_unsized)
 
     async def resume_position(self, upload: Upload) -> int:
         """Bytes stored durably, once every write still in flight (an earlier connection's)
@@ -525,19 +531,19 @@ class UploadManager:
             upload.started_at = now
             metrics.uploads_started.labels(via).inc()
             log.info(
-                "upload {id} started over {via}: {name!r}, {length} bytes",
+                "upload {id} started over {via}: {name!r}, {length}",
                 id=upload.id,
                 via=via,
                 name=clipped(upload.browser_name),
-                length=upload.length,
+                length=_length(upload),
             )
         elif event in (Event.PAUSED, Event.INTERRUPTED, Event.RESUMED):
             log.info(
-                "upload {id} {event} at {n} of {length} bytes{over}",
+                "upload {id} {event} at {n} of {length}{over}",
                 id=upload.id,
                 event=event.value,
                 n=upload.received,
-                length=upload.length,
+                length=_length(upload),
                 over=f" over {via}" if event is Event.RESUMED else "",
             )
         elif event is Event.COMPLETE:
@@ -647,7 +653,7 @@ class UploadManager:
 def _restored(upload: Upload) -> str:
     """What a restart found an upload doing, for the log."""
     if upload.receiving:
-        return "receiving" if upload.length is not None else "tickets not used yet"
+        return "receiving" if upload.created else "tickets not used yet"
     if upload.handing_over:
         return "being handed over again"
     if upload.notice is not None:
@@ -655,6 +661,11 @@ def _restored(upload: Upload) -> str:
     if upload.with_backend:
         return "waiting for the backend's finish_upload"
     return str(upload.phase.value)
+
+
+def _length(upload: Upload) -> str:
+    """An upload's length, for the log."""
+    return "? bytes (length deferred)" if upload.length is None else f"{upload.length} bytes"
 
 
 def _waits(error: BaseException) -> UploadError | None:

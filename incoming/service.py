@@ -89,7 +89,7 @@ def build_manager(
     does not answer, is logged)."""
     clock = clock or reactor
     metrics = Metrics()
-    max_upload = config.max_upload_bytes
+    max_upload, max_unsized = config.max_upload_bytes, None
     if storage is None:
         group = grp.getgrnam(config.group).gr_gid if config.group is not None else None
         options: dict[str, Any] = {
@@ -113,10 +113,12 @@ def build_manager(
                 store.check()
             except StoreUnavailable as e:
                 log.warn("the object store does not answer yet: {e}", e=e)
-            disk = SpoolStorage(
+            spool = SpoolStorage(
                 config.storage_dir, reactor, pool, store, part_size=config.s3_part_size,
-                cluster=config.redis is not None, patience=config.ws_timeout, **options,
+                max_upload=max_upload, cluster=config.redis is not None,
+                patience=config.ws_timeout, **options,
             )  # fmt: skip
+            disk, max_unsized = spool, spool.max_unsized
             max_upload = min(max_upload or MAX_OBJECT_SIZE, MAX_OBJECT_SIZE)
         disk.prepare()
         storage = disk
@@ -132,6 +134,7 @@ def build_manager(
         max_idle=config.max_idle,
         confirm_timeout=config.handover_confirm_timeout,
         max_upload=max_upload,
+        max_unsized=max_unsized,
         cluster=cluster,
         min_free=config.chunk_size,
         handover_timeout=config.handover_timeout,

@@ -655,6 +655,7 @@ class SpoolStorage(DiskStorage):
         store: ObjectStore,
         *,
         part_size: int,
+        max_upload: int | None = None,
         cluster: bool = False,
         patience: float = PATIENCE,
         **disk: Any,
@@ -663,6 +664,10 @@ class SpoolStorage(DiskStorage):
         self.store = store
         self.cluster = cluster  # each instance has a spool of its own
         self.part_size = part_size
+        # An upload whose length is not known yet (tus creation-defer-length) gets parts
+        # sized for the largest upload allowed, else of the part size: its bound.
+        self.unsized = max_upload
+        self.max_unsized = MAX_PARTS * part_size_for(max_upload, part_size)
         self.shipper = Shipper(
             store,
             reactor,
@@ -699,9 +704,7 @@ class SpoolStorage(DiskStorage):
         for saved in found if tidy else ():
             upload_id, length = str(saved.record["id"]), saved.record.get("length")
             if saved.record.get("phase") == "receiving" and self.part_path(upload_id).exists():
-                self.shipper.firm(
-                    upload_id, saved.stored, length if isinstance(length, int) else None
-                )
+                self.firm(upload_id, saved.stored, length if isinstance(length, int) else None)
         return found
 
     def _queue_write(
@@ -718,7 +721,8 @@ class SpoolStorage(DiskStorage):
         return lock.run(lambda: self.shipper.room(upload_id).addCallback(write))
 
     def firm(self, upload_id: str, upto: int, length: int | None) -> None:
-        self.shipper.firm(upload_id, upto, length)
+        """`length` None: not known yet (its part size is for the largest allowed)."""
+        self.shipper.firm(upload_id, upto, self.unsized if length is None else length)
 
     def truncate(self, upload_id: str, size: int) -> Deferred[None]:
         """After the writes that waited for the store in vain were voided (or bytes that

@@ -42,7 +42,10 @@ log = Logger()
 SPLICE_SIZE = 64 * 1024 * 1024  # bytes copied by one write (a thread busy this long at most)
 
 TUS_VERSION = "1.0.0"
-EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum,concatenation"
+EXTENSIONS = (
+    "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum,"
+    "concatenation"
+)
 CHECKSUMS: dict[str, Callable[[], Digest]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 OFFSET_STREAM = "application/offset+octet-stream"
 READ_SIZE = 256 * 1024  # socket reads while a body streams
@@ -51,9 +54,9 @@ MAX_REASON_CHARS = 500  # of a client's cancel reason (header Incoming-Cancel-Re
 DIGITS = re.compile(rb"[0-9]{1,19}")  # tus numbers are 1*DIGIT (and fit in 64 bits)
 PENDING_HEADER = "Incoming-Handover"  # `pending`: stored; the backend has yet to answer
 EXPOSED = (
-    "Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Location, Tus-Version, "
-    "Tus-Resumable, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Incoming-Result, "
-    "Incoming-Handover"
+    "Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Expires, Upload-Metadata, "
+    "Location, Tus-Version, Tus-Resumable, Tus-Max-Size, Tus-Extension, "
+    "Tus-Checksum-Algorithm, Incoming-Result, Incoming-Handover"
 )
 ALLOWED = (
     "Content-Type, Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, "
@@ -209,6 +212,7 @@ class TusApi:
             answer = Answer(201, headers={"Location": _location(request, upload.id)})
             answer.headers["Upload-Offset"] = str(upload.offset)
             answer.headers["Upload-Expires"] = self.expires(upload)
+            answer.headers.update(_deferred(upload))
         except TusError as e:
             answer = e.answer
         return self._send(request, answer)
@@ -224,7 +228,9 @@ class TusApi:
             await self.position(upload)  # writes still in flight land first
             answer = Answer(200, headers={"Cache-Control": "no-store"})
             answer.headers["Upload-Offset"] = str(upload.offset)
-            answer.headers["Upload-Length"] = str(upload.length)
+            if upload.length is not None:
+                answer.headers["Upload-Length"] = str(upload.length)
+            answer.headers.update(_deferred(upload))
             if upload.tus_metadata:
                 answer.headers["Upload-Metadata"] = upload.tus_metadata
             if upload.partial_of:
@@ -296,8 +302,8 @@ class TusApi:
         return not self.allowed_origins or origin.lower().rstrip("/") in self.allowed_origins
 
     async def created(self, ticket: str, answered: bool = False) -> Upload:
-        """The upload of a ticket that a creation has given a length (`answered`: once
-        the backend answered its handover, if one runs)."""
+        """The upload of a ticket that a creation has given a length, or deferred it
+        (`answered`: once the backend answered its handover, if one runs)."""
         try:
             if answered:
                 upload = await self.manager.answered(ticket, self.handover_timeout)
@@ -307,7 +313,7 @@ class TusApi:
             raise _refusal(e) from None
         if upload is not None and upload.cancelled:
             raise _cancelled(upload)
-        if upload is None or upload.length is None:
+        if upload is None or not upload.created:
             missing = "no such upload; create it with the ticket first"
             raise _refusal(UploadError(ErrorCode.UNKNOWN_TICKET, missing))
         return upload
@@ -315,7 +321,7 @@ class TusApi:
     async def declared(self, request: IRequest) -> Upload:
         """Creation: the ticket's upload, with the length and name the client gives (and
         its `Upload-Metadata`, for HEAD to give back)."""
-        length = _whole_number(request, "Upload-Length")
+        length = _creation_length(request)
         given, metadata = _metadata(request)
         ticket = _text(metadata, "ticket")
         if not ticket:
@@ -331,17 +337,17 @@ class TusApi:
         assert upload is not None
         return upload
 
-    async def new_partial(self, ticket: str, length: int) -> str:
-        """A new partial upload of `length` bytes of a ticket whose upload is still to
-        receive its bytes: at most MAX_PARTS under way, within the upload size limit
-        together (counted among the uploads this instance holds)."""
+    async def new_partial(self, ticket: str, length: int | None) -> str:
+        """A new partial upload of `length` bytes (None: deferred) of a ticket whose
+        upload is still to receive its bytes: at most MAX_PARTS under way, within the
+        upload size limit together (counted among the uploads this instance holds)."""
         owner = await self.live_ticket(ticket)
         if owner.partial_of:
             raise TusError(400, "the ticket of a partial upload must be a ticket")
         siblings = [u for u in self.manager if u.partial_of == owner.id and u.receiving]
         if len(siblings) >= MAX_PARTS:
             raise TusError(400, f"a ticket has at most {MAX_PARTS} partial uploads under way")
-        together = length + sum(sibling.length or 0 for sibling in siblings)
+        together = (length or 0) + sum(sibling.length or 0 for sibling in siblings)
         if self.max_upload is not None and together > self.max_upload:
             raise TusError(
                 413, f"the ticket's partial uploads would pass {self.max_upload} bytes together"
@@ -506,6 +512,7 @@ class PatchStream:
         self._piled = 0  # their size
         self._early: list[bytes] = []  # body that came while CONNECTING (the socket is paused)
         self._refusal: Answer | None = None  # REFUSING: the answer, once its writes landed
+        self._end: int | None = None  # where the body must end: the upload's length, or limit
         self._released = False  # its bytes stand (see `holding`)
         self._paused = False
 
@@ -521,6 +528,11 @@ class PatchStream:
             if self.stage is not Stage.CONNECTING:
                 return  # answered meanwhile (the upload ended, the server is stopping)
             self._start, discard = self._starting_offset(upload, position, offset)
+            await self._length_given(upload)
+            if self.stage is not Stage.CONNECTING:
+                return
+            if not discard:
+                self._end = self._room(upload)
         except TusError as e:
             self._finish(e.answer)
             return
@@ -546,11 +558,8 @@ class PatchStream:
         algorithm_and_digest = self.request.getHeader("upload-checksum")
         if algorithm_and_digest is not None:
             self._expect_checksum(algorithm_and_digest)
-        assert upload.length is not None
-        try:
-            upload = await self.api.manager.connect(
-                upload.id, self, upload.length, upload.browser_name
-            )
+        try:  # (its length, or that it has none yet, is the creation's)
+            upload = await self.api.manager.connect(upload.id, self, None, upload.browser_name)
         except UploadError as e:
             raise _refusal(e) from None
         self.upload = upload
@@ -575,7 +584,6 @@ class PatchStream:
         self, upload: Upload, position: int, offset: int | None
     ) -> tuple[int, bool]:
         """Where the body goes, and whether it is to be dropped (the upload has it all)."""
-        assert upload.length is not None
         if upload.cancelled:  # meanwhile (its ending reaches this stream once saved)
             raise _cancelled(upload)
         discard = not upload.receiving  # every byte is stored: it is (being) handed over
@@ -586,10 +594,35 @@ class PatchStream:
         if offset != position:
             raise TusError(409, f"Upload-Offset {offset} is not the upload's offset {position}",
                            **{"Upload-Offset": str(position)})  # fmt: skip
-        length = self.request.body_length
-        if length is not None and offset + length > upload.length:
-            raise TusError(413, f"the body would pass Upload-Length {upload.length}")
         return offset, discard
+
+    async def _length_given(self, upload: Upload) -> None:
+        """creation-defer-length: a PATCH's `Upload-Length` gives the upload's length (once;
+        the same again is fine), durably before anything is answered."""
+        length = None if self.creating else _given_number(self.request, "Upload-Length")
+        if length is None or length == upload.length:
+            return
+        try:
+            await self.api.manager.command(upload.id, "declare", length, upload.browser_name)
+        except UploadError as e:
+            raise _refusal(e) from None
+
+    def _room(self, upload: Upload) -> int | None:
+        """Where the body must end: at the upload's length, or (not known yet) within the
+        upload size limit. A body whose length says it would pass it (or, of an upload
+        whose length is not known, not fit in the free space) is refused at once."""
+        size = self.request.body_length
+        if upload.length is not None:
+            if size is not None and self._start + size > upload.length:
+                raise TusError(413, f"the body would pass Upload-Length {upload.length}")
+            return upload.length
+        room = self.api.manager.room()
+        if size is not None:
+            try:
+                room.check(self._start + size, size, sized=False)
+            except UploadError as e:
+                raise _refusal(e) from None
+        return room.limit(sized=False)
 
     # The body (site.BodyStream)
 
@@ -634,10 +667,12 @@ class PatchStream:
 
     def _write(self, data: bytes) -> None:
         upload = self.upload
-        assert upload is not None and upload.length is not None
-        if self._start + self._sent + self._piled + len(data) > upload.length:
-            # a body without Content-Length that passes Upload-Length: none of it stands
-            self._refuse(TusError(413, f"the body passes Upload-Length {upload.length}"))
+        assert upload is not None
+        if self._end is not None and self._start + self._sent + self._piled + len(data) > self._end:
+            # a body without Content-Length that passes Upload-Length (or, the length not
+            # known, the upload size limit): none of it stands
+            limit = "Upload-Length" if upload.length is not None else "the upload size limit"
+            self._refuse(TusError(413, f"the body passes {limit} {self._end}"))
             return
         self._pieces.append(data)
         self._piled += len(data)
@@ -769,7 +804,7 @@ class PatchStream:
         self._check_landed()
 
     def _stored_answer(self, upload: Upload) -> Answer:
-        headers = {"Upload-Offset": str(upload.offset)}
+        headers = {"Upload-Offset": str(upload.offset), **_deferred(upload)}
         if not upload.phase.final:
             headers["Upload-Expires"] = self.api.expires(upload)
         if self.creating:
@@ -970,12 +1005,40 @@ def _location(request: IRequest, ticket: str) -> str:
 
 def _whole_number(request: IRequest, name: str) -> int:
     """A header tus defines as 1*DIGIT: exactly that, given once; else 400."""
+    number = _given_number(request, name)
+    if number is None:
+        raise TusError(400, f"{name} is required")
+    return number
+
+
+def _given_number(request: IRequest, name: str) -> int | None:
+    """Such a header, or None if it is absent."""
     values = request.requestHeaders.getRawHeaders(name.lower().encode())
     if not values:
-        raise TusError(400, f"{name} is required")
+        return None
     if len(values) > 1 or not DIGITS.fullmatch(values[0]):
         raise TusError(400, f"{name} must be one whole number of bytes, in digits")
     return int(values[0])
+
+
+def _creation_length(request: IRequest) -> int | None:
+    """A creation's `Upload-Length`, or None for `Upload-Defer-Length: 1` (the
+    creation-defer-length extension: a PATCH gives the length later)."""
+    deferred = request.requestHeaders.getRawHeaders(b"upload-defer-length")
+    if deferred is None:
+        if request.getHeader("upload-length") is None:
+            raise TusError(400, "Upload-Length is required (or Upload-Defer-Length: 1)")
+        return _whole_number(request, "Upload-Length")
+    if request.getHeader("upload-length") is not None:
+        raise TusError(400, "give Upload-Length or Upload-Defer-Length: 1, not both")
+    if deferred != [b"1"]:
+        raise TusError(400, "Upload-Defer-Length must be 1")
+    return None
+
+
+def _deferred(upload: Upload) -> dict[str, str]:
+    """`Upload-Defer-Length: 1` while the upload's length is not known."""
+    return {"Upload-Defer-Length": "1"} if upload.length is None else {}
 
 
 def _zero_length(request: IRequest) -> bool:

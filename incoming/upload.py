@@ -92,10 +92,30 @@ class Ending:
 
 @dataclass(frozen=True)
 class Room:
-    """How large a new upload may be: the free storage, and the configured limit."""
+    """How large a new upload may be: the free storage, and the configured limit (and,
+    for one whose length is not known yet, what the storage can take without it)."""
 
     free_bytes: int
     max_bytes: int | None = None
+    max_unsized: int | None = None  # an object store's parts are sized before it grows
+
+    def limit(self, sized: bool = True) -> int | None:
+        """The most bytes an upload may have (`sized`: its length is known)."""
+        if sized or self.max_unsized is None:
+            return self.max_bytes
+        return self.max_unsized if self.max_bytes is None else min(self.max_bytes, self.max_unsized)
+
+    def check(self, size: int, more: int, sized: bool = True) -> None:
+        """An upload of `size` bytes, `more` of them not stored yet, fits; else UploadError."""
+        limit = self.limit(sized)
+        if limit is not None and size > limit:
+            raise UploadError(
+                ErrorCode.TOO_LARGE, f"{size} bytes exceed the limit of {limit} bytes"
+            )
+        if more > self.free_bytes:
+            raise UploadError(
+                ErrorCode.INSUFFICIENT_STORAGE, f"{more} bytes do not fit in the free storage space"
+            )
 
 
 class Transport(Protocol):
@@ -196,13 +216,14 @@ class Effects(Protocol):
 class UploadLife(Protocol):
     """Everything that can happen to an upload: the inputs of the table."""
 
-    def declare(self, length: int, name: str, room: Room, metadata: str = "") -> None:
-        """A client announces the upload's length and name (tus creation, whose
-        `Upload-Metadata` is kept as given); raises UploadError if they do not fit or
-        differ from what was announced before."""
+    def declare(self, length: int | None, name: str, room: Room, metadata: str = "") -> None:
+        """A client announces the upload's length (None: a tus creation that defers it)
+        and name (tus creation, whose `Upload-Metadata` is kept as given); raises
+        UploadError if they do not fit or differ from what was announced before."""
 
-    def connect(self, transport: Transport, length: int, name: str, room: Room) -> None:
-        """A connection will carry the bytes; raises UploadError if it may not."""
+    def connect(self, transport: Transport, length: int | None, name: str, room: Room) -> None:
+        """A connection will carry the bytes, of an upload of `length` (None: not known
+        yet, tus); raises UploadError if it may not."""
 
     def disconnect(self, transport: Transport, how: Departure) -> None:
         """The connection is gone."""
@@ -285,6 +306,7 @@ _RECORDED = (
     "backend_secret",
     "remove_file_when_finished",
     "length",
+    "length_deferred",
     "browser_name",
     "tus_metadata",
     "partial_of",
@@ -310,7 +332,8 @@ class Upload:
     signal_finish_url: str
     backend_secret: str
     remove_file_when_finished: bool
-    length: int | None = None  # set by the first connection
+    length: int | None = None  # set by the first connection (or a tus creation)
+    length_deferred: bool = False  # a tus creation left the length to come later
     browser_name: str = ""
     tus_metadata: str = ""  # `Upload-Metadata` of the tus creation, as given
     partial_of: str = ""  # a tus partial upload: its ticket (its bytes are never handed over)
@@ -352,6 +375,11 @@ class Upload:
     def unacknowledged(self) -> int:
         """Writes whose bytes are not durable yet (queued, or landed and not synced)."""
         return len(self.pending) + len(self.unsynced)
+
+    @property
+    def created(self) -> bool:
+        """A connection or a tus creation gave it a length, or deferred it."""
+        return self.length is not None or self.length_deferred
 
     @property
     def complete(self) -> bool:
@@ -469,8 +497,14 @@ def _ignored(states: tuple[Any, ...], *inputs: Any) -> None:
 # Connections come and go in every state; only live uploads take new ones.
 
 
-def _describe(upload: Upload, length: int, name: str, room: Room) -> bool:
-    """Take the length and name of a new upload; True if it had them already."""
+def _describe(upload: Upload, length: int | None, name: str, room: Room) -> bool:
+    """Take the length and name of a new upload, or the length of one that deferred it
+    (None: deferred, tus); True if it had them already."""
+    if length is None:
+        if upload.created:
+            return True
+        upload.length_deferred, upload.browser_name = True, name
+        return False
     if upload.length is not None:
         if upload.length != length:
             raise UploadError(
@@ -478,19 +512,20 @@ def _describe(upload: Upload, length: int, name: str, room: Room) -> bool:
                 f"LengthBytes {length} differs from the {upload.length} given before",
             )
         return True
-    if room.max_bytes is not None and length > room.max_bytes:
+    if length < upload.received:
         raise UploadError(
-            ErrorCode.TOO_LARGE, f"{length} bytes exceed the limit of {room.max_bytes} bytes"
+            ErrorCode.LENGTH_MISMATCH,
+            f"LengthBytes {length} is less than the {upload.received} bytes received already",
         )
-    if length > room.free_bytes:
-        raise UploadError(
-            ErrorCode.INSUFFICIENT_STORAGE, f"{length} bytes do not fit in the free storage space"
-        )
-    upload.length, upload.browser_name = length, name
+    # (one whose length was deferred keeps within what the storage took it could grow to)
+    room.check(length, length - upload.received, sized=not upload.length_deferred)
+    upload.length = length
+    if not upload.length_deferred:  # else its creation named it
+        upload.browser_name = name
     return False
 
 
-def _attach(core: _Core, transport: Transport, length: int, name: str, room: Room) -> None:
+def _attach(core: _Core, transport: Transport, length: int | None, name: str, room: Room) -> None:
     upload = core.upload
     if upload.transport is not None:
         raise UploadError(ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload")
@@ -507,7 +542,12 @@ for _state in _LIVE:
 
     @_state.upon(On.connect).loop()
     def _connect(
-        life: UploadLife, core: _Core, transport: Transport, length: int, name: str, room: Room
+        life: UploadLife,
+        core: _Core,
+        transport: Transport,
+        length: int | None,
+        name: str,
+        room: Room,
     ) -> None:
         _attach(core, transport, length, name, room)
         core.effects.touch(core.upload)
@@ -515,7 +555,12 @@ for _state in _LIVE:
 
     @_state.upon(On.declare).loop()
     def _declare(
-        life: UploadLife, core: _Core, length: int, name: str, room: Room, metadata: str = ""
+        life: UploadLife,
+        core: _Core,
+        length: int | None,
+        name: str,
+        room: Room,
+        metadata: str = "",
     ) -> None:
         upload = core.upload
         known = _describe(upload, length, name, room)
@@ -550,13 +595,23 @@ for _state in _ENDED:
 
     @_state.upon(On.connect).loop()
     def _connect_ended(
-        life: UploadLife, core: _Core, transport: Transport, length: int, name: str, room: Room
+        life: UploadLife,
+        core: _Core,
+        transport: Transport,
+        length: int | None,
+        name: str,
+        room: Room,
     ) -> None:
         _refuse_ended(core)
 
     @_state.upon(On.declare).loop()
     def _declare_ended(
-        life: UploadLife, core: _Core, length: int, name: str, room: Room, metadata: str = ""
+        life: UploadLife,
+        core: _Core,
+        length: int | None,
+        name: str,
+        room: Room,
+        metadata: str = "",
     ) -> None:
         _refuse_ended(core)
 
@@ -588,8 +643,8 @@ def _stand(core: _Core, upto: int) -> None:
 @receiving.upon(On.receive).loop()
 def _receive(life: UploadLife, core: _Core, data: Chunk) -> None:
     upload, size = core.upload, len(data)
-    assert upload.length is not None
-    if upload.received + size > upload.length:
+    # (of an upload whose length is not known yet, its transport keeps within the room)
+    if upload.length is not None and upload.received + size > upload.length:
         life.past_end(
             f"chunk of {size} bytes at {upload.received} would grow the file "
             f"past LengthBytes {upload.length}"

@@ -75,7 +75,8 @@ async def test_options_describe_the_server(server: Server) -> None:
     assert response.code == 204
     assert header(response, "Tus-Version") == "1.0.0"
     assert header(response, "Tus-Extension") == (
-        "creation,creation-with-upload,termination,expiration,checksum,concatenation"
+        "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum,"
+        "concatenation"
     )
     assert header(response, "Tus-Checksum-Algorithm") == "sha1,sha256"
     assert header(response, "Tus-Max-Size") is None  # no limit configured

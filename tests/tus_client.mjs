@@ -10,9 +10,11 @@
 // parallelUploads (default 1) splits each file into that many partial uploads
 // (tus concatenation), each created with its upload's metadataForPartialUploads.
 // rate (bytes/s, per upload) throttles what is read from the file; abortAfter (bytes)
-// calls abort(true) (termination) once that many bytes are sent.
+// calls abort(true) (termination) once that many bytes are sent. deferred: the file is
+// read as a stream of unknown size (uploadLengthDeferred; chunkSize must be finite), the
+// length given with the PATCH that ends it (creation-defer-length).
 import fs from "node:fs";
-import { Transform } from "node:stream";
+import { PassThrough, Transform } from "node:stream";
 import * as tus from "tus-js-client";
 
 const options = JSON.parse(process.argv[2]);
@@ -70,7 +72,11 @@ function upload(index, spec) {
       resolve(event.event === "success");
     };
     let aborting = false;
-    const input = options.rate ? spec.file : fs.createReadStream(spec.file);
+    const input = options.deferred
+      ? fs.createReadStream(spec.file).pipe(options.rate ? throttle(options.rate) : new PassThrough())
+      : options.rate
+        ? spec.file
+        : fs.createReadStream(spec.file);
     const up = new tus.Upload(input, {
       endpoint: options.endpoint,
       uploadUrl: spec.uploadUrl ?? null,
@@ -79,8 +85,11 @@ function upload(index, spec) {
       retryDelays: options.retryDelays ?? null,
       uploadDataDuringCreation: options.uploadDataDuringCreation ?? false,
       parallelUploads: options.parallelUploads ?? 1,
+      uploadLengthDeferred: options.deferred ?? false,
       metadataForPartialUploads: spec.metadataForPartialUploads ?? {},
-      ...(options.rate ? { fileReader: new ThrottledFileReader(options.rate) } : {}),
+      ...(options.rate && !options.deferred
+        ? { fileReader: new ThrottledFileReader(options.rate) }
+        : {}),
       onUploadUrlAvailable() {
         emit({ event: "created", upload: index, url: up.url, at: elapsed() });
       },
