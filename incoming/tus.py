@@ -366,21 +366,20 @@ class TusApi:
             raise _refusal(UploadError(ErrorCode.TICKET_FINISHED, "this upload has every byte"))
         return upload
 
-    async def _joined(
-        self, request: IRequest, parts: list[Upload | None], ticket: str, refusal: ConcatError
-    ) -> Answer | None:
-        """A final request sent again after its partial uploads were joined (its answer
-        was lost, or the server restarted as it was sent): the ticket's answer, as the
-        first final request had it, if the ticket has every byte; else None."""
-        ticket = ticket or next((part.partial_of for part in parts if part is not None), "")
-        if refusal.status != 410 or not ticket:
+    async def _joined(self, request: IRequest, ticket: str, length: int | None) -> Answer | None:
+        """A final request sent again once the ticket has every byte (its answer was lost,
+        or a restart cut it short after the copy): the ticket's answer, as the first final
+        request had it (once the backend answered), if the ticket has all `length` bytes
+        (None: whatever its length); else None."""
+        if not ticket:
             return None
         try:
             upload = await self.created(ticket, answered=True)
-        except TusError:  # unknown, not given a length, cancelled: the refusal stands
+        except TusError:  # unknown, not given a length, cancelled
             return None
-        if upload.offset != upload.length:
+        if upload.offset != upload.length or length not in (None, upload.length):
             return None
+        await self.manager.settled(upload)  # its file made durable (the handover does)
         headers = {"Location": _location(request, ticket), "Upload-Offset": str(upload.offset)}
         if upload.phase.final:
             headers["Incoming-Result"] = quote(upload.result, safe="")
@@ -397,14 +396,21 @@ class TusApi:
         try:
             parts = [await self.manager.find(upload_id) for upload_id in ids]
             ticket = check_parts(parts, ids, _text(metadata, "ticket"))
-        except ConcatError as e:
-            joined = await self._joined(request, parts, _text(metadata, "ticket"), e)
+        except ConcatError as e:  # partials joined and gone: the ticket's answer stands
+            owner = next((part.partial_of for part in parts if part is not None), "")
+            ticket = _text(metadata, "ticket") or owner
+            joined = await self._joined(request, ticket, None) if e.status == 410 else None
             if joined is None:
                 raise TusError(e.status, str(e)) from None
             return joined
         except UploadError as e:
             raise _refusal(e) from None
         found = [part for part in parts if part is not None]
+        length = sum(part.length or 0 for part in found)
+        joined = await self._joined(request, ticket, length)
+        if joined is not None:  # a restart came after the copy: the partials are left over
+            self.manager.spawn(_consume(self.manager, found))
+            return joined
         name = _text(metadata, "filename")[:4096]
         concatenation = Concatenation(self, ticket, found)
         try:
@@ -898,14 +904,11 @@ class Concatenation:
             and self.upload is not None
             and (self.upload.durable == self.upload.length)
         )
-        for part, held in self._held:
-            if copied:
-                try:
-                    await self.api.manager.command(part.id, "consumed")
-                except UploadError as e:
-                    log.warn("partial upload {id} stays: {e}", id=part.id, e=e.message)
-            part.life.disconnect(held, Departure.DONE)
-        self._held = []
+        held, self._held = self._held, []
+        if copied:
+            await _consume(self.api.manager, [part for part, _ in held])
+        for part, transport in held:
+            part.life.disconnect(transport, Departure.DONE)
 
     # upload.Transport
 
@@ -944,6 +947,15 @@ class Concatenation:
     def _answer(self, code: ErrorCode, message: str) -> None:
         if not self.answer.called:
             self.answer.callback(Answer(STATUS_FOR.get(code, 500), message, code=code))
+
+
+async def _consume(manager: UploadManager, parts: list[Upload]) -> None:
+    """The partial uploads go: their bytes are durable in their ticket's file."""
+    for part in parts:
+        try:
+            await manager.command(part.id, "consumed")
+        except UploadError as e:
+            log.warn("partial upload {id} stays: {e}", id=part.id, e=e.message)
 
 
 def _stream_of(request: IRequest) -> PatchStream | None:

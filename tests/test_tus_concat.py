@@ -14,13 +14,16 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.web._newclient import ResponseNeverReceived
 
 from incoming import storage as storage_module
 from incoming import tus
 from incoming.config import Config
 
 from .harness import Backend, Server, serving, start_daemon, stop_daemon
+from .powercut import PowerCutDir
 from .test_tus_clients import (
     LARGE,
     RETRY,
@@ -332,3 +335,95 @@ async def test_a_tickets_partial_uploads_are_bounded_in_number_and_size_together
             400,
             "a ticket has at most 3 partial uploads under way",
         )
+
+
+async def until(condition: Any, timeout: float = 60) -> None:
+    """Once `condition()` holds (looked at every millisecond or so)."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, "never came"
+        await deferLater(reactor, 0.001)
+
+
+@pytest.mark.parametrize("when", ["copying", "handing over"])
+@pytest_twisted.ensureDeferred
+async def test_a_final_request_cut_short_by_sigkill_is_sent_again_and_finishes(
+    tmp_path: Path, backend: Backend, stopper: list[Any], when: str
+) -> None:
+    """SIGKILL while the partials are copied into the ticket's file (it holds some of
+    them), or once the backend has the file, unanswered; after the restart the client
+    sends the same final request again: the file is whole, its SHA-256 right, the
+    partial files go, and nobody hears a 5xx."""
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    # the last piece small: the ticket's file is shorter than the whole until the end
+    pieces = [os.urandom(64 * MiB), os.urandom(64 * MiB), os.urandom(MiB + 3)]
+    data = b"".join(pieces)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    urls = [await stored_partial(server, ticket, piece) for piece in pieces]
+    named = {"Upload-Metadata": metadata(ticket=ticket, filename="big.bin")}
+    backend.hold = when == "handing over"
+    cut_short = ensureDeferred(final(server, urls, **named))
+    part = storage / f"{ticket}.part"
+    if when == "copying":
+        await until(lambda: part.exists() and part.stat().st_size > len(pieces[0]))
+    else:
+        assert_one_handover(await backend.posts.get(), ticket, storage / ticket, "big.bin", data)
+    await daemon.kill(process)
+    with pytest.raises(ResponseNeverReceived):
+        await cut_short
+    if when == "copying":
+        assert len(pieces[0]) < part.stat().st_size < len(data)  # killed mid-copy
+        assert len(backend.posts.pending) == 0
+    backend.hold = False
+    backend.release()  # (to a connection that is gone)
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    again = await final(server, urls, **named)
+    assert again.code == 201, again.text_
+    assert again.headers.getRawHeaders("location") == [f"/incoming/tus/{ticket}"]
+    assert again.headers.getRawHeaders("upload-offset") == [str(len(data))]
+    assert again.headers.getRawHeaders("incoming-result") == [""]
+    post = await backend.posts.get()  # (after a kill in its handover: again, at least once)
+    assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
+    assert (storage / ticket).read_bytes() == data
+    await parts_gone(storage, ticket)
+    for url in urls:
+        assert (await treq.head(url, headers=TUS)).code == 410
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_power_cut_mid_copy_loses_no_acknowledged_partial(
+    powercut_dir: PowerCutDir, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """SIGKILL mid-copy, then a power cut: what the ticket's file held and was not synced
+    is lost, the partials (acknowledged) are not; the final request sent again finishes."""
+    storage = powercut_dir.path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    pieces = [os.urandom(32 * MiB), os.urandom(32 * MiB), os.urandom(MiB + 3)]
+    data = b"".join(pieces)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    urls = [await stored_partial(server, ticket, piece) for piece in pieces]
+    cut_short = ensureDeferred(final(server, urls))
+    part = storage / f"{ticket}.part"
+    await until(lambda: part.exists() and part.stat().st_size > len(pieces[0]))
+    await daemon.kill(process)
+    with pytest.raises(ResponseNeverReceived):
+        await cut_short
+    assert len(pieces[0]) < part.stat().st_size < len(data)
+    await powercut_dir.power_cut()
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    for url, piece in zip(urls, pieces, strict=True):
+        assert await offset_of(url) == len(piece)
+    again = await final(server, urls)
+    assert again.code == 201, again.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, str(len(data)))
+    assert post["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (storage / ticket).read_bytes() == data
+    await parts_gone(storage, ticket)
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
