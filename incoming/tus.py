@@ -849,18 +849,22 @@ class Concatenation:
     async def run(self, name: str, metadata: str, location: str) -> Answer:
         manager = self.api.manager
         length = sum(part.length or 0 for part in self.parts)
-        await manager.command(self.ticket, "declare", length, name, metadata)
-        upload = self.upload = await manager.connect(self.ticket, self, length, name)
         try:
-            start = await manager.resume_position(upload)
-            if not upload.receiving:
-                return Answer(201, headers={"Location": location, "Upload-Offset": str(start)})
+            # The partials first: one deleted or expired meanwhile leaves the ticket as it
+            # was, its length not fixed (a final request of other partials can follow).
             await self._hold()
-            self._queue(start)
-            upload.life.ready()  # complete already (a repeated request): the handover starts
-            answer = await self.answer
+            await manager.command(self.ticket, "declare", length, name, metadata)
+            upload = self.upload = await manager.connect(self.ticket, self, length, name)
+            start = await manager.resume_position(upload)
+            if upload.receiving:
+                self._queue(start)
+                upload.life.ready()  # complete already (a repeated request): the handover starts
+                answer = await self.answer
+            else:
+                answer = Answer(201, headers={"Upload-Offset": str(start)})
         finally:
-            upload.life.disconnect(self, Departure.DONE)
+            if self.upload is not None:
+                self.upload.life.disconnect(self, Departure.DONE)
             # Removing the partial files takes a while (256 MiB on ext4 with `discard`:
             # 0.2-0.3 s): the client need not wait for it.
             manager.spawn(self._let_go())

@@ -427,3 +427,39 @@ async def test_a_power_cut_mid_copy_loses_no_acknowledged_partial(
     await parts_gone(storage, ticket)
     await stop_daemon(daemon, process)
     assert len(backend.posts.pending) == 0
+
+
+@pytest.mark.parametrize("gone", ["deleted", "expired"])
+@pytest_twisted.ensureDeferred
+async def test_a_partial_gone_as_a_final_request_begins_leaves_the_tickets_length_open(
+    server: Server, backend: Backend, monkeypatch: pytest.MonkeyPatch, gone: str
+) -> None:
+    """A partial deleted or expired after the final request looked at it, before it was
+    held: 410, and the ticket is as it was (no length fixed), so that a final request of
+    other partials, of another total, completes it."""
+    manager = server.manager
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    first = await stored_partial(server, ticket, b"a" * 3000)
+    second = await stored_partial(server, ticket, b"b" * 2000)
+    resume_position = manager.resume_position
+
+    async def meanwhile(upload: Any) -> int:  # the final request's first wait for the disk
+        monkeypatch.setattr(manager, "resume_position", resume_position)
+        if gone == "deleted":
+            assert (await treq.delete(second, headers=TUS)).code == 204
+        else:
+            manager.get(second.rsplit("/", 1)[1]).life.idle_timeout(manager.max_idle)
+        return await resume_position(upload)
+
+    monkeypatch.setattr(manager, "resume_position", meanwhile)
+    refused = await final(server, [first, second])
+    assert refused.code == 410, refused.text_
+    assert manager.resume_position == resume_position  # (the partial went meanwhile)
+    assert manager.get(ticket).length is None
+    third = await stored_partial(server, ticket, b"c" * 1000)
+    done = await final(server, [first, third])
+    assert done.code == 201, done.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, "4000")
+    assert Path(post["filename"]).read_bytes() == b"a" * 3000 + b"c" * 1000
+    await parts_gone(server.storage_dir, ticket)
