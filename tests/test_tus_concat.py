@@ -35,6 +35,7 @@ from .test_tus_clients import (
     patch,
     random_file,
     restart_on,
+    size_reaches,
     tus_js,
 )
 
@@ -337,14 +338,6 @@ async def test_a_tickets_partial_uploads_are_bounded_in_number_and_size_together
         )
 
 
-async def until(condition: Any, timeout: float = 60) -> None:
-    """Once `condition()` holds (looked at every millisecond or so)."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        assert reactor.seconds() < deadline, "never came"
-        await deferLater(reactor, 0.001)
-
-
 @pytest.mark.parametrize("when", ["copying", "handing over"])
 @pytest_twisted.ensureDeferred
 async def test_a_final_request_cut_short_by_sigkill_is_sent_again_and_finishes(
@@ -366,7 +359,7 @@ async def test_a_final_request_cut_short_by_sigkill_is_sent_again_and_finishes(
     cut_short = ensureDeferred(final(server, urls, **named))
     part = storage / f"{ticket}.part"
     if when == "copying":
-        await until(lambda: part.exists() and part.stat().st_size > len(pieces[0]))
+        await size_reaches(part, len(pieces[0]) + 1)
     else:
         assert_one_handover(await backend.posts.get(), ticket, storage / ticket, "big.bin", data)
     await daemon.kill(process)
@@ -408,7 +401,7 @@ async def test_a_power_cut_mid_copy_loses_no_acknowledged_partial(
     urls = [await stored_partial(server, ticket, piece) for piece in pieces]
     cut_short = ensureDeferred(final(server, urls))
     part = storage / f"{ticket}.part"
-    await until(lambda: part.exists() and part.stat().st_size > len(pieces[0]))
+    await size_reaches(part, len(pieces[0]) + 1)
     await daemon.kill(process)
     with pytest.raises(ResponseNeverReceived):
         await cut_short
