@@ -338,6 +338,41 @@ async def test_a_tickets_partial_uploads_are_bounded_in_number_and_size_together
         )
 
 
+@pytest_twisted.ensureDeferred
+async def test_tus_js_client_started_again_after_a_sigkill_mid_copy_finishes(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """tus-js-client (4.3) does not retry a final request whose connection broke; the
+    page's `start()` again sends it again (after HEAD of each partial) and it finishes."""
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    data = random_file(tmp_path / "big.bin", 128 * MiB + 5)  # two partials of 64 MiB and a bit
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    client = tus_js(server, [{"file": tmp_path / "big.bin",
+                              "metadata": {"ticket": ticket, "filename": "big.bin"},
+                              "metadataForPartialUploads": {"ticket": ticket}}],
+                    parallelUploads=2, retryDelays=RETRY, startAgainAfter=500)  # fmt: skip
+    part = storage / f"{ticket}.part"
+    await size_reaches(part, 64 * MiB + 3)  # the second partial is being copied
+    await daemon.kill(process)
+    assert 64 * MiB < part.stat().st_size < len(data)
+    assert len(parts_in(storage, ticket)) == 2
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    events = await client.ended
+    assert events[-1]["ok"] is True, events
+    [again] = client.named("start-again")
+    assert again["status"] == 0  # the connection broke
+    [success] = client.named("success")
+    assert (success["status"], success["offset"]) == (201, str(len(data)))
+    post = await backend.posts.get()
+    assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
+    assert (storage / ticket).read_bytes() == data
+    await parts_gone(storage, ticket)
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
 @pytest.mark.parametrize("when", ["copying", "handing over"])
 @pytest_twisted.ensureDeferred
 async def test_a_final_request_cut_short_by_sigkill_is_sent_again_and_finishes(

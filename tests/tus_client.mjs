@@ -10,7 +10,8 @@
 // parallelUploads (default 1) splits each file into that many partial uploads
 // (tus concatenation), each created with its upload's metadataForPartialUploads.
 // rate (bytes/s, per upload) throttles what is read from the file; abortAfter (bytes)
-// calls abort(true) (termination) once that many bytes are sent.
+// calls abort(true) (termination) once that many bytes are sent. startAgainAfter (ms):
+// after an error tus-js-client did not retry, the page's start() again, once.
 import fs from "node:fs";
 import { Transform } from "node:stream";
 import * as tus from "tus-js-client";
@@ -70,6 +71,7 @@ function upload(index, spec) {
       resolve(event.event === "success");
     };
     let aborting = false;
+    let startedAgain = false;
     const input = options.rate ? spec.file : fs.createReadStream(spec.file);
     const up = new tus.Upload(input, {
       endpoint: options.endpoint,
@@ -114,9 +116,16 @@ function upload(index, spec) {
       },
       onError(error) {
         const response = error.originalResponse;
-        finish({ event: "error", url: up.url, status: statusOf(error),
-                 body: response ? response.getBody() : null,
-                 message: String(error.message).slice(0, 500) }); // prettier-ignore
+        const event = { event: "error", url: up.url, status: statusOf(error),
+                        body: response ? response.getBody() : null,
+                        message: String(error.message).slice(0, 500) }; // prettier-ignore
+        if (options.startAgainAfter != null && !startedAgain) {
+          startedAgain = true;
+          emit({ ...event, event: "start-again", upload: index, at: elapsed() });
+          setTimeout(() => up.start(), options.startAgainAfter);
+          return;
+        }
+        finish(event);
       },
     });
     up.start();
