@@ -372,21 +372,20 @@ class TusApi:
             raise _refusal(UploadError(ErrorCode.TICKET_FINISHED, "this upload has every byte"))
         return upload
 
-    async def _joined(
-        self, request: IRequest, parts: list[Upload | None], ticket: str, refusal: ConcatError
-    ) -> Answer | None:
-        """A final request sent again after its partial uploads were joined (its answer
-        was lost, or the server restarted as it was sent): the ticket's answer, as the
-        first final request had it, if the ticket has every byte; else None."""
-        ticket = ticket or next((part.partial_of for part in parts if part is not None), "")
-        if refusal.status != 410 or not ticket:
+    async def _joined(self, request: IRequest, ticket: str, length: int | None) -> Answer | None:
+        """A final request sent again once the ticket has every byte (its answer was lost,
+        or a restart cut it short after the copy): the ticket's answer, as the first final
+        request had it (once the backend answered), if the ticket has all `length` bytes
+        (None: whatever its length); else None."""
+        if not ticket:
             return None
         try:
             upload = await self.created(ticket, answered=True)
-        except TusError:  # unknown, not given a length, cancelled: the refusal stands
+        except TusError:  # unknown, not given a length, cancelled
             return None
-        if upload.offset != upload.length:
+        if upload.offset != upload.length or length not in (None, upload.length):
             return None
+        await self.manager.settled(upload)  # its file made durable (the handover does)
         headers = {"Location": _location(request, ticket), "Upload-Offset": str(upload.offset)}
         if upload.phase.final:
             headers["Incoming-Result"] = quote(upload.result, safe="")
@@ -403,14 +402,21 @@ class TusApi:
         try:
             parts = [await self.manager.find(upload_id) for upload_id in ids]
             ticket = check_parts(parts, ids, _text(metadata, "ticket"))
-        except ConcatError as e:
-            joined = await self._joined(request, parts, _text(metadata, "ticket"), e)
+        except ConcatError as e:  # partials joined and gone: the ticket's answer stands
+            owner = next((part.partial_of for part in parts if part is not None), "")
+            ticket = _text(metadata, "ticket") or owner
+            joined = await self._joined(request, ticket, None) if e.status == 410 else None
             if joined is None:
                 raise TusError(e.status, str(e)) from None
             return joined
         except UploadError as e:
             raise _refusal(e) from None
         found = [part for part in parts if part is not None]
+        length = sum(part.length or 0 for part in found)
+        joined = await self._joined(request, ticket, length)
+        if joined is not None:  # a restart came after the copy: the partials are left over
+            self.manager.spawn(_consume(self.manager, found))
+            return joined
         name = _text(metadata, "filename")[:4096]
         concatenation = Concatenation(self, ticket, found)
         try:
@@ -878,18 +884,22 @@ class Concatenation:
     async def run(self, name: str, metadata: str, location: str) -> Answer:
         manager = self.api.manager
         length = sum(part.length or 0 for part in self.parts)
-        await manager.command(self.ticket, "declare", length, name, metadata)
-        upload = self.upload = await manager.connect(self.ticket, self, length, name)
         try:
-            start = await manager.resume_position(upload)
-            if not upload.receiving:
-                return Answer(201, headers={"Location": location, "Upload-Offset": str(start)})
+            # The partials first: one deleted or expired meanwhile leaves the ticket as it
+            # was, its length not fixed (a final request of other partials can follow).
             await self._hold()
-            self._queue(start)
-            upload.life.ready()  # complete already (a repeated request): the handover starts
-            answer = await self.answer
+            await manager.command(self.ticket, "declare", length, name, metadata)
+            upload = self.upload = await manager.connect(self.ticket, self, length, name)
+            start = await manager.resume_position(upload)
+            if upload.receiving:
+                self._queue(start)
+                upload.life.ready()  # complete already (a repeated request): the handover starts
+                answer = await self.answer
+            else:
+                answer = Answer(201, headers={"Upload-Offset": str(start)})
         finally:
-            upload.life.disconnect(self, Departure.DONE)
+            if self.upload is not None:
+                self.upload.life.disconnect(self, Departure.DONE)
             # Removing the partial files takes a while (256 MiB on ext4 with `discard`:
             # 0.2-0.3 s): the client need not wait for it.
             manager.spawn(self._let_go())
@@ -933,14 +943,11 @@ class Concatenation:
             and self.upload is not None
             and (self.upload.durable == self.upload.length)
         )
-        for part, held in self._held:
-            if copied:
-                try:
-                    await self.api.manager.command(part.id, "consumed")
-                except UploadError as e:
-                    log.warn("partial upload {id} stays: {e}", id=part.id, e=e.message)
-            part.life.disconnect(held, Departure.DONE)
-        self._held = []
+        held, self._held = self._held, []
+        if copied:
+            await _consume(self.api.manager, [part for part, _ in held])
+        for part, transport in held:
+            part.life.disconnect(transport, Departure.DONE)
 
     # upload.Transport
 
@@ -979,6 +986,15 @@ class Concatenation:
     def _answer(self, code: ErrorCode, message: str) -> None:
         if not self.answer.called:
             self.answer.callback(Answer(STATUS_FOR.get(code, 500), message, code=code))
+
+
+async def _consume(manager: UploadManager, parts: list[Upload]) -> None:
+    """The partial uploads go: their bytes are durable in their ticket's file."""
+    for part in parts:
+        try:
+            await manager.command(part.id, "consumed")
+        except UploadError as e:
+            log.warn("partial upload {id} stays: {e}", id=part.id, e=e.message)
 
 
 def _stream_of(request: IRequest) -> PatchStream | None:

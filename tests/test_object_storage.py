@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import treq
 from twisted.internet import reactor, threads
 from twisted.internet.task import LoopingCall, deferLater
 
+from incoming import spool as spool_module
 from incoming.errors import ErrorCode
 
 from .ceph import Ceph
@@ -405,6 +407,49 @@ async def test_the_store_away_mid_upload_stalls_then_tells_the_client_and_loses_
     post = await backend.posts.get()
     assert_object_handover(post, ceph, bucket, ticket, data)
     assert ceph.multipart_uploads(bucket) == []
+
+
+OURS = "the object store is unavailable; resume later: nothing acknowledged is lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_refuses_writes_is_told_to_clients_in_our_words_only(
+    ceph: Ceph, bucket: str, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """A bucket policy denies writes (AccessDenied): once the spool holds what it may, the
+    next write waits for the store, then its client hears 503 over tus, error 25 over the
+    WebSocket, in our own words; the store's text goes to the log only. Once writes are
+    allowed again, the upload goes on."""
+    spool = tmp_path / "spool"
+    daemon, _, server = await s3_daemon(ceph, bucket, spool, tmp_path, stopper, "--ws-timeout", "3")
+    deny = {"Effect": "Deny", "Principal": "*", "Action": ["s3:PutObject"],
+            "Resource": [f"arn:aws:s3:::{bucket}/*"]}  # fmt: skip
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [deny]})
+    ceph.client().put_bucket_policy(Bucket=bucket, Policy=policy)
+    data = os.urandom(8 * PART + 1)
+    held = spool_module.SPOOL_PARTS * PART  # what the spool takes while the store refuses
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    url = f"{server.base}/tus/{ticket}"
+    assert (await treq.post(f"{server.base}/tus/", headers=creation(ticket, len(data)))).code == 201
+    try:
+        taken = await patch(url, data[:held], 0, {})
+        assert taken.code == 204, await taken.text()
+        more = data[held : held + 256 * 1024]  # a chunk (LARGE): read whole, not paused
+        refused = await patch(url, more, held, {})
+        assert (refused.code, await refused.text()) == (503, OURS)  # not "AccessDenied: ..."
+        client, conf = await upload_request(server, ticket, len(data))
+        assert conf["FilePos"] == held
+        client.send("MsgAck", Ack=True)
+        client.send_chunk(more)
+        error = await client.expect_error(ErrorCode.STORE_UNAVAILABLE)
+        assert error["Msg"] == OURS
+    finally:
+        ceph.client().delete_bucket_policy(Bucket=bucket)
+    assert b"AccessDenied" in daemon.output  # the operator reads why
+    client, conf = await upload_request(server, ticket, len(data))
+    assert conf["FilePos"] == held
+    await complete_upload(client, data[held:], conf["ChunkSizeKB"] * 1024, conf["SendAhead"])
+    assert_object_handover(await backend.posts.get(), ceph, bucket, ticket, data)
 
 
 async def in_redis_handovers(redis: Redis, ticket: str) -> None:

@@ -14,13 +14,16 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.web._newclient import ResponseNeverReceived
 
 from incoming import storage as storage_module
 from incoming import tus
 from incoming.config import Config
 
 from .harness import Backend, Server, serving, start_daemon, stop_daemon
+from .powercut import PowerCutDir
 from .test_tus_clients import (
     LARGE,
     RETRY,
@@ -32,6 +35,7 @@ from .test_tus_clients import (
     patch,
     random_file,
     restart_on,
+    size_reaches,
     tus_js,
 )
 
@@ -332,3 +336,158 @@ async def test_a_tickets_partial_uploads_are_bounded_in_number_and_size_together
             400,
             "a ticket has at most 3 partial uploads under way",
         )
+
+
+@pytest_twisted.ensureDeferred
+async def test_tus_js_client_started_again_after_a_sigkill_mid_copy_finishes(
+    tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """tus-js-client (4.3) does not retry a final request whose connection broke; the
+    page's `start()` again sends it again (after HEAD of each partial) and it finishes."""
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    data = random_file(tmp_path / "big.bin", 128 * MiB + 5)  # two partials of 64 MiB and a bit
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    client = tus_js(server, [{"file": tmp_path / "big.bin",
+                              "metadata": {"ticket": ticket, "filename": "big.bin"},
+                              "metadataForPartialUploads": {"ticket": ticket}}],
+                    parallelUploads=2, retryDelays=RETRY, startAgainAfter=500)  # fmt: skip
+    part = storage / f"{ticket}.part"
+    await size_reaches(part, 64 * MiB + 3)  # the second partial is being copied
+    await daemon.kill(process)
+    assert 64 * MiB < part.stat().st_size < len(data)
+    assert len(parts_in(storage, ticket)) == 2
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    events = await client.ended
+    assert events[-1]["ok"] is True, events
+    [again] = client.named("start-again")
+    assert again["status"] == 0  # the connection broke
+    [success] = client.named("success")
+    assert (success["status"], success["offset"]) == (201, str(len(data)))
+    post = await backend.posts.get()
+    assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
+    assert (storage / ticket).read_bytes() == data
+    await parts_gone(storage, ticket)
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
+@pytest.mark.parametrize("when", ["copying", "handing over"])
+@pytest_twisted.ensureDeferred
+async def test_a_final_request_cut_short_by_sigkill_is_sent_again_and_finishes(
+    tmp_path: Path, backend: Backend, stopper: list[Any], when: str
+) -> None:
+    """SIGKILL while the partials are copied into the ticket's file (it holds some of
+    them), or once the backend has the file, unanswered; after the restart the client
+    sends the same final request again: the file is whole, its SHA-256 right, the
+    partial files go, and nobody hears a 5xx."""
+    storage = tmp_path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    # the last piece small: the ticket's file is shorter than the whole until the end
+    pieces = [os.urandom(64 * MiB), os.urandom(64 * MiB), os.urandom(MiB + 3)]
+    data = b"".join(pieces)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    urls = [await stored_partial(server, ticket, piece) for piece in pieces]
+    named = {"Upload-Metadata": metadata(ticket=ticket, filename="big.bin")}
+    backend.hold = when == "handing over"
+    cut_short = ensureDeferred(final(server, urls, **named))
+    part = storage / f"{ticket}.part"
+    if when == "copying":
+        await size_reaches(part, len(pieces[0]) + 1)
+    else:
+        assert_one_handover(await backend.posts.get(), ticket, storage / ticket, "big.bin", data)
+    await daemon.kill(process)
+    with pytest.raises(ResponseNeverReceived):
+        await cut_short
+    if when == "copying":
+        assert len(pieces[0]) < part.stat().st_size < len(data)  # killed mid-copy
+        assert len(backend.posts.pending) == 0
+    backend.hold = False
+    backend.release()  # (to a connection that is gone)
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    again = await final(server, urls, **named)
+    assert again.code == 201, again.text_
+    assert again.headers.getRawHeaders("location") == [f"/incoming/tus/{ticket}"]
+    assert again.headers.getRawHeaders("upload-offset") == [str(len(data))]
+    assert again.headers.getRawHeaders("incoming-result") == [""]
+    post = await backend.posts.get()  # (after a kill in its handover: again, at least once)
+    assert_one_handover(post, ticket, storage / ticket, "big.bin", data)
+    assert (storage / ticket).read_bytes() == data
+    await parts_gone(storage, ticket)
+    for url in urls:
+        assert (await treq.head(url, headers=TUS)).code == 410
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_power_cut_mid_copy_loses_no_acknowledged_partial(
+    powercut_dir: PowerCutDir, tmp_path: Path, backend: Backend, stopper: list[Any]
+) -> None:
+    """SIGKILL mid-copy, then a power cut: what the ticket's file held and was not synced
+    is lost, the partials (acknowledged) are not; the final request sent again finishes."""
+    storage = powercut_dir.path / "s"
+    daemon, process, server = await start_daemon(storage, tmp_path, stopper, *LARGE)
+    pieces = [os.urandom(32 * MiB), os.urandom(32 * MiB), os.urandom(MiB + 3)]
+    data = b"".join(pieces)
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    urls = [await stored_partial(server, ticket, piece) for piece in pieces]
+    cut_short = ensureDeferred(final(server, urls))
+    part = storage / f"{ticket}.part"
+    await size_reaches(part, len(pieces[0]) + 1)
+    await daemon.kill(process)
+    with pytest.raises(ResponseNeverReceived):
+        await cut_short
+    assert len(pieces[0]) < part.stat().st_size < len(data)
+    await powercut_dir.power_cut()
+
+    daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    for url, piece in zip(urls, pieces, strict=True):
+        assert await offset_of(url) == len(piece)
+    again = await final(server, urls)
+    assert again.code == 201, again.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, str(len(data)))
+    assert post["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (storage / ticket).read_bytes() == data
+    await parts_gone(storage, ticket)
+    await stop_daemon(daemon, process)
+    assert len(backend.posts.pending) == 0
+
+
+@pytest.mark.parametrize("gone", ["deleted", "expired"])
+@pytest_twisted.ensureDeferred
+async def test_a_partial_gone_as_a_final_request_begins_leaves_the_tickets_length_open(
+    server: Server, backend: Backend, monkeypatch: pytest.MonkeyPatch, gone: str
+) -> None:
+    """A partial deleted or expired after the final request looked at it, before it was
+    held: 410, and the ticket is as it was (no length fixed), so that a final request of
+    other partials, of another total, completes it."""
+    manager = server.manager
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    first = await stored_partial(server, ticket, b"a" * 3000)
+    second = await stored_partial(server, ticket, b"b" * 2000)
+    resume_position = manager.resume_position
+
+    async def meanwhile(upload: Any) -> int:  # the final request's first wait for the disk
+        monkeypatch.setattr(manager, "resume_position", resume_position)
+        if gone == "deleted":
+            assert (await treq.delete(second, headers=TUS)).code == 204
+        else:
+            manager.get(second.rsplit("/", 1)[1]).life.idle_timeout(manager.max_idle)
+        return await resume_position(upload)
+
+    monkeypatch.setattr(manager, "resume_position", meanwhile)
+    refused = await final(server, [first, second])
+    assert refused.code == 410, refused.text_
+    assert manager.resume_position == resume_position  # (the partial went meanwhile)
+    assert manager.get(ticket).length is None
+    third = await stored_partial(server, ticket, b"c" * 1000)
+    done = await final(server, [first, third])
+    assert done.code == 201, done.text_
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, "4000")
+    assert Path(post["filename"]).read_bytes() == b"a" * 3000 + b"c" * 1000
+    await parts_gone(server.storage_dir, ticket)

@@ -12,7 +12,8 @@
 // rate (bytes/s, per upload) throttles what is read from the file; abortAfter (bytes)
 // calls abort(true) (termination) once that many bytes are sent. deferred: the file is
 // read as a stream of unknown size (uploadLengthDeferred; chunkSize must be finite), the
-// length given with the PATCH that ends it (creation-defer-length).
+// length given with the PATCH that ends it (creation-defer-length). startAgainAfter (ms):
+// after an error tus-js-client did not retry, the page's start() again, once.
 import fs from "node:fs";
 import { PassThrough, Transform } from "node:stream";
 import * as tus from "tus-js-client";
@@ -72,6 +73,7 @@ function upload(index, spec) {
       resolve(event.event === "success");
     };
     let aborting = false;
+    let startedAgain = false;
     const input = options.deferred
       ? fs.createReadStream(spec.file).pipe(options.rate ? throttle(options.rate) : new PassThrough())
       : options.rate
@@ -123,9 +125,16 @@ function upload(index, spec) {
       },
       onError(error) {
         const response = error.originalResponse;
-        finish({ event: "error", url: up.url, status: statusOf(error),
-                 body: response ? response.getBody() : null,
-                 message: String(error.message).slice(0, 500) }); // prettier-ignore
+        const event = { event: "error", url: up.url, status: statusOf(error),
+                        body: response ? response.getBody() : null,
+                        message: String(error.message).slice(0, 500) }; // prettier-ignore
+        if (options.startAgainAfter != null && !startedAgain) {
+          startedAgain = true;
+          emit({ ...event, event: "start-again", upload: index, at: elapsed() });
+          setTimeout(() => up.start(), options.startAgainAfter);
+          return;
+        }
+        finish(event);
       },
     });
     up.start();
