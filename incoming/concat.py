@@ -88,6 +88,7 @@ class Held:
     writes or deletes it meanwhile."""
 
     via = CONCAT
+    joins = False
     digests: tuple[Digest, ...] = ()
     holding = may_void = False
 

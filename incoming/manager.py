@@ -189,7 +189,8 @@ class UploadManager:
             if op == "declare":
                 metadata = str(args[2]) if len(args) > 2 else ""  # older instances send none
                 length = None if args[0] is None else int(args[0])  # None: deferred (tus)
-                upload.life.declare(length, str(args[1]), self.room(), metadata)
+                final = len(args) > 3 and bool(args[3])  # a tus final request's
+                upload.life.declare(length, str(args[1]), self.room(), metadata, final)
             else:
                 getattr(upload.life, op)(*args)
         finally:

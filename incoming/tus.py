@@ -499,6 +499,7 @@ class PatchStream:
     each event's method says what it does in each stage."""
 
     via = "tus"  # upload.Transport
+    joins = False
 
     def __init__(self, api: TusApi, request: IncomingRequest, ticket: str) -> None:
         self.api = api
@@ -561,6 +562,8 @@ class PatchStream:
             upload = await self.api.created(self.ticket)
             if upload.partial_of:
                 await self.api.live_ticket(upload.partial_of)
+        if upload.final:  # (tus: 403 for a PATCH to a final upload)
+            raise TusError(403, "a final upload takes its bytes from its partial uploads only")
         algorithm_and_digest = self.request.getHeader("upload-checksum")
         if algorithm_and_digest is not None:
             self._expect_checksum(algorithm_and_digest)
@@ -868,6 +871,7 @@ class Concatenation:
     bytes are copied into it; answered like a final PATCH (once the backend answered)."""
 
     via = "tus"
+    joins = True
     digests: tuple[Digest, ...] = ()
     holding = may_void = False  # its bytes stand once durable: the handover starts then
 
@@ -888,7 +892,7 @@ class Concatenation:
             # The partials first: one deleted or expired meanwhile leaves the ticket as it
             # was, its length not fixed (a final request of other partials can follow).
             await self._hold()
-            await manager.command(self.ticket, "declare", length, name, metadata)
+            await manager.command(self.ticket, "declare", length, name, metadata, True)
             upload = self.upload = await manager.connect(self.ticket, self, length, name)
             start = await manager.resume_position(upload)
             if upload.receiving:

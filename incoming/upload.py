@@ -122,6 +122,7 @@ class Transport(Protocol):
     """A connection carrying an upload's bytes: it hears what became of them."""
 
     via: str  # its protocol: "websocket" or "tus"
+    joins: bool  # a tus final request's: it brings the partial uploads' bytes
     # Hashes its bytes also feed, as they are written (a tus checksum).
     digests: tuple[Digest, ...]
 
@@ -216,9 +217,12 @@ class Effects(Protocol):
 class UploadLife(Protocol):
     """Everything that can happen to an upload: the inputs of the table."""
 
-    def declare(self, length: int | None, name: str, room: Room, metadata: str = "") -> None:
+    def declare(
+        self, length: int | None, name: str, room: Room, metadata: str = "", final: bool = False
+    ) -> None:
         """A client announces the upload's length (None: a tus creation that defers it)
-        and name (tus creation, whose `Upload-Metadata` is kept as given); raises
+        and name (tus creation, whose `Upload-Metadata` is kept as given), or a tus final
+        request that its partial uploads will bring the bytes (`final`); raises
         UploadError if they do not fit or differ from what was announced before."""
 
     def connect(self, transport: Transport, length: int | None, name: str, room: Room) -> None:
@@ -310,6 +314,7 @@ _RECORDED = (
     "browser_name",
     "tus_metadata",
     "partial_of",
+    "final",
     "cancel_reason",
     "result",
     "idle_deadline",
@@ -337,6 +342,7 @@ class Upload:
     browser_name: str = ""
     tus_metadata: str = ""  # `Upload-Metadata` of the tus creation, as given
     partial_of: str = ""  # a tus partial upload: its ticket (its bytes are never handed over)
+    final: bool = False  # a tus final upload: its bytes come from its partial uploads only
     phase: Phase = Phase.RECEIVING
     cancel_reason: str = ""
     result: str = ""  # the backend's verdict for the page (`done` + text, finish_upload)
@@ -529,6 +535,11 @@ def _attach(core: _Core, transport: Transport, length: int | None, name: str, ro
     upload = core.upload
     if upload.transport is not None:
         raise UploadError(ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload")
+    if upload.final and not transport.joins:
+        raise UploadError(
+            ErrorCode.LENGTH_MISMATCH,
+            "a final upload takes its bytes from its partial uploads only",
+        )
     _describe(upload, length, name, room)
     upload.transport, upload.via = transport, transport.via
     if upload.started_at is None and upload.received == 0:
@@ -561,9 +572,18 @@ for _state in _LIVE:
         name: str,
         room: Room,
         metadata: str = "",
+        final: bool = False,
     ) -> None:
         upload = core.upload
-        known = _describe(upload, length, name, room)
+        marked = final and not upload.final
+        if marked and upload.received:
+            raise UploadError(
+                ErrorCode.LENGTH_MISMATCH,
+                f"this upload has {upload.received} bytes of its own: a final request "
+                "cannot join partial uploads into it",
+            )
+        known = _describe(upload, length, name, room) and not marked
+        upload.final = upload.final or final
         if metadata and not upload.tus_metadata:  # the first creation's stay
             upload.tus_metadata, known = metadata, False
         if not known:
@@ -612,6 +632,7 @@ for _state in _ENDED:
         name: str,
         room: Room,
         metadata: str = "",
+        final: bool = False,
     ) -> None:
         _refuse_ended(core)
 

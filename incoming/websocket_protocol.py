@@ -50,6 +50,7 @@ class UploadProtocolSession:
 
     # upload.Transport: a chunk needs no check but its size, and stands once written
     via = "websocket"
+    joins = False
     digests: tuple[Digest, ...] = ()
     holding = may_void = False
 

@@ -197,6 +197,7 @@ class RecordingTransport:
     """`incoming.upload.Transport` that writes down what it hears."""
 
     via = "websocket"
+    joins = False
     digests = ()
     holding = may_void = False
 

@@ -407,6 +407,12 @@ async def test_a_final_request_cut_short_by_sigkill_is_sent_again_and_finishes(
     backend.release()  # (to a connection that is gone)
 
     daemon, process, server = await restart_on(server.port, storage, tmp_path, stopper, *LARGE)
+    if when == "copying":  # the ticket's bytes come from its partials only, even now
+        held = part.stat().st_size
+        ticket_url = f"{server.base}/tus/{ticket}"
+        status, _, text = await patch(ticket_url, await offset_of(ticket_url), b"own bytes")
+        assert status == 403 and "partial uploads only" in text, text
+        assert part.stat().st_size == held
     again = await final(server, urls, **named)
     assert again.code == 201, again.text_
     assert again.headers.getRawHeaders("location") == [f"/incoming/tus/{ticket}"]
@@ -491,3 +497,28 @@ async def test_a_partial_gone_as_a_final_request_begins_leaves_the_tickets_lengt
     assert (post["id"], post["size"]) == (ticket, "4000")
     assert Path(post["filename"]).read_bytes() == b"a" * 3000 + b"c" * 1000
     await parts_gone(server.storage_dir, ticket)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_final_request_cannot_join_partials_into_a_ticket_with_bytes_of_its_own(
+    server: Server, backend: Backend
+) -> None:
+    """A ticket that took bytes in PATCHes is no final upload: a final request would have
+    copied the partials in after them, skipping as many of theirs."""
+    ticket = await server.new_upload(backend.url, removeFileWhenFinished="false")
+    created = await treq.post(f"{server.base}/tus/", headers={**TUS, "Upload-Length": "16",
+                              "Upload-Metadata": metadata(ticket=ticket)})  # fmt: skip
+    assert created.code == 201
+    ticket_url = f"{server.base}/tus/{ticket}"
+    assert (await patch(ticket_url, 0, b"own!"))[0] == 204
+    urls = [await stored_partial(server, ticket, b"p" * 8) for _ in range(2)]
+    refused = await final(server, urls, **{"Upload-Metadata": metadata(ticket=ticket)})
+    assert refused.code == 409 and "4 bytes of its own" in refused.text_, refused.text_
+    assert await offset_of(ticket_url) == 4
+    assert (server.storage_dir / f"{ticket}.part").read_bytes() == b"own!"
+    assert await offset_of(urls[0]) == 8 and await offset_of(urls[1]) == 8
+    # The ticket goes on as it began.
+    assert (await patch(ticket_url, 4, b"x" * 12))[0] == 204
+    post = await backend.posts.get()
+    assert (post["id"], post["size"]) == (ticket, "16")
+    assert Path(post["filename"]).read_bytes() == b"own!" + b"x" * 12
