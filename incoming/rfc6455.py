@@ -49,6 +49,7 @@ READ_SIZE = 256 * 1024
 FRAGMENT_COST = 64  # a fragment counts as at least this many bytes: empty ones are not free
 MAX_UNREAD_REPLIES = 1024 * 1024  # bytes written while the peer takes none; then it is dropped
 RTT_PROBE = b"rtt"  # the payload of the ping that follows the 101 response
+CLOSE_WAIT = 5.0  # seconds a peer has to answer our close frame with its own
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = (CONTINUATION, TEXT, BINARY)
@@ -127,7 +128,9 @@ class WebSocketConnection(TwistedProtocol):
         self._message_opcode = 0  # TEXT or BINARY while a fragmented message runs
         self._fragments: list[bytes] = []
         self._fragments_size = 0
-        self.closing = False
+        self.closing = False  # our close frame is sent: nothing more goes to the handler
+        self._peer_closed = False  # the peer's close frame came
+        self._hang_up: IDelayedCall | None = None
         self._pinged = False
         self._silence: IDelayedCall | None = None
         self._held = False  # the handler paused reading
@@ -143,8 +146,9 @@ class WebSocketConnection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.closing = True
-        if self._silence is not None and self._silence.active():
-            self._silence.cancel()
+        for timer in (self._silence, self._hang_up):
+            if timer is not None and timer.active():
+                timer.cancel()
         self._parts = []
         self._fragments = []
         self.handler.connection_lost()
@@ -175,7 +179,10 @@ class WebSocketConnection(TwistedProtocol):
     # The handler's back-pressure
 
     def pause_reading(self) -> None:
-        """Read nothing more until `resume_reading` (what was read is still delivered)."""
+        """Read nothing more until `resume_reading` (what was read is still delivered);
+        once closing, reading goes on (the peer's close frame is awaited)."""
+        if self.closing:
+            return
         self._held = True
         self._read_or_not()
 
@@ -204,18 +211,35 @@ class WebSocketConnection(TwistedProtocol):
             self._write(frame(TEXT, text.encode("utf-8")))
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
-        """Send a close frame and hang up once it is written."""
+        """Send a close frame; hang up once the peer's comes back (RFC 6455 §7.1.1), or
+        after CLOSE_WAIT. Meanwhile what the peer still sends is read and dropped: a
+        socket closed with bytes unread sends a TCP reset, which may destroy our last
+        messages (a MsgError) before the peer has read them."""
         if self.closing:
             return
+        self._send_close(code, reason)
+        if self._peer_closed:
+            self.transport.loseConnection()
+            return
+        self._hang_up = self._clock.callLater(CLOSE_WAIT, self.transport.loseConnection)
+        self._held = False
+        self._read_or_not()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the framing: what follows cannot be read; close and hang up."""
+        if not self.closing:
+            self._send_close(code, reason)
+        self.transport.loseConnection()
+
+    def _send_close(self, code: int, reason: str) -> None:
         self.closing = True
         payload = struct.pack("!H", code) + reason.encode("utf-8")[:120]
         self._write(frame(CLOSE, payload))
-        self.transport.loseConnection()
 
     # Keep-alive
 
     def _on_silence(self) -> None:
-        if self._pinged:
+        if self._pinged or self.closing:
             log.info("WebSocket peer silent for {t:g} s; dropping it", t=self._timeout)
             self.closing = True
             self.transport.abortConnection()
@@ -238,12 +262,13 @@ class WebSocketConnection(TwistedProtocol):
         try:
             self._consume(memoryview(data))
         except _Refused as e:
-            self.handler.message_refused(str(e), e.close_code)
-            self.close(e.close_code, str(e))
+            if not self.closing:
+                self.handler.message_refused(str(e), e.close_code)
+            self._fail(e.close_code, str(e))
 
     def _consume(self, view: memoryview) -> None:
         pos, end = 0, len(view)
-        while pos < end and not self.closing:
+        while pos < end and not self._peer_closed:
             if not self._in_frame:
                 used = self._parse_header(view[pos:])
                 if used == 0:
@@ -315,6 +340,11 @@ class WebSocketConnection(TwistedProtocol):
         masked = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         payload, opcode, fin = apply_mask(masked, self._key), self._opcode, self._fin
         self._in_frame, self._parts = False, []
+        if self.closing:  # waiting for the peer's close frame; the rest is dropped
+            if opcode == CLOSE:
+                self._peer_closed = True
+                self.transport.loseConnection()
+            return
         if opcode == PING:
             self._write(frame(PONG, payload))
         elif opcode == CLOSE:
@@ -349,6 +379,7 @@ class WebSocketConnection(TwistedProtocol):
 
     def _received_close(self, payload: bytes) -> None:
         """Echo a valid close; answer a malformed one (RFC 6455 §5.5.1, §7.1.6, §7.4)."""
+        self._peer_closed = True
         if not payload:
             self.close(NORMAL)
             return

@@ -175,6 +175,39 @@ def test_close_frames_are_echoed_or_refused(payload: bytes, answer: int) -> None
     assert ("text", None) not in recorder.events
 
 
+def test_our_close_waits_for_the_peers_reading_and_dropping_what_it_still_sends() -> None:
+    """Hanging up with bytes unread sends a TCP reset, which can destroy the MsgError
+    before it: so the socket is read (even if the handler had paused it) until the
+    peer's close frame comes."""
+    connection, recorder, transport, _ = make()
+    connection.pause_reading()
+    assert transport.producerState == "paused"
+    connection.send_text("last words")
+    connection.close(rfc6455.POLICY)
+    assert close_code(transport.value()) == rfc6455.POLICY
+    assert transport.producerState == "producing" and not transport.disconnecting
+    connection.dataReceived(client_frame(rfc6455.BINARY, b"x" * 500))
+    connection.dataReceived(client_frame(rfc6455.TEXT, b'{"MsgType":"MsgAck"}'))
+    connection.dataReceived(client_frame(rfc6455.PING, b"p"))
+    assert not transport.disconnecting
+    assert [e for e in recorder.events if e[0] in ("text", "binary")] == []
+    written = transport.value()
+    connection.dataReceived(client_frame(rfc6455.CLOSE, struct.pack("!H", 1000)))
+    assert transport.disconnecting
+    assert transport.value() == written  # no pong, no second close frame
+
+
+def test_our_close_hangs_up_after_close_wait_without_the_peers() -> None:
+    connection, _, transport, clock = make(timeout=60)
+    connection.close(rfc6455.POLICY)
+    clock.advance(rfc6455.CLOSE_WAIT - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting
+    connection.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
 def test_silent_peer_is_pinged_then_dropped_within_the_timeout() -> None:
     connection, _, transport, clock = make(timeout=10)
     clock.advance(5)
