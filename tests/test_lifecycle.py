@@ -518,6 +518,9 @@ def test_a_connection_without_upload_request_is_dropped_at_the_timeout() -> None
     assert not transports[0].disconnecting
     clock.advance(1)
     assert b'"ErrorCode":%d' % ErrorCode.NO_UPLOAD_REQUEST in transports[0].value()
+    closing = rfc6455.frame(rfc6455.CLOSE, rfc6455.POLICY.to_bytes(2, "big"))
+    assert all(t.value().endswith(closing) and not t.disconnecting for t in transports)
+    clock.advance(rfc6455.CLOSE_WAIT)  # the peer does not answer it
     assert all(t.disconnecting for t in transports)
 
 

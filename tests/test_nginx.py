@@ -108,6 +108,7 @@ async def test_one_instance_behind_nginx_as_the_docs_configure_it(
         client.send("MsgAck", Ack=True)
         await send_all(client, data, CHUNK, SEND_AHEAD)
         await client.expect("MsgAllDone")
+        await client.closed  # the closing handshake, through nginx
         post = await backend.posts.get()
         assert (post["id"], post["sha256"]) == (ticket, sha256(data))
         assert (storage / ticket).read_bytes() == data
