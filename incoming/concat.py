@@ -71,8 +71,6 @@ def check_parts(parts: list[Upload | None], ids: list[str], ticket: str) -> str:
             raise ConcatError(403, f"partial upload {upload_id} belongs to another ticket")
         if not part.receiving:
             raise ConcatError(410, f"partial upload {upload_id} is gone: {part.cancel_reason}")
-        if part.length is None:  # creation-defer-length: not finished before its length is
-            raise ConcatError(409, f"partial upload {upload_id} has not declared its length")
         if part.offset != part.length:
             raise ConcatError(
                 409, f"partial upload {upload_id} has {part.offset} of {part.length} bytes stored"

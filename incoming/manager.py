@@ -333,7 +333,9 @@ class UploadManager:
     def stands(self, upload: Upload) -> None:
         if self._abandoned(upload):
             return
-        self.storage.firm(upload.id, upload.firm, upload.length)
+        # (one whose length came later keeps the part size chosen before it: unsized)
+        length = None if upload.length_deferred else upload.length
+        self.storage.firm(upload.id, upload.firm, length)
 
     def touch(self, upload: Upload) -> None:
         """Activity: the idle clock starts again, the ticket's too for a partial upload

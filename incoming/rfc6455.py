@@ -279,7 +279,8 @@ class WebSocketConnection(TwistedProtocol):
                     self._frame_complete()
                 continue
             take = min(end - pos, self._size - self._filled)
-            self._parts.append(view[pos : pos + take])
+            if not (self.closing and self._opcode in _DATA_OPCODES):
+                self._parts.append(view[pos : pos + take])
             self._filled += take
             pos += take
             if self._filled == self._size:
@@ -310,7 +311,7 @@ class WebSocketConnection(TwistedProtocol):
                 return 0
             (size,) = struct.unpack_from("!Q", view, 2)
             used = 10
-        if opcode in _DATA_OPCODES:
+        if opcode in _DATA_OPCODES and not self.closing:  # (closing: skipped unread)
             self._check_data_frame(opcode, size, fin)
         if len(view) < used + 4:
             return 0

@@ -703,6 +703,8 @@ class SpoolStorage(DiskStorage):
         found = super().load(tidy)
         for saved in found if tidy else ():
             upload_id, length = str(saved.record["id"]), saved.record.get("length")
+            if saved.record.get("length_deferred"):  # its parts were sized before its length
+                length = None
             if saved.record.get("phase") == "receiving" and self.part_path(upload_id).exists():
                 self.firm(upload_id, saved.stored, length if isinstance(length, int) else None)
         return found

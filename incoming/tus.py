@@ -328,6 +328,8 @@ class TusApi:
             raise TusError(400, "Upload-Metadata must carry the ticket")
         name = _text(metadata, "filename")[:4096]
         if self.concatenation(request) == PARTIAL:
+            if length is None:  # (the ticket's partials are bounded together by their lengths)
+                raise TusError(400, "a partial upload needs its Upload-Length")
             ticket = await self.new_partial(ticket, length)
         try:
             await self.manager.command(ticket, "declare", length, name, given)
@@ -337,8 +339,8 @@ class TusApi:
         assert upload is not None
         return upload
 
-    async def new_partial(self, ticket: str, length: int | None) -> str:
-        """A new partial upload of `length` bytes (None: deferred) of a ticket whose
+    async def new_partial(self, ticket: str, length: int) -> str:
+        """A new partial upload of `length` bytes of a ticket whose
         upload is still to receive its bytes: at most MAX_PARTS under way, within the
         upload size limit together (counted among the uploads this instance holds)."""
         owner = await self.live_ticket(ticket)
@@ -347,7 +349,7 @@ class TusApi:
         siblings = [u for u in self.manager if u.partial_of == owner.id and u.receiving]
         if len(siblings) >= MAX_PARTS:
             raise TusError(400, f"a ticket has at most {MAX_PARTS} partial uploads under way")
-        together = (length or 0) + sum(sibling.length or 0 for sibling in siblings)
+        together = length + sum(sibling.length or 0 for sibling in siblings)
         if self.max_upload is not None and together > self.max_upload:
             raise TusError(
                 413, f"the ticket's partial uploads would pass {self.max_upload} bytes together"

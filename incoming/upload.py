@@ -576,6 +576,10 @@ for _state in _LIVE:
     ) -> None:
         upload = core.upload
         marked = final and not upload.final
+        if marked and upload.transport is not None:
+            raise UploadError(
+                ErrorCode.ALREADY_CONNECTED, "another connection is serving this upload"
+            )
         if marked and upload.received:
             raise UploadError(
                 ErrorCode.LENGTH_MISMATCH,

@@ -168,6 +168,19 @@ def test_a_ticket_stays_alive_while_its_partial_uploads_take_bytes() -> None:
     assert (ticket.phase, partial.phase) == (Phase.CANCELLED, Phase.CANCELLED)
 
 
+def test_a_final_request_while_a_connection_serves_the_ticket_marks_nothing() -> None:
+    """A PATCH connected (its bytes not yet counted): a final request is refused before it
+    makes the ticket a final upload (the PATCH's bytes, then the partials', would mix)."""
+    manager, clock, storage, handover = make_manager()
+    ticket = new_ticket(manager, False)
+    now(manager.command(ticket.id, "declare", 10, "n"))
+    now(manager.connect(ticket.id, RecordingTransport(), None, "n"))
+    with pytest.raises(UploadError) as refused:
+        now(manager.command(ticket.id, "declare", 10, "n", "", True))
+    assert refused.value.code is ErrorCode.ALREADY_CONNECTED
+    assert not ticket.final and ticket.received == 0
+
+
 def test_idle_upload_expires_then_is_forgotten() -> None:
     manager, clock, storage, handover, upload, transport = begin(length=10)
     upload.life.receive(b"12345")

@@ -197,6 +197,21 @@ def test_our_close_waits_for_the_peers_reading_and_dropping_what_it_still_sends(
     assert transport.value() == written  # no pong, no second close frame
 
 
+def test_our_close_in_the_middle_of_a_fragmented_message_skips_what_follows() -> None:
+    """What the peer sends after our close is skipped unread, whatever it is (a new
+    message inside a fragmented one, a frame past the size limit), until its close."""
+    connection, recorder, transport, _ = make(max_binary=1000)
+    connection.dataReceived(client_frame(rfc6455.BINARY, b"x" * 600, fin=False))
+    connection.close(rfc6455.POLICY)
+    connection.dataReceived(client_frame(rfc6455.BINARY, b"y" * 100))
+    connection.dataReceived(client_frame(rfc6455.BINARY, b"z" * 5000))
+    assert not transport.disconnecting
+    assert ("refused", rfc6455.TOO_BIG) not in recorder.events
+    connection.dataReceived(client_frame(rfc6455.CLOSE, b""))
+    assert transport.disconnecting
+    assert [e for e in recorder.events if e[0] in ("text", "binary")] == []
+
+
 def test_our_close_hangs_up_after_close_wait_without_the_peers() -> None:
     connection, _, transport, clock = make(timeout=60)
     connection.close(rfc6455.POLICY)
