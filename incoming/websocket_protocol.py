@@ -88,8 +88,14 @@ class UploadProtocolSession:
         self.connections.dec()
         self._stop_request_deadline()
         self.stage = Stage.ENDED
-        if self.upload is not None:
-            self.upload.life.disconnect(self, self._departure())
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The upload is free for another connection (once; our close may wait for the
+        client's close frame, and the client may come back meanwhile)."""
+        upload, self.upload = self.upload, None
+        if upload is not None:
+            upload.life.disconnect(self, self._departure())
 
     def message_refused(self, why: str, close_code: int) -> None:
         too_big = close_code == rfc6455.TOO_BIG
@@ -321,6 +327,8 @@ class UploadProtocolSession:
 
     def _close(self, code: int) -> None:
         self.stage = Stage.ENDED
+        if self.upload is not None:  # (not from within the upload's own transition)
+            self.clock.callLater(0, self._let_go)
         if self.connection is not None:
             self.connection.close(code)
 

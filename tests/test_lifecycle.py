@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -535,6 +536,31 @@ def test_a_connection_without_upload_request_is_dropped_at_the_timeout() -> None
     assert all(t.value().endswith(closing) and not t.disconnecting for t in transports)
     clock.advance(rfc6455.CLOSE_WAIT)  # the peer does not answer it
     assert all(t.disconnecting for t in transports)
+
+
+def test_after_an_error_the_upload_is_free_before_the_closing_handshake_ends() -> None:
+    """Our close waits for the client's close frame; a client that comes back at once
+    (a resume) finds the upload free, not ALREADY_CONNECTED."""
+    manager, clock, storage, handover = make_manager()
+    upload = new_ticket(manager, False)
+    transport = StringTransport()
+    session = UploadProtocolSession(
+        manager,
+        clock,
+        window=Window(4096, 2, 0, 1e9),
+        request_timeout=58,
+        connections=manager.metrics.websocket_connections,
+    )
+    rfc6455.WebSocketConnection(session, clock, 58, 4096).makeConnection(transport)
+    request = {"MsgType": "MsgUploadReq", "MsgData": {"Id": upload.id, "LengthBytes": 10}}
+    session.text_received(json.dumps(request))
+    assert b"MsgUploadConf" in transport.value() and upload.transport is session
+    session.binary_received(b"x")  # before MsgAck: an error, and our close
+    assert b'"ErrorCode":%d' % ErrorCode.UNEXPECTED_MESSAGE in transport.value()
+    assert not transport.disconnecting  # the closing handshake runs
+    clock.advance(0)
+    assert upload.transport is None
+    now(manager.connect(upload.id, RecordingTransport(), 10, "n"))
 
 
 def test_short_writes_are_carried_on_until_every_byte_is_written(tmp_path: Path) -> None:
