@@ -514,20 +514,27 @@ async def test_length_beyond_free_space_is_refused(server: Server, backend: Back
     client.close()
 
 
+def websocket(
+    manager: UploadManager, clock: Clock
+) -> tuple[UploadProtocolSession, StringTransport]:
+    """A WebSocket session (58 s to its MsgUploadReq) on a fake connection."""
+    transport = StringTransport()
+    session = UploadProtocolSession(
+        manager,
+        clock,
+        window=Window(4096, 2, 0, 1e9),
+        request_timeout=58,
+        connections=manager.metrics.websocket_connections,
+    )
+    rfc6455.WebSocketConnection(session, clock, 58, 4096).makeConnection(transport)
+    return session, transport
+
+
 def test_a_connection_without_upload_request_is_dropped_at_the_timeout() -> None:
     manager, clock, storage, handover = make_manager()
     transports = []
     for _ in range(2):
-        transport = StringTransport()
-        session = UploadProtocolSession(
-            manager,
-            clock,
-            window=Window(4096, 2, 0, 1e9),
-            request_timeout=58,
-            connections=manager.metrics.websocket_connections,
-        )
-        rfc6455.WebSocketConnection(session, clock, 58, 4096).makeConnection(transport)
-        transports.append(transport)
+        transports.append(websocket(manager, clock)[1])
     clock.advance(57)
     assert not transports[0].disconnecting
     clock.advance(1)
@@ -543,15 +550,7 @@ def test_after_an_error_the_upload_is_free_before_the_closing_handshake_ends() -
     (a resume) finds the upload free, not ALREADY_CONNECTED."""
     manager, clock, storage, handover = make_manager()
     upload = new_ticket(manager, False)
-    transport = StringTransport()
-    session = UploadProtocolSession(
-        manager,
-        clock,
-        window=Window(4096, 2, 0, 1e9),
-        request_timeout=58,
-        connections=manager.metrics.websocket_connections,
-    )
-    rfc6455.WebSocketConnection(session, clock, 58, 4096).makeConnection(transport)
+    session, transport = websocket(manager, clock)
     request = {"MsgType": "MsgUploadReq", "MsgData": {"Id": upload.id, "LengthBytes": 10}}
     session.text_received(json.dumps(request))
     assert b"MsgUploadConf" in transport.value() and upload.transport is session
