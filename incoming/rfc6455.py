@@ -239,7 +239,14 @@ class WebSocketConnection(TwistedProtocol):
     # Keep-alive
 
     def _on_silence(self) -> None:
-        if self._pinged or self.closing:
+        if self.closing:  # not even its close frame came: hang up (a reset could lose ours)
+            self.transport.loseConnection()
+            return
+        if self._held:  # we read nothing meanwhile (back-pressure): its silence is not known
+            self._pinged = False
+            self._silence = self._clock.callLater(self._timeout / 2, self._on_silence)
+            return
+        if self._pinged:
             log.info("WebSocket peer silent for {t:g} s; dropping it", t=self._timeout)
             self.closing = True
             self.transport.abortConnection()

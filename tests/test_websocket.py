@@ -232,6 +232,20 @@ def test_silent_peer_is_pinged_then_dropped_within_the_timeout() -> None:
     assert transport.disconnecting  # abortConnection on a StringTransport
 
 
+def test_a_peer_is_not_dropped_as_silent_while_we_do_not_read_it() -> None:
+    """Back-pressure (the disk, the object store) holds our reading: the pongs wait unread
+    in the kernel, so the peer's silence cannot be told until we read again."""
+    connection, _, transport, clock = make(timeout=10)
+    connection.pause_reading()
+    clock.advance(30)
+    assert not transport.disconnecting
+    connection.resume_reading()
+    clock.advance(5)  # reading again: pinged,
+    assert not transport.disconnecting
+    clock.advance(5)  # and silent: dropped
+    assert transport.disconnecting
+
+
 def test_a_peer_that_answers_pings_stays() -> None:
     connection, _, transport, clock = make(timeout=10)
     for _ in range(10):
