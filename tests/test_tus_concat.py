@@ -454,9 +454,7 @@ async def test_a_power_cut_mid_copy_loses_no_acknowledged_partial(
         assert await offset_of(url) == len(piece)
     again = await final(server, urls)
     assert again.code == 201, again.text_
-    post = await backend.posts.get()
-    assert (post["id"], post["size"]) == (ticket, str(len(data)))
-    assert post["sha256"] == hashlib.sha256(data).hexdigest()
+    assert_one_handover(await backend.posts.get(), ticket, storage / ticket, "", data)
     assert (storage / ticket).read_bytes() == data
     await parts_gone(storage, ticket)
     await stop_daemon(daemon, process)
